@@ -1,0 +1,205 @@
+"""The command line: the only module that touches argparse.
+
+Each sub-command maps to one function that composes the library's workflows.
+Errors meant for the user print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .costs import ProfileCostModel
+from .model import ModelError, ModelSpec, fc, load_model
+from .partition import PartitionError
+from .predict import Prediction, predict, prediction_json
+from .profile import ProfileError, load_profile
+from .schedule import SCHEDULES, ScheduleError
+from .timeline import to_chrome_trace
+
+USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError)
+
+
+class UsageError(ValueError):
+    """Bad command-line input found after argparse."""
+
+
+# --- formatting at the edge ---------------------------------------------------
+
+
+def fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def fmt_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 4 or 1,2,4,8, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+# --- shared options -----------------------------------------------------------
+
+
+def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
+    """Options that describe a pipeline; shared by predict and run."""
+    g = parser.add_argument_group("model and pipeline")
+    g.add_argument("--layers", type=int, default=32, help="number of fc layers (default: 32)")
+    g.add_argument("--width", type=int, default=512, help="fc layer width (default: 512)")
+    g.add_argument("--model", metavar="FILE", help="model spec TOML (models/*.toml); overrides --layers/--width")
+    stages_help = "pipeline stages, one rank each" + (" (a list like 1,2,4,8 predicts each)" if lists else "")
+    g.add_argument("--stages", type=int_list if lists else int, default=None,
+                   help=stages_help + " (default: 4, or the partition's stage count)")
+    g.add_argument("--microbatches", type=int_list if lists else int, default=[8] if lists else 8,
+                   help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
+    g.add_argument("--batch-size", type=int, default=128, help="samples per mini-batch (default: 128)")
+    g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
+    g.add_argument("--partition", default="balanced",
+                   help="layers per stage: counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
+                        "(default: the cut minimising the slowest stage)")
+    g.add_argument("--profile", default="default",
+                   help="cost profile JSON (default: the measured profile shipped with pipesim)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="optimizer: SGD with momentum or Adam (default: sgd)")
+
+
+def model_from_args(args) -> ModelSpec:
+    return load_model(args.model) if args.model else fc(args.layers, args.width)
+
+
+def _explicit_stage_count(partition: str) -> int | None:
+    return None if partition.strip() == "balanced" else len(partition.split(","))
+
+
+# --- predict ------------------------------------------------------------------
+
+
+def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Prediction:
+    from .plan import make_plan
+
+    plan = make_plan(model, stages, microbatches, args.batch_size, args.schedule, args.partition, costs)
+    return predict(plan, costs, profile_name)
+
+
+def print_prediction(p: Prediction) -> None:
+    plan, m = p.plan, p.metrics
+    print(f"model      {plan.model.describe()}")
+    print(f"profile    {p.profile}")
+    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages, {plan.num_microbatches} "
+          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
+          f"partition {plan.partition}")
+    print()
+    print(f"iteration time   {fmt_s(m.iteration_time_s)}   "
+          f"(one rank: {fmt_s(p.baseline_time_s)}, speedup {p.speedup:.2f}x)")
+    print(f"throughput       {p.throughput_samples_per_s:,.0f} samples/s")
+    print(f"bubble fraction  {m.bubble_fraction:.1%}")
+    print(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
+    print()
+    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
+    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
+        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+              f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
+
+
+def print_sweep(predictions: list[Prediction]) -> None:
+    print(f"model {predictions[0].plan.model.describe()}; profile {predictions[0].profile}; "
+          f"schedule {predictions[0].plan.schedule.name}; batch {predictions[0].plan.batch_size}")
+    print(f"{'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'ideal':>6} "
+          f"{'bubble':>7} {'peak memory':>12}  partition")
+    for p in predictions:
+        s, mb = p.plan.num_stages, p.plan.num_microbatches
+        ideal = s * mb / (mb + s - 1)
+        print(f"{s:>6} {mb:>6} {fmt_s(p.metrics.iteration_time_s):>12} {p.speedup:>7.2f}x "
+              f"{ideal:>5.2f}x {p.metrics.bubble_fraction:>7.1%} "
+              f"{fmt_bytes(p.metrics.peak_memory_bytes):>12}  {p.plan.partition}")
+
+
+def cmd_predict(args) -> int:
+    model = model_from_args(args)
+    profile = load_profile(args.profile)
+    costs = ProfileCostModel(profile, optimizer=args.optimizer)
+    explicit = _explicit_stage_count(args.partition)
+    stage_list = args.stages or [explicit or 4]
+    if explicit is not None and len(stage_list) > 1:
+        raise UsageError("an explicit --partition fits one stage count; use 'balanced' with a --stages list")
+    predictions = [
+        _predict_one(args, model, stages, mbs, costs, profile.name)
+        for stages in stage_list for mbs in args.microbatches
+    ]
+    single = len(predictions) == 1
+    if args.trace or args.gantt:
+        if not single:
+            raise UsageError("--trace and --gantt need a single configuration")
+        write_outputs(predictions[0], args.trace, args.gantt)
+    if args.json:
+        data = [prediction_json(p) for p in predictions]
+        print(json.dumps(data[0] if single else data, indent=2))
+    elif single:
+        print_prediction(predictions[0])
+    else:
+        print_sweep(predictions)
+    return 0
+
+
+def write_outputs(prediction: Prediction, trace: str | None, gantt: str | None) -> None:
+    if trace:
+        Path(trace).write_text(json.dumps(to_chrome_trace(prediction.timeline)))
+        print(f"wrote {trace} (Chrome trace; open in https://ui.perfetto.dev)", file=sys.stderr)
+    if gantt:
+        from .report import gantt_png
+
+        gantt_png(prediction.timeline, gantt, title=f"{prediction.plan.schedule.name}, "
+                  f"{prediction.plan.num_stages} stages, {prediction.plan.num_microbatches} micro-batches "
+                  f"(simulated, profile {prediction.profile})")
+        print(f"wrote {gantt}", file=sys.stderr)
+
+
+# --- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipesim",
+        description="Predict, and prove, how fast pipeline-parallel training runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"pipesim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="simulate one training step and report time, speedup, memory",
+                       description="Simulate one pipeline-parallel training step with calibrated costs.")
+    add_plan_options(p, lists=True)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object (a list for sweeps)")
+    out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON (Perfetto opens it)")
+    out.add_argument("--gantt", metavar="FILE.png", help="write a Gantt chart PNG")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, UsageError) as exc:
+        message = str(exc)
+        print(f"pipesim: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

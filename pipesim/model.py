@@ -1,0 +1,179 @@
+"""Model specifications: a network is a chain of layers with known costs.
+
+Knows nothing of torch or simpy. A layer states what the simulator needs
+(parameters, forward FLOPs, activation bytes) and what the runner needs to
+build it (kind and shape).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+FLOAT32_BYTES = 4
+LAYER_KINDS = ("fc",)  # fc = Linear + ReLU
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer. Byte and FLOP counts are per sample.
+
+    ``saved_bytes_per_sample`` counts what the layer keeps for backward beyond
+    its input (the input is the previous layer's output and is counted there;
+    a stage also keeps its own input, see ``ModelSpec.stage_saved_bytes``).
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    params: int
+    forward_flops_per_sample: float
+    output_bytes_per_sample: int
+    saved_bytes_per_sample: int
+
+    @property
+    def input_bytes_per_sample(self) -> int:
+        return self.in_features * FLOAT32_BYTES
+
+
+def fc_layer(in_features: int, out_features: int) -> LayerSpec:
+    """Linear(in, out) + ReLU in float32.
+
+    Linear saves its input (counted as the previous layer's output) and ReLU
+    saves its result, so each layer adds one output's worth of saved bytes.
+    """
+    if in_features < 1 or out_features < 1:
+        raise ModelError(f"fc layer features must be >= 1, got {in_features}x{out_features}")
+    out_bytes = out_features * FLOAT32_BYTES
+    return LayerSpec(
+        kind="fc",
+        in_features=in_features,
+        out_features=out_features,
+        params=in_features * out_features + out_features,
+        forward_flops_per_sample=2.0 * in_features * out_features + out_features,
+        output_bytes_per_sample=out_bytes,
+        saved_bytes_per_sample=out_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def input_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def output_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def stage_saved_bytes(self, first: int, last: int) -> int:
+        """Bytes per sample a stage of layers first..last keeps for backward."""
+        layers = self.layers[first : last + 1]
+        return layers[0].input_bytes_per_sample + sum(x.saved_bytes_per_sample for x in layers)
+
+    def describe(self) -> str:
+        widths = sorted({layer.out_features for layer in self.layers})
+        width = str(widths[0]) if len(widths) == 1 else f"{widths[0]}..{widths[-1]}"
+        return f"{self.name}: {self.num_layers} fc layers, width {width}, {self.params:,} params"
+
+
+def fc(num_layers: int = 32, width: int = 512, name: str | None = None) -> ModelSpec:
+    """The network the project grew from: N equal fully connected layers."""
+    if num_layers < 1:
+        raise ModelError(f"--layers must be >= 1, got {num_layers}")
+    if width < 1:
+        raise ModelError(f"--width must be >= 1, got {width}")
+    layers = tuple(fc_layer(width, width) for _ in range(num_layers))
+    return ModelSpec(name or f"fc{num_layers}x{width}", layers)
+
+
+# --- TOML loading -------------------------------------------------------------
+
+_TOP_KEYS = {"name", "fc", "layers"}
+_FC_KEYS = {"num_layers", "width"}
+_LAYER_KEYS = {"kind", "in_features", "out_features", "repeat"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ModelError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _require_int(table: dict, key: str, where: str) -> int:
+    if key not in table:
+        raise ModelError(f"{where}: missing field {key!r}")
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _layers_from_table(entries: list, where: str) -> tuple[LayerSpec, ...]:
+    layers: list[LayerSpec] = []
+    for index, entry in enumerate(entries):
+        at = f"{where} layers[{index}]"
+        _check_keys(entry, _LAYER_KEYS, at)
+        kind = entry.get("kind")
+        if kind not in LAYER_KINDS:
+            raise ModelError(f"{at}: kind must be one of {', '.join(LAYER_KINDS)}, got {kind!r}")
+        in_f = _require_int(entry, "in_features", at)
+        out_f = _require_int(entry, "out_features", at)
+        repeat = _require_int(entry, "repeat", at) if "repeat" in entry else 1
+        if repeat > 1 and in_f != out_f:
+            raise ModelError(f"{at}: repeat needs in_features == out_features")
+        if layers and layers[-1].out_features != in_f:
+            raise ModelError(
+                f"{at}: in_features {in_f} does not match the previous layer's "
+                f"out_features {layers[-1].out_features}"
+            )
+        layers.extend(fc_layer(in_f, out_f) for _ in range(repeat))
+    return tuple(layers)
+
+
+def parse_model(data: dict, where: str = "model") -> ModelSpec:
+    """Build a ModelSpec from a parsed TOML table (see models/*.toml)."""
+    _check_keys(data, _TOP_KEYS, where)
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{where}: missing field 'name'")
+    if ("fc" in data) == ("layers" in data):
+        raise ModelError(f"{where}: give exactly one of [fc] or [[layers]]")
+    if "fc" in data:
+        _check_keys(data["fc"], _FC_KEYS, f"{where} [fc]")
+        return fc(
+            _require_int(data["fc"], "num_layers", f"{where} [fc]"),
+            _require_int(data["fc"], "width", f"{where} [fc]"),
+            name=name,
+        )
+    layers = _layers_from_table(data["layers"], where)
+    if not layers:
+        raise ModelError(f"{where}: [[layers]] is empty")
+    return ModelSpec(name, layers)
+
+
+def load_model(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelError(f"{path}: not valid TOML: {exc}") from None
+    return parse_model(data, where=str(path))

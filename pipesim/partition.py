@@ -1,0 +1,151 @@
+"""Partition descriptions: which layers each stage owns.
+
+Three ways to say it:
+  * layer counts per stage, ``8,8,8,8``;
+  * inclusive layer ranges, ``0-9,10-15,16-23,24-31`` (a lone number is one layer);
+  * ``balanced``: the contiguous cut that minimises the slowest stage's cost,
+    found exactly by dynamic programming over cut points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+class PartitionError(ValueError):
+    """A partition that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    bounds: tuple[tuple[int, int], ...]  # per stage: (first_layer, last_layer), inclusive
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(last - first + 1 for first, last in self.bounds)
+
+    def layers(self, stage: int) -> range:
+        first, last = self.bounds[stage]
+        return range(first, last + 1)
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.counts))
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int]) -> Partition:
+        bounds, first = [], 0
+        for count in counts:
+            bounds.append((first, first + count - 1))
+            first += count
+        return cls(tuple(bounds))
+
+
+def _int(token: str, text: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise PartitionError(
+            f"bad partition {text!r}: {token!r} is not a number "
+            "(allowed: counts like 8,8,8,8, ranges like 0-9,10-31, or 'balanced')"
+        ) from None
+
+
+def _check_stage_count(found: int, num_layers: int, num_stages: int | None, text: str) -> None:
+    if num_stages is not None and found != num_stages:
+        raise PartitionError(f"partition {text!r} has {found} stages but --stages is {num_stages}")
+    if found > num_layers:
+        raise PartitionError(f"partition {text!r} has {found} stages for only {num_layers} layers")
+
+
+def _from_count_text(tokens: list[str], text: str, num_layers: int) -> Partition:
+    counts = [_int(t, text) for t in tokens]
+    if any(c < 1 for c in counts):
+        raise PartitionError(f"partition {text!r}: every stage needs at least one layer")
+    if sum(counts) != num_layers:
+        raise PartitionError(
+            f"partition {text!r}: counts sum to {sum(counts)}, the model has {num_layers} layers"
+        )
+    return Partition.from_counts(counts)
+
+
+def _from_range_text(tokens: list[str], text: str, num_layers: int) -> Partition:
+    bounds = []
+    for token in tokens:
+        first_text, _, last_text = token.partition("-")
+        first = _int(first_text, text)
+        last = _int(last_text, text) if last_text else first
+        if last < first:
+            raise PartitionError(f"partition {text!r}: range {token!r} is empty (last < first)")
+        bounds.append((first, last))
+    expected = 0
+    for first, last in bounds:
+        if first != expected:
+            problem = "overlaps the previous range" if first < expected else f"skips layer {expected}"
+            raise PartitionError(
+                f"partition {text!r}: range {first}-{last} {problem}; "
+                f"ranges must cover layers 0-{num_layers - 1} in order"
+            )
+        expected = last + 1
+    if expected != num_layers:
+        raise PartitionError(
+            f"partition {text!r}: ranges end at layer {expected - 1}, the model's last layer is {num_layers - 1}"
+        )
+    return Partition(tuple(bounds))
+
+
+def parse_partition(
+    text: str,
+    num_layers: int,
+    num_stages: int | None = None,
+    layer_costs: Sequence[float] | None = None,
+) -> Partition:
+    """Parse a partition description. ``balanced`` needs ``num_stages`` (and uses
+    ``layer_costs``, default: all layers cost the same)."""
+    text = text.strip()
+    if text == "balanced":
+        if num_stages is None:
+            raise PartitionError("partition 'balanced' needs a stage count")
+        costs = layer_costs if layer_costs is not None else [1.0] * num_layers
+        return balanced(costs, num_stages)
+    tokens = [t.strip() for t in text.split(",")]
+    if not text or any(not t for t in tokens):
+        raise PartitionError(f"bad partition {text!r}: empty stage (allowed: 8,8,8,8 or 0-9,10-31)")
+    _check_stage_count(len(tokens), num_layers, num_stages, text)
+    if any("-" in t for t in tokens):
+        return _from_range_text(tokens, text, num_layers)
+    return _from_count_text(tokens, text, num_layers)
+
+
+def balanced(layer_costs: Sequence[float], num_stages: int) -> Partition:
+    """The contiguous partition minimising the most expensive stage (exact DP).
+
+    Ties go to the cut with the smallest first stage (then second, ...).
+    """
+    n = len(layer_costs)
+    if num_stages < 1:
+        raise PartitionError(f"--stages must be >= 1, got {num_stages}")
+    if num_stages > n:
+        raise PartitionError(f"cannot cut {n} layers into {num_stages} stages (at most {n})")
+    prefix = [0.0]
+    for cost in layer_costs:
+        prefix.append(prefix[-1] + cost)
+
+    @lru_cache(maxsize=None)
+    def best(start: int, stages: int) -> tuple[float, tuple[int, ...]]:
+        """Cheapest max-stage-cost for layers start..n-1 in `stages` stages."""
+        if stages == 1:
+            return prefix[n] - prefix[start], (n - start,)
+        options = []
+        for count in range(1, n - start - stages + 2):
+            head = prefix[start + count] - prefix[start]
+            tail_cost, tail = best(start + count, stages - 1)
+            options.append((max(head, tail_cost), (count, *tail)))
+        return min(options, key=lambda option: option[0])
+
+    return Partition.from_counts(best(0, num_stages)[1])

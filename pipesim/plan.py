@@ -1,0 +1,70 @@
+"""A pipeline plan: the model, its partition and the schedule, resolved once.
+
+Both `pipesim predict` (the simulator) and `pipesim run` (the real runner)
+build their work from the same Plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costs import CostModel
+from .model import ModelSpec
+from .partition import Partition, parse_partition
+from .schedule import Schedule, ScheduleError, build_schedule
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    partition: Partition
+    schedule: Schedule
+    batch_size: int
+
+    @property
+    def num_stages(self) -> int:
+        return self.schedule.num_stages
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.schedule.num_microbatches
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.num_microbatches
+
+    def stage_layers(self, stage: int):
+        first, last = self.partition.bounds[stage]
+        return self.model.layers[first : last + 1]
+
+
+def layer_costs(model: ModelSpec, costs: CostModel, microbatch_size: int) -> list[float]:
+    """Forward + backward seconds of each layer at one micro-batch size."""
+    return [
+        costs.compute_s([layer], "F", microbatch_size) + costs.compute_s([layer], "B", microbatch_size)
+        for layer in model.layers
+    ]
+
+
+def make_plan(
+    model: ModelSpec,
+    num_stages: int,
+    num_microbatches: int,
+    batch_size: int,
+    schedule: str = "1f1b",
+    partition: str = "balanced",
+    costs: CostModel | None = None,
+) -> Plan:
+    """Resolve a partition description and build the schedule.
+
+    `balanced` minimises the slowest stage under `costs` (equal layer costs
+    when no cost model is given).
+    """
+    if batch_size < 1 or num_microbatches < 1 or batch_size % num_microbatches:
+        raise ScheduleError(
+            f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
+        )
+    microbatch_size = batch_size // num_microbatches
+    weights = layer_costs(model, costs, microbatch_size) if costs is not None else None
+    cut = parse_partition(partition, model.num_layers, num_stages, weights)
+    return Plan(model, cut, build_schedule(schedule, cut.num_stages, num_microbatches), batch_size)
