@@ -66,7 +66,7 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False) -> No
                    help=stages_help + " (default: 4, or the partition's stage count)")
     g.add_argument("--microbatches", type=int_list if lists else int, default=[8] if lists else 8,
                    help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
-    g.add_argument("--batch-size", type=int, default=128, help="samples per mini-batch (default: 128)")
+    g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
     g.add_argument("--partition", default="balanced",
                    help="layers per stage: counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
@@ -168,6 +168,83 @@ def write_outputs(prediction: Prediction, trace: str | None, gantt: str | None) 
         print(f"wrote {gantt}", file=sys.stderr)
 
 
+# --- run ----------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from .plan import make_plan
+    from .runner.launch import RunFailed, RunnerUnavailable, check_runner_available, inside_mpi_world
+    from .runner.results import measure, measurement_json
+
+    if args.iterations < 1 or args.warmup < 0 or args.threads_per_rank < 1:
+        raise UsageError("--iterations and --threads-per-rank must be >= 1, --warmup >= 0")
+    model = model_from_args(args)
+    costs = ProfileCostModel(load_profile(args.profile), optimizer=args.optimizer)
+    stages = args.stages or _explicit_stage_count(args.partition) or 4
+    plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
+    options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
+                   optimizer=args.optimizer, seed=args.seed, device=args.device)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    try:
+        check_runner_available()
+        baseline = None
+        if args.baseline and not inside_mpi_world():
+            log(f"baseline: 1 rank, whole model, batch {plan.batch_size}")
+            single = make_plan(model, 1, 1, plan.batch_size, "gpipe", str(model.num_layers))
+            baseline = measure(single, log, **options)
+        log(f"pipeline: {plan.schedule.name}, {plan.num_stages} ranks, partition {plan.partition}, "
+            f"{plan.num_microbatches} micro-batches x {plan.microbatch_size}")
+        measured = measure(plan, log, **options)
+    except (RunnerUnavailable, RunFailed) as exc:
+        print(f"pipesim: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    if measured is None:  # a rank other than 0 inside an existing MPI world
+        return 0
+    extra = {}
+    if baseline is not None:
+        extra = {"baseline_time_s": baseline.median_s, "speedup": baseline.median_s / measured.median_s}
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(to_chrome_trace(measured.representative)))
+        log(f"wrote {args.trace} (Chrome trace of the median iteration)")
+    if args.gantt:
+        from .report import gantt_png
+
+        gantt_png(measured.representative, args.gantt, title=f"{plan.schedule.name}, {plan.num_stages} "
+                  f"stages, {plan.num_microbatches} micro-batches (measured, median iteration)")
+        log(f"wrote {args.gantt}")
+    if args.json:
+        print(json.dumps(measurement_json(measured, **extra), indent=2))
+    else:
+        print_measurement(measured, baseline)
+    return 0
+
+
+def print_measurement(measured, baseline) -> None:
+    plan, m = measured.plan, measured.metrics
+    times = measured.iteration_times_s
+    print(f"model      {plan.model.describe()}")
+    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} ranks, {plan.num_microbatches} "
+          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
+          f"partition {plan.partition}; {measured.mpi}")
+    print("iterations " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms")
+    print()
+    print(f"iteration time   {fmt_s(measured.median_s)} median of {len(times)}   "
+          f"(p10 {fmt_s(measured.percentile_s(10))}, p90 {fmt_s(measured.percentile_s(90))})")
+    if baseline is not None:
+        speedup = baseline.median_s / measured.median_s
+        print(f"one rank         {fmt_s(baseline.median_s)} median   speedup {speedup:.2f}x "
+              f"(ideal {plan.num_stages * plan.num_microbatches / (plan.num_microbatches + plan.num_stages - 1):.2f}x)")
+    print(f"throughput       {plan.batch_size / measured.median_s:,.0f} samples/s")
+    print(f"bubble fraction  {m.bubble_fraction:.1%} (median iteration)")
+    print()
+    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'activations':>12} "
+          f"{'peak memory':>12} {'peak RSS':>10}")
+    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
+        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+              f"{fmt_bytes(r.peak_activation_bytes):>12} {fmt_bytes(r.peak_memory_bytes):>12} "
+              f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
+
+
 # --- parser -------------------------------------------------------------------
 
 
@@ -187,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON (Perfetto opens it)")
     out.add_argument("--gantt", metavar="FILE.png", help="write a Gantt chart PNG")
     p.set_defaults(func=cmd_predict)
+
+    r = sub.add_parser("run", help="run the pipeline for real (torch + MPI) and measure it",
+                       description="Execute the same schedule with real tensors and MPI messages, one "
+                                   "rank per stage. Launches mpiexec itself, or uses the MPI world it "
+                                   "was started in (mpiexec, srun).")
+    add_plan_options(r)
+    m = r.add_argument_group("measurement")
+    m.add_argument("--iterations", type=int, default=20, help="measured iterations (default: 20)")
+    m.add_argument("--warmup", type=int, default=5, help="iterations run first and discarded (default: 5)")
+    m.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
+    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where stages compute")
+    m.add_argument("--seed", type=int, default=0, help="seed of parameters and synthetic data")
+    m.add_argument("--baseline", action="store_true",
+                   help="also measure one rank running the whole model on the whole mini-batch")
+    out = r.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object (fields as in predict)")
+    out.add_argument("--trace", metavar="FILE", help="Chrome trace of the median iteration")
+    out.add_argument("--gantt", metavar="FILE.png", help="Gantt chart PNG of the median iteration")
+    r.set_defaults(func=cmd_run)
     return parser
 
 

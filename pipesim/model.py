@@ -111,6 +111,8 @@ _LAYER_KEYS = {"kind", "in_features", "out_features", "repeat"}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ModelError(f"{where}: expected a table, got {table!r}")
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ModelError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -126,6 +128,8 @@ def _require_int(table: dict, key: str, where: str) -> int:
 
 
 def _layers_from_table(entries: list, where: str) -> tuple[LayerSpec, ...]:
+    if not isinstance(entries, list):
+        raise ModelError(f"{where}: layers must be an array of tables, written [[layers]]")
     layers: list[LayerSpec] = []
     for index, entry in enumerate(entries):
         at = f"{where} layers[{index}]"

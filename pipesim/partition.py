@@ -125,7 +125,8 @@ def parse_partition(
 def balanced(layer_costs: Sequence[float], num_stages: int) -> Partition:
     """The contiguous partition minimising the most expensive stage (exact DP).
 
-    Ties go to the cut with the smallest first stage (then second, ...).
+    Among cuts with the same slowest stage, the one found first wins: the
+    smallest first stage whose remaining stages do as well.
     """
     n = len(layer_costs)
     if num_stages < 1:

@@ -94,7 +94,7 @@ def _number(table: dict, key: str, where: str, default: float | None = None) -> 
 def _table(data: dict, key: str, where: str) -> dict:
     value = data.get(key)
     if not isinstance(value, dict):
-        raise ProfileError(f"profile field {where}.{key} must be an object")
+        raise ProfileError(f"profile field {(where + '.' if where else '') + key} must be an object")
     return value
 
 
@@ -125,14 +125,14 @@ def parse_profile(data: dict) -> Profile:
     if not isinstance(data.get("name"), str):
         raise ProfileError("profile field name is missing")
     compute = {}
-    for kind, table in _table(data, "compute", "").items():
-        where = f"compute.{kind}"
+    for kind in _table(data, "compute", ""):
+        table, where = _table(data["compute"], kind, "compute"), f"compute.{kind}"
         compute[kind] = (_affine(_table(table, "forward", where), f"{where}.forward"),
                          _affine(_table(table, "backward", where), f"{where}.backward"))
-    optimizer = data.get("optimizer", {})
+    optimizer = _table(data, "optimizer", "") if "optimizer" in data else {}
     links = _table(data, "links", "")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
-    inter = _link(links["inter_node"], "links.inter_node") if "inter_node" in links else intra
+    inter = _link(_table(links, "inter_node", "links"), "links.inter_node") if "inter_node" in links else intra
     return Profile(
         name=data["name"],
         compute=compute,

@@ -67,6 +67,8 @@ class Schedule:
             _, _, body = line.partition(":")
             rows.append(tuple(Action.parse(tok) for tok in body.split()))
         actions = [a for row in rows for a in row]
+        if not actions:
+            raise ScheduleError("schedule text has no actions (expected lines like 'rank 0: 0F0 0B0')")
         num_stages = 1 + max(a.stage for a in actions)
         num_microbatches = 1 + max(a.microbatch for a in actions)
         return cls(name, num_stages, num_microbatches, tuple(rows))

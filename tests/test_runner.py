@@ -1,0 +1,128 @@
+"""The real runner: pipeline training equals single-process training, faults end
+the job, missing pieces say how to install them. These tests launch real MPI
+jobs (2 and 4 ranks; oversubscribed on a 2-core machine, which is fine for
+correctness)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the runner extra is not installed")
+
+from pipesim.model import ModelSpec, fc_layer  # noqa: E402
+from pipesim.plan import make_plan  # noqa: E402
+from pipesim.runner import launch as launch_module  # noqa: E402
+from pipesim.runner.config import RunConfig  # noqa: E402
+from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch  # noqa: E402
+from pipesim.runner.results import measure  # noqa: E402
+from pipesim.runner.stage import make_layer, synthetic_batch  # noqa: E402
+
+STEPS = 3
+BATCH = 8
+SEED = 3
+
+
+def uneven_model() -> ModelSpec:
+    widths = [12, 16, 16, 8, 24, 12, 12, 20, 6]  # 8 layers of different shapes
+    return ModelSpec("uneven", tuple(fc_layer(a, b) for a, b in zip(widths, widths[1:])))
+
+
+def reference_parameters(model: ModelSpec, steps: int, optimizer: str) -> dict[str, np.ndarray]:
+    """Plain single-process training on the whole mini-batch."""
+    net = torch.nn.Sequential(*(make_layer(spec, i, SEED) for i, spec in enumerate(model.layers)))
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=0.001)
+    for step in range(steps):
+        x, y = synthetic_batch(step, BATCH, model.input_features, model.output_features, SEED)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    return {f"{i}.{name}": t.detach().numpy() for i, layer in enumerate(net)
+            for name, t in layer[0].named_parameters()}
+
+
+CASES = [
+    (1, "32", "gpipe", 2, "sgd"),
+    (2, "4,4", "gpipe", 4, "sgd"),
+    (2, "2,6", "1f1b", 4, "sgd"),
+    (2, "0-5,6-7", "1f1b", 8, "adam"),
+    (4, "2,2,2,2", "gpipe", 4, "sgd"),
+    (4, "1,3,1,3", "1f1b", 4, "sgd"),
+    (4, "3,1,2,2", "1f1b", 2, "adam"),
+]
+
+
+@pytest.mark.parametrize("stages,partition,schedule,microbatches,optimizer", CASES)
+def test_pipeline_training_equals_single_process(tmp_path, stages, partition, schedule,
+                                                 microbatches, optimizer):
+    model = uneven_model()
+    partition = "8" if partition == "32" else partition
+    plan = make_plan(model, stages, microbatches, BATCH, schedule, partition)
+    params_path = tmp_path / "params.npz"
+    measured = measure(plan, log=lambda _: None, iterations=STEPS, warmup=0, seed=SEED,
+                       optimizer=optimizer, params_path=str(params_path))
+    assert len(measured.timelines) == STEPS
+    got = dict(np.load(params_path))
+    want = reference_parameters(model, STEPS, optimizer)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    # and training did move the parameters
+    untrained = reference_parameters(model, 0, optimizer)
+    assert any(not np.allclose(untrained[n], want[n]) for n in want)
+
+
+def test_measured_timeline_has_every_action_once_and_memory(tmp_path):
+    model = uneven_model()
+    plan = make_plan(model, 2, 4, BATCH, "1f1b", "4,4")
+    measured = measure(plan, log=lambda _: None, iterations=2, warmup=1, seed=SEED)
+    timeline = measured.representative
+    names = sorted(s.name for s in timeline.spans if s.kind in ("F", "B"))
+    expected = sorted(str(a) for actions in plan.schedule.ranks for a in actions)
+    assert names == expected
+    # per rank, actions ran in schedule order
+    for rank, actions in enumerate(plan.schedule.ranks):
+        ran = [s.name for s in sorted(timeline.rank_spans(rank, ("F", "B")), key=lambda s: s.start_s)]
+        assert ran == [str(a) for a in actions]
+    # saved activations counted exactly: stage input + each layer's output, per sample
+    for stage, (first, last) in enumerate(plan.partition.bounds):
+        per_microbatch = model.stage_saved_bytes(first, last) * plan.microbatch_size
+        in_flight = min(plan.num_stages - stage, plan.num_microbatches)
+        assert measured.metrics.ranks[stage].peak_activation_bytes == per_microbatch * in_flight
+    # parameters + gradients + one momentum buffer
+    for stage in range(2):
+        params = sum(layer.params for layer in plan.stage_layers(stage))
+        assert timeline.static_bytes[stage] == params * 4 * 3
+
+
+def _worker_processes() -> str:
+    found = subprocess.run(["pgrep", "-af", "pipesim.runner.worker"], capture_output=True, text=True)
+    return found.stdout.strip()
+
+
+def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
+    model = uneven_model()
+    plan = make_plan(model, 2, 4, BATCH, "1f1b", "4,4")
+    config = RunConfig.from_plan(plan, iterations=2, warmup=0, fail_on_rank=1)
+    started = time.monotonic()
+    with pytest.raises(RunFailed):
+        launch(config, 2, log=lambda _: None)
+    assert time.monotonic() - started < 30
+    err = capfd.readouterr().err
+    assert "[rank 1]" in err and "injected fault" in err
+    time.sleep(0.5)
+    assert _worker_processes() == ""
+
+
+def test_missing_runner_packages_say_how_to_install(monkeypatch):
+    real = launch_module.importlib.util.find_spec
+    monkeypatch.setattr(launch_module.importlib.util, "find_spec",
+                        lambda name: None if name == "mpi4py" else real(name))
+    with pytest.raises(RunnerUnavailable, match=r"pipesim\[runner\]"):
+        launch_module.check_runner_available()
