@@ -190,3 +190,10 @@ def test_wrongly_typed_profile_tables_name_the_field(tmp_path, field, value):
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=field):
         load_profile(path)
+
+
+def test_gantt_png_is_written(tmp_path, capsys):
+    path = tmp_path / "g.png"
+    code, _, err = run_main(capsys, "predict", "--stages", "2", "--microbatches", "2", "--gantt", str(path))
+    assert code == 0 and "wrote" in err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
