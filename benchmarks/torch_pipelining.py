@@ -1,8 +1,8 @@
 """Benchmark PyTorch's own pipeline (torch.distributed.pipelining) on CPU/gloo.
 
 Model: 32 x (nn.Linear(512, 512) + nn.ReLU()), float32, split over 2 ranks
-(stage 0 = layers 0-15, stage 1 = layers 16-31). Mini-batch 128 in 8
-micro-batches, MSE loss against synthetic targets, SGD(lr=0.01, momentum=0.9),
+(stage 0 = layers 0-15, stage 1 = layers 16-31). Mini-batch --batch-size (default 512) in
+--microbatches (default 8) micro-batches, MSE loss against synthetic targets, SGD(lr=0.01, momentum=0.9),
 one torch thread per rank. Schedules: ScheduleGPipe and Schedule1F1B.
 
 One iteration = schedule.step(...) on the whole mini-batch + optimizer.step()
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-LAYERS, WIDTH, BATCH, MICROBATCHES, STAGES = 32, 512, 128, 8, 2
+LAYERS, WIDTH, STAGES = 32, 512, 2
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
@@ -55,11 +55,11 @@ def build_stage_module(rank):
 class Runner:
     """One schedule with its own model copy, stage and optimizer."""
 
-    def __init__(self, name, rank):
+    def __init__(self, name, rank, microbatches):
         self.name, self.rank, self.times = name, rank, []
         self.module = build_stage_module(rank)
         stage = PipelineStage(self.module, rank, STAGES, torch.device("cpu"))
-        self.schedule = SCHEDULES[name](stage, MICROBATCHES, loss_fn=nn.MSELoss())
+        self.schedule = SCHEDULES[name](stage, microbatches, loss_fn=nn.MSELoss())
         self.opt = torch.optim.SGD(self.module.parameters(), lr=0.01, momentum=0.9)
 
     def iteration(self, x, target):
@@ -88,6 +88,8 @@ def main():
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--microbatches", type=int, default=8)
     args = p.parse_args()
 
     env = os.environ
@@ -100,11 +102,11 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
     torch.manual_seed(1234)  # synthetic data, identical on every rank
-    x = torch.randn(BATCH, WIDTH)
-    target = torch.randn(BATCH, WIDTH)
+    x = torch.randn(args.batch_size, WIDTH)
+    target = torch.randn(args.batch_size, WIDTH)
 
     names = ["gpipe", "1f1b"] if args.schedule == "both" else [args.schedule]
-    runners = [Runner(name, rank) for name in names]
+    runners = [Runner(name, rank, args.microbatches) for name in names]
     for _ in range(args.rounds):
         for r in runners:
             for _ in range(args.warmup):

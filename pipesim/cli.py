@@ -245,6 +245,67 @@ def print_measurement(measured, baseline) -> None:
               f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
 
 
+# --- calibrate ----------------------------------------------------------------
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import CalibrationSettings, DEFAULT_WIDTHS, calibrate
+    from .runner.launch import RunFailed, RunnerUnavailable
+
+    if args.model:
+        widths = tuple(sorted({layer.out_features for layer in load_model(args.model).layers}))
+    else:
+        widths = tuple(args.widths) if args.widths else (
+            (args.width,) if args.width is not None else DEFAULT_WIDTHS)
+    settings = CalibrationSettings(
+        ranks=args.ranks, widths=widths, microbatch_sizes=tuple(args.microbatch_sizes),
+        repeats=args.repeats, threads_per_rank=args.threads_per_rank, optimizer=args.optimizer,
+        extra_metadata={"command": "pipesim " + " ".join(sys.argv[1:])},
+    )
+    out = Path(args.out or f"calibration/{_host_name()}.json")
+    name = args.name or out.stem
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
+        f"{list(settings.microbatch_sizes)}")
+    try:
+        profile = calibrate(settings, name, log)
+    except (RunnerUnavailable, RunFailed) as exc:
+        print(f"pipesim: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(profile, indent=1))
+    else:
+        print_profile(profile)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def _host_name() -> str:
+    import socket
+
+    return socket.gethostname().split(".")[0] or "host"
+
+
+def print_profile(profile: dict) -> None:
+    fc_costs, noise = profile["compute"]["fc"], profile["noise"]
+    residual = profile["samples"]["fit_max_relative_residual"]
+    print(f"profile {profile['name']}: {profile['description']}")
+    for direction in ("forward", "backward"):
+        c = fc_costs[direction]
+        print(f"  fc {direction:<8}  {c['fixed_s'] * 1e6:7.2f} us + {c['s_per_param'] * 1e12:7.1f} ps/param "
+              f"+ b x {c['s_per_flop'] * 1e12:6.2f} ps/flop   (noise CV {noise[direction + '_cv_median']:.1%}, "
+              f"worst fit error {residual[direction]:.1%})")
+    opt = profile["optimizer"]
+    print(f"  optimizer    {opt['fixed_s'] * 1e6:7.2f} us + {opt['s_per_param'] * 1e12:7.1f} ps/param "
+          f"(worst fit error {residual['optimizer']:.1%})")
+    for name, link in profile["links"].items():
+        bandwidth = "inf" if link["bandwidth_Bps"] is None else f"{link['bandwidth_Bps'] / 1e9:.3f} GB/s"
+        print(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}")
+    print(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")
+
+
 # --- parser -------------------------------------------------------------------
 
 
@@ -283,6 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--trace", metavar="FILE", help="Chrome trace of the median iteration")
     out.add_argument("--gantt", metavar="FILE.png", help="Gantt chart PNG of the median iteration")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("calibrate", help="measure compute, link and optimizer costs; write a profile",
+                       description="Measure costs with the runner's own code (all ranks at once) and fit "
+                                   "them with scipy. Launches mpiexec itself, or runs inside an existing "
+                                   "mpiexec/srun allocation.")
+    c.add_argument("--ranks", type=int, default=2, help="ranks to measure with (default: 2)")
+    c.add_argument("--model", metavar="FILE", help="calibrate the layer widths of this model spec")
+    c.add_argument("--width", type=int, default=None, help="calibrate this one fc width")
+    c.add_argument("--widths", type=int_list, help="fc widths to measure (default: 256,384,768,1024)")
+    c.add_argument("--layers", type=int, default=None,
+                   help="accepted like predict's; calibration depends only on the layer width")
+    c.add_argument("--microbatch-sizes", type=int_list, default=[4, 8, 16, 32, 64, 128],
+                   help="micro-batch sizes to measure (default: 4,8,16,32,64,128)")
+    c.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (default: 15)")
+    c.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
+    c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    c.add_argument("--name", help="profile name (default: the output file's stem)")
+    c.add_argument("--out", metavar="FILE", help="where to write (default: calibration/HOST.json)")
+    c.add_argument("--json", action="store_true", help="also print the profile JSON")
+    c.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -112,7 +112,7 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
     config = RunConfig.from_plan(plan, iterations=2, warmup=0, fail_on_rank=1)
     started = time.monotonic()
     with pytest.raises(RunFailed):
-        launch(config, 2, log=lambda _: None)
+        launch("run", config.to_dict(), 2, log=lambda _: None)
     assert time.monotonic() - started < 30
     err = capfd.readouterr().err
     assert "[rank 1]" in err and "injected fault" in err

@@ -6,9 +6,7 @@ interpret exactly the schedule object the caller built. No torch here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from ..model import ModelSpec, fc_layer
 from ..partition import Partition
@@ -30,7 +28,6 @@ class RunConfig:
     optimizer: str = "sgd"
     seed: int = 0
     device: str = "cpu"
-    result_path: str = ""
     params_path: str = ""  # when set, rank 0 saves the trained parameters here (.npz)
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
 
@@ -51,12 +48,11 @@ class RunConfig:
         schedule = Schedule.from_text(self.schedule_text, self.schedule_name)
         return Plan(model, Partition.from_counts(self.partition), schedule, self.batch_size)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self)))
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        data = json.loads(Path(path).read_text())
-        data["layer_shapes"] = tuple(tuple(x) for x in data["layer_shapes"])
-        data["partition"] = tuple(data["partition"])
+    def from_dict(cls, data: dict) -> RunConfig:
+        data = {**data, "layer_shapes": tuple(tuple(x) for x in data["layer_shapes"]),
+                "partition": tuple(data["partition"])}
         return cls(**data)

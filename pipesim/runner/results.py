@@ -72,7 +72,8 @@ def from_result(plan: Plan, result: dict) -> Measurement:
 
 def measure(plan: Plan, log=print, **options) -> Measurement | None:
     """Run `plan` for real (options: see RunConfig); None on ranks other than 0."""
-    result = launch(RunConfig.from_plan(plan, **options), plan.num_stages, log)
+    config = RunConfig.from_plan(plan, **options)
+    result = launch("run", config.to_dict(), plan.num_stages, config.threads_per_rank, log)
     return None if result is None else from_result(plan, result)
 
 

@@ -1,7 +1,7 @@
-"""The program every MPI rank runs: ``python -m pipesim.runner.worker CONFIG.json``.
+"""The program every MPI rank runs: ``python -m pipesim.runner.worker JOB.json``.
 
-Rank 0 gathers what every rank recorded and writes it to the config's
-result_path. An exception on any rank prints that rank's traceback and aborts
+A job file names the job (``run``: the pipeline; ``calibrate``: the
+micro-benchmarks), its config, and where rank 0 writes the gathered result. An exception on any rank prints that rank's traceback and aborts
 the whole MPI job, so nothing hangs.
 """
 
@@ -51,12 +51,13 @@ def clock_offsets(comm, clock, rounds: int = 20) -> list[float]:
     return comm.bcast(offsets, root=0)
 
 
-def execute(config: RunConfig, comm) -> dict | None:
+def execute_run(config_dict: dict, comm) -> dict | None:
     """Run the configured steps on this rank; rank 0 returns everything gathered."""
     import torch
 
     from .interpreter import StageWorker, clock
 
+    config = RunConfig.from_dict(config_dict)
     torch.set_num_threads(config.threads_per_rank)
     plan = config.plan()
     if comm.Get_size() != plan.num_stages:
@@ -95,13 +96,22 @@ def execute(config: RunConfig, comm) -> dict | None:
         np.savez(config.params_path, **{k: v for part in params for k, v in part.items()})
     for entry in everyone:
         entry["clock_offset_s"] = offsets[entry["rank"]]
-    return {"ranks": everyone, "mpi": _mpi_version()}
+    return {"ranks": everyone, "mpi": mpi_version()}
 
 
-def _mpi_version() -> str:
+def mpi_version() -> str:
     from mpi4py import MPI
 
     return MPI.Get_library_version().split(",")[0].strip()
+
+
+def execute_calibrate(config_dict: dict, comm) -> dict | None:
+    from .microbench import execute
+
+    return execute(config_dict, comm)
+
+
+JOBS = {"run": execute_run, "calibrate": execute_calibrate}
 
 
 def main(argv: list[str]) -> int:
@@ -109,10 +119,11 @@ def main(argv: list[str]) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        config = RunConfig.load(argv[0])
-        result = execute(config, comm)
+        with open(argv[0]) as handle:
+            job = json.load(handle)
+        result = JOBS[job["job"]](job["config"], comm)
         if result is not None:
-            with open(config.result_path, "w") as handle:
+            with open(job["result_path"], "w") as handle:
                 json.dump(result, handle)
     except BaseException:  # noqa: BLE001 - any failure must end the whole job
         lines = traceback.format_exc().rstrip().splitlines()

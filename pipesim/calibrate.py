@@ -1,0 +1,227 @@
+"""`pipesim calibrate`: measure costs with the runner, fit them, write a profile.
+
+The measuring happens in the ranks (runner/microbench.py); this module fits
+what they return with scipy and assembles the profile file (profile.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import lsq_linear
+
+from .costs import ProfileCostModel
+from .model import fc
+from .plan import make_plan
+from .profile import SCHEMA, VERSION, parse_profile
+
+KiB, MiB = 1 << 10, 1 << 20
+DEFAULT_WIDTHS = (256, 384, 768, 1024)
+DEFAULT_MICROBATCH_SIZES = (4, 8, 16, 32, 64, 128)
+DEFAULT_MESSAGE_SIZES = (1, 16, 256, 4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
+# The short real pipeline runs that fit the per-action overhead: 4 layers per
+# stage at width 256, micro-batches of 4 (not a validation configuration).
+OVERHEAD_WIDTH, OVERHEAD_LAYERS_PER_STAGE, OVERHEAD_MICROBATCHES, OVERHEAD_MB_SIZE = 256, 4, 8, 4
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    ranks: int = 2
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    microbatch_sizes: tuple[int, ...] = DEFAULT_MICROBATCH_SIZES
+    message_sizes: tuple[int, ...] = DEFAULT_MESSAGE_SIZES
+    repeats: int = 15
+    warmup: int = 3
+    pingpong_repeats: int = 20
+    threads_per_rank: int = 1
+    optimizer: str = "sgd"
+    seed: int = 0
+    stack_bytes: int = 8 * MiB
+    overhead_iterations: int = 20
+    extra_metadata: dict = field(default_factory=dict)
+
+
+# --- fitting (pure numpy/scipy: tested without MPI) ----------------------------
+
+
+def fit_nonnegative(features: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares on relative error, coefficients >= 0. Returns (coefficients,
+    max relative residual)."""
+    weights = 1.0 / times
+    result = lsq_linear(features * weights[:, None], np.ones_like(times), bounds=(0, np.inf))
+    predicted = features @ result.x
+    return result.x, float(np.max(np.abs(predicted / times - 1)))
+
+
+def fit_compute(samples: list[dict], direction: str) -> tuple[dict, float]:
+    """t_layer = fixed_s + s_per_param * params + b * s_per_flop * flops_per_sample."""
+    rows, times = [], []
+    for s in samples:
+        rows.append([1.0, s["params_per_layer"], s["microbatch_size"] * s["flops_per_sample_per_layer"]])
+        times.append(statistics.median(s[f"{direction}_s"]))
+    coef, worst = fit_nonnegative(np.array(rows), np.array(times))
+    return {"fixed_s": coef[0], "s_per_param": coef[1], "s_per_sample": 0.0, "s_per_flop": coef[2]}, worst
+
+
+def fit_link(samples: list[dict]) -> tuple[dict, float]:
+    """one-way time = latency_s + bytes / bandwidth_Bps."""
+    rows = np.array([[1.0, s["bytes"]] for s in samples])
+    times = np.array([statistics.median(s["one_way_s"]) for s in samples])
+    coef, worst = fit_nonnegative(rows, times)
+    bandwidth = 1.0 / coef[1] if coef[1] > 0 else None
+    return {"latency_s": coef[0], "bandwidth_Bps": bandwidth}, worst
+
+
+def fit_optimizer(samples: list[dict]) -> tuple[dict, float]:
+    rows = np.array([[1.0, s["params"]] for s in samples])
+    times = np.array([statistics.median(s["times_s"]) for s in samples])
+    coef, worst = fit_nonnegative(rows, times)
+    return {"fixed_s": coef[0], "s_per_param": coef[1]}, worst
+
+
+def link_classes(processors: list[str], pairs: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """Each measured pair is intra_node when both ranks report the same MPI
+    processor name (same host), inter_node otherwise."""
+    return {pair: "intra_node" if processors[pair[0]] == processors[pair[1]] else "inter_node"
+            for pair in pairs}
+
+
+def cv(values: list[float]) -> float:
+    """Coefficient of variation (stdev / mean)."""
+    return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
+
+
+# --- the workflow ---------------------------------------------------------------
+
+
+def _fit_links(ranks: list[dict]) -> tuple[dict, dict, dict]:
+    processors = [r["processor"] for r in sorted(ranks, key=lambda r: r["rank"])]
+    samples = [s for r in ranks for s in r["links"]]
+    classes = link_classes(processors, sorted({tuple(s["pair"]) for s in samples}))
+    links, worst, noise = {}, {}, {}
+    for name in ("intra_node", "inter_node"):
+        chosen = [s for s in samples if classes[tuple(s["pair"])] == name]
+        if chosen:
+            links[name], worst[name] = fit_link(chosen)
+            noise[name] = statistics.median(cv(s["one_way_s"]) for s in chosen)
+    if "intra_node" not in links:  # every neighbour pair crossed nodes
+        links["intra_node"] = links["inter_node"]
+    return links, worst, noise
+
+
+def _summaries(compute: list[dict]) -> list[dict]:
+    return [{"width": s["width"], "microbatch_size": s["microbatch_size"], "rank": s["rank"],
+             "forward_median_s": statistics.median(s["forward_s"]), "forward_cv": cv(s["forward_s"]),
+             "backward_median_s": statistics.median(s["backward_s"]), "backward_cv": cv(s["backward_s"])}
+            for s in compute]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure_overhead(profile: dict, settings: CalibrationSettings, log) -> tuple[float, list[float]]:
+    """Per-action overhead from short real pipeline runs: per rank and
+    iteration, (time from first action start to last action end - waiting -
+    predicted compute) / actions."""
+    from .runner.results import measure
+
+    stages = settings.ranks
+    model = fc(OVERHEAD_LAYERS_PER_STAGE * stages, OVERHEAD_WIDTH, name="overhead-probe")
+    batch = OVERHEAD_MICROBATCHES * OVERHEAD_MB_SIZE
+    plan = make_plan(model, stages, OVERHEAD_MICROBATCHES, batch, "1f1b",
+                     ",".join([str(OVERHEAD_LAYERS_PER_STAGE)] * stages))
+    log(f"  overhead: real 1f1b pipeline, {stages} stages x {OVERHEAD_LAYERS_PER_STAGE} layers, width "
+        f"{OVERHEAD_WIDTH}, {OVERHEAD_MICROBATCHES} micro-batches of {OVERHEAD_MB_SIZE}")
+    measured = measure(plan, log, iterations=settings.overhead_iterations, warmup=3,
+                       threads_per_rank=settings.threads_per_rank, optimizer=settings.optimizer)
+    costs = ProfileCostModel(parse_profile({**profile, "action_overhead_s": 0.0}))
+    per_action = []
+    for timeline in measured.timelines:
+        for rank in range(plan.num_stages):
+            actions = timeline.rank_spans(rank, ("F", "B"))
+            waits = sum(s.duration_s for s in timeline.rank_spans(rank, ("wait",)))
+            predicted = sum(costs.compute_s(plan.stage_layers(rank), s.kind, plan.microbatch_size)
+                            for s in actions)
+            elapsed = max(s.end_s for s in actions) - min(s.start_s for s in actions)
+            per_action.append((elapsed - waits - predicted) / len(actions))
+    return max(0.0, statistics.median(per_action)), per_action
+
+
+def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
+    """Run the micro-benchmarks and the overhead runs; return the profile as a dict."""
+    from .runner.launch import launch
+
+    raw = launch("calibrate", asdict(settings), settings.ranks, settings.threads_per_rank, log)
+    ranks = raw["ranks"]
+    compute = [{**s, "rank": r["rank"]} for r in ranks for s in r["compute"]]
+    forward, forward_worst = fit_compute(compute, "forward")
+    backward, backward_worst = fit_compute(compute, "backward")
+    optimizer_samples = [s for r in ranks for s in r["optimizer"]]
+    optimizer, optimizer_worst = fit_optimizer(optimizer_samples)
+    links, links_worst, links_noise = _fit_links(ranks)
+    saved = sorted({round(s["saved_bytes_per_sample_per_layer"]) for s in compute})
+    profile = {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "name": name,
+        "description": f"Measured by `pipesim calibrate` on {socket.gethostname()} "
+                       f"({_cpu_model()}, {os.cpu_count()} cores), {settings.ranks} ranks x "
+                       f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
+        "compute": {"fc": {"forward": forward, "backward": backward}},
+        "action_overhead_s": 0.0,
+        "optimizer": optimizer,
+        "links": links,
+    }
+    overhead, per_action = measure_overhead(profile, settings, log)
+    profile["action_overhead_s"] = overhead
+    profile["metadata"] = {
+        "host": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ranks": settings.ranks,
+        "threads_per_rank": settings.threads_per_rank,
+        "processors": [r["processor"] for r in sorted(ranks, key=lambda r: r["rank"])],
+        "torch": raw["torch"],
+        "mpi": raw["mpi"],
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
+        **settings.extra_metadata,
+    }
+    profile["ranges"] = {"fc": {"width": [min(settings.widths), max(settings.widths)],
+                                "microbatch_size": [min(settings.microbatch_sizes),
+                                                    max(settings.microbatch_sizes)]},
+                         "message_bytes": [min(settings.message_sizes), max(settings.message_sizes)]}
+    profile["noise"] = {
+        "forward_cv_median": statistics.median(cv(s["forward_s"]) for s in compute),
+        "backward_cv_median": statistics.median(cv(s["backward_s"]) for s in compute),
+        "optimizer_cv_median": statistics.median(cv(s["times_s"]) for s in optimizer_samples),
+        "links_cv_median": links_noise,
+        "action_overhead_spread_s": [float(np.percentile(per_action, 10)),
+                                     float(np.percentile(per_action, 90))],
+    }
+    profile["samples"] = {
+        "compute": _summaries(compute),
+        "fit_max_relative_residual": {"forward": forward_worst, "backward": backward_worst,
+                                      "optimizer": optimizer_worst, "links": links_worst},
+        "saved_bytes_per_sample_per_layer": saved,
+        "optimizer": [{"params": s["params"], "median_s": statistics.median(s["times_s"])}
+                      for s in optimizer_samples],
+        "links": [{"pair": s["pair"], "bytes": s["bytes"], "median_s": statistics.median(s["one_way_s"])}
+                  for r in ranks for s in r["links"]],
+    }
+    parse_profile(profile)  # what we write must load
+    return profile
