@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import lsq_linear
 
-from .costs import ProfileCostModel
 from .model import fc
 from .plan import make_plan
 from .profile import SCHEMA, VERSION, parse_profile
 
 KiB, MiB = 1 << 10, 1 << 20
-DEFAULT_WIDTHS = (256, 384, 768, 1024)
-DEFAULT_MICROBATCH_SIZES = (4, 8, 16, 32, 64, 128)
+DEFAULT_WIDTHS = (256, 384, 512, 768, 1024)
+DEFAULT_MICROBATCH_SIZES = (4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_MESSAGE_SIZES = (1, 16, 256, 4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
 # The short real pipeline runs that fit the per-action overhead: 4 layers per
 # stage at width 256, micro-batches of 4 (not a validation configuration).
@@ -36,7 +35,7 @@ class CalibrationSettings:
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     microbatch_sizes: tuple[int, ...] = DEFAULT_MICROBATCH_SIZES
     message_sizes: tuple[int, ...] = DEFAULT_MESSAGE_SIZES
-    repeats: int = 15
+    repeats: int = 25
     warmup: int = 3
     pingpong_repeats: int = 20
     threads_per_rank: int = 1
@@ -69,6 +68,17 @@ def fit_compute(samples: list[dict], direction: str) -> tuple[dict, float]:
     return {"fixed_s": coef[0], "s_per_param": coef[1], "s_per_sample": 0.0, "s_per_flop": coef[2]}, worst
 
 
+def compute_table(samples: list[dict], direction: str) -> dict:
+    """Median per-layer seconds at each measured (width, micro-batch size), all ranks pooled."""
+    pooled: dict[tuple[int, int], list[float]] = {}
+    for s in samples:
+        pooled.setdefault((s["width"], s["microbatch_size"]), []).extend(s[f"{direction}_s"])
+    widths = sorted({w for w, _ in pooled})
+    sizes = sorted({b for _, b in pooled})
+    return {"widths": widths, "microbatch_sizes": sizes,
+            "seconds": [[statistics.median(pooled[w, b]) for b in sizes] for w in widths]}
+
+
 def fit_link(samples: list[dict]) -> tuple[dict, float]:
     """one-way time = latency_s + bytes / bandwidth_Bps."""
     rows = np.array([[1.0, s["bytes"]] for s in samples])
@@ -79,10 +89,20 @@ def fit_link(samples: list[dict]) -> tuple[dict, float]:
 
 
 def fit_optimizer(samples: list[dict]) -> tuple[dict, float]:
+    """Affine in the parameter count; returned for the summary (the step time
+    is superlinear once the state leaves the caches, so the table is used)."""
     rows = np.array([[1.0, s["params"]] for s in samples])
     times = np.array([statistics.median(s["times_s"]) for s in samples])
     coef, worst = fit_nonnegative(rows, times)
     return {"fixed_s": coef[0], "s_per_param": coef[1]}, worst
+
+
+def optimizer_table(samples: list[dict]) -> dict:
+    pooled: dict[int, list[float]] = {}
+    for s in samples:
+        pooled.setdefault(s["params"], []).extend(s["times_s"])
+    params = sorted(pooled)
+    return {"params": params, "seconds": [statistics.median(pooled[p]) for p in params]}
 
 
 def link_classes(processors: list[str], pairs: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
@@ -132,10 +152,11 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_overhead(profile: dict, settings: CalibrationSettings, log) -> tuple[float, list[float]]:
-    """Per-action overhead from short real pipeline runs: per rank and
-    iteration, (time from first action start to last action end - waiting -
-    predicted compute) / actions."""
+def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[float]]:
+    """Per-action overhead of the runner from short real pipeline runs: per rank
+    and iteration, the time between its first and last action that is neither
+    computing (F/B spans) nor waiting for a message, divided by the actions.
+    This is the interpreter's own work: posting and testing messages, dispatch."""
     from .runner.results import measure
 
     stages = settings.ranks
@@ -147,17 +168,15 @@ def measure_overhead(profile: dict, settings: CalibrationSettings, log) -> tuple
         f"{OVERHEAD_WIDTH}, {OVERHEAD_MICROBATCHES} micro-batches of {OVERHEAD_MB_SIZE}")
     measured = measure(plan, log, iterations=settings.overhead_iterations, warmup=3,
                        threads_per_rank=settings.threads_per_rank, optimizer=settings.optimizer)
-    costs = ProfileCostModel(parse_profile({**profile, "action_overhead_s": 0.0}))
     per_action = []
     for timeline in measured.timelines:
         for rank in range(plan.num_stages):
             actions = timeline.rank_spans(rank, ("F", "B"))
+            busy = sum(s.duration_s for s in actions)
             waits = sum(s.duration_s for s in timeline.rank_spans(rank, ("wait",)))
-            predicted = sum(costs.compute_s(plan.stage_layers(rank), s.kind, plan.microbatch_size)
-                            for s in actions)
             elapsed = max(s.end_s for s in actions) - min(s.start_s for s in actions)
-            per_action.append((elapsed - waits - predicted) / len(actions))
-    return max(0.0, statistics.median(per_action)), per_action
+            per_action.append((elapsed - busy - waits) / len(actions))
+    return statistics.median(per_action), per_action
 
 
 def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
@@ -167,10 +186,10 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
     raw = launch("calibrate", asdict(settings), settings.ranks, settings.threads_per_rank, log)
     ranks = raw["ranks"]
     compute = [{**s, "rank": r["rank"]} for r in ranks for s in r["compute"]]
-    forward, forward_worst = fit_compute(compute, "forward")
-    backward, backward_worst = fit_compute(compute, "backward")
+    forward_affine, forward_worst = fit_compute(compute, "forward")
+    backward_affine, backward_worst = fit_compute(compute, "backward")
     optimizer_samples = [s for r in ranks for s in r["optimizer"]]
-    optimizer, optimizer_worst = fit_optimizer(optimizer_samples)
+    optimizer_affine, optimizer_worst = fit_optimizer(optimizer_samples)
     links, links_worst, links_noise = _fit_links(ranks)
     saved = sorted({round(s["saved_bytes_per_sample_per_layer"]) for s in compute})
     profile = {
@@ -180,12 +199,13 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
         "description": f"Measured by `pipesim calibrate` on {socket.gethostname()} "
                        f"({_cpu_model()}, {os.cpu_count()} cores), {settings.ranks} ranks x "
                        f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
-        "compute": {"fc": {"forward": forward, "backward": backward}},
+        "compute": {"fc": {"forward": compute_table(compute, "forward"),
+                           "backward": compute_table(compute, "backward")}},
         "action_overhead_s": 0.0,
-        "optimizer": optimizer,
+        "optimizer": optimizer_table(optimizer_samples),
         "links": links,
     }
-    overhead, per_action = measure_overhead(profile, settings, log)
+    overhead, per_action = measure_overhead(settings, log)
     profile["action_overhead_s"] = overhead
     profile["metadata"] = {
         "host": socket.gethostname(),
@@ -215,11 +235,11 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
     }
     profile["samples"] = {
         "compute": _summaries(compute),
-        "fit_max_relative_residual": {"forward": forward_worst, "backward": backward_worst,
+        "affine_fit": {"forward": forward_affine, "backward": backward_affine,
+                       "optimizer": optimizer_affine},
+        "fit_max_relative_residual": {"affine_forward": forward_worst, "affine_backward": backward_worst,
                                       "optimizer": optimizer_worst, "links": links_worst},
         "saved_bytes_per_sample_per_layer": saved,
-        "optimizer": [{"params": s["params"], "median_s": statistics.median(s["times_s"])}
-                      for s in optimizer_samples],
         "links": [{"pair": s["pair"], "bytes": s["bytes"], "median_s": statistics.median(s["one_way_s"])}
                   for r in ranks for s in r["links"]],
     }

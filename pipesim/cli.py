@@ -289,17 +289,25 @@ def _host_name() -> str:
 
 
 def print_profile(profile: dict) -> None:
-    fc_costs, noise = profile["compute"]["fc"], profile["noise"]
-    residual = profile["samples"]["fit_max_relative_residual"]
+    table, noise = profile["compute"]["fc"], profile["noise"]
+    samples = profile["samples"]
+    residual = samples["fit_max_relative_residual"]
     print(f"profile {profile['name']}: {profile['description']}")
+    sizes = table["forward"]["microbatch_sizes"]
+    print(f"  fc layer time (us) by micro-batch size; forward / backward; noise CV "
+          f"{noise['forward_cv_median']:.1%} / {noise['backward_cv_median']:.1%}")
+    print("    width " + "".join(f"{b:>15}" for b in sizes))
+    for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
+                               table["backward"]["seconds"]):
+        print(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
     for direction in ("forward", "backward"):
-        c = fc_costs[direction]
-        print(f"  fc {direction:<8}  {c['fixed_s'] * 1e6:7.2f} us + {c['s_per_param'] * 1e12:7.1f} ps/param "
-              f"+ b x {c['s_per_flop'] * 1e12:6.2f} ps/flop   (noise CV {noise[direction + '_cv_median']:.1%}, "
-              f"worst fit error {residual[direction]:.1%})")
+        c = samples["affine_fit"][direction]
+        print(f"  affine {direction:<8} {c['fixed_s'] * 1e6:6.2f} us + {c['s_per_param'] * 1e12:6.1f} ps/param"
+              f" + b x {c['s_per_flop'] * 1e12:5.2f} ps/flop (summary only; worst error "
+              f"{residual['affine_' + direction]:.0%}, so the table is used)")
     opt = profile["optimizer"]
-    print(f"  optimizer    {opt['fixed_s'] * 1e6:7.2f} us + {opt['s_per_param'] * 1e12:7.1f} ps/param "
-          f"(worst fit error {residual['optimizer']:.1%})")
+    print("  optimizer    " + ", ".join(f"{p / 1e6:.2f}M params {t * 1e3:.2f} ms"
+                                        for p, t in zip(opt["params"], opt["seconds"])))
     for name, link in profile["links"].items():
         bandwidth = "inf" if link["bandwidth_Bps"] is None else f"{link['bandwidth_Bps'] / 1e9:.3f} GB/s"
         print(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}")
@@ -352,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ranks", type=int, default=2, help="ranks to measure with (default: 2)")
     c.add_argument("--model", metavar="FILE", help="calibrate the layer widths of this model spec")
     c.add_argument("--width", type=int, default=None, help="calibrate this one fc width")
-    c.add_argument("--widths", type=int_list, help="fc widths to measure (default: 256,384,768,1024)")
+    c.add_argument("--widths", type=int_list, help="fc widths to measure (default: 256,384,512,768,1024)")
     c.add_argument("--layers", type=int, default=None,
                    help="accepted like predict's; calibration depends only on the layer width")
-    c.add_argument("--microbatch-sizes", type=int_list, default=[4, 8, 16, 32, 64, 128],
-                   help="micro-batch sizes to measure (default: 4,8,16,32,64,128)")
-    c.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (default: 15)")
+    c.add_argument("--microbatch-sizes", type=int_list, default=[4, 8, 16, 32, 64, 128, 256, 512],
+                   help="micro-batch sizes to measure (default: 4,8,...,512)")
+    c.add_argument("--repeats", type=int, default=25, help="timed repeats per measurement (default: 25)")
     c.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
     c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     c.add_argument("--name", help="profile name (default: the output file's stem)")
@@ -367,15 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"pipesim: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (*USER_ERRORS, UsageError) as exc:
-        message = str(exc)
-        print(f"pipesim: error: {message}", file=sys.stderr)
+        print(f"pipesim: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,15 +5,32 @@ The engine asks only this interface; it never sees FLOPs or profiles.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from .model import FLOAT32_BYTES, LayerSpec
-from .profile import Affine, Link, Profile, ProfileError
+from .profile import Affine, Link, Profile, ProfileError, Table, piecewise
 
 # Optimizer state in parameter-sized tensors.
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2}  # SGD with momentum: 1 buffer; Adam: 2
+
+
+def _warn_outside_range(profile: Profile, kind: str, width: int, microbatch_size: int) -> None:
+    measured = profile.ranges.get(kind, {})
+    for name, value in (("width", width), ("microbatch_size", microbatch_size)):
+        low, high = measured.get(name, (value, value))
+        if not low <= value <= high:
+            _warn_once(f"profile {profile.name!r} measured {kind} {name} {low}..{high}; "
+                       f"{value} is extrapolated by the fitted model")
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=2)
 
 
 class CostModel(Protocol):
@@ -43,7 +60,7 @@ class ProfileCostModel:
                 f"unknown optimizer {self.optimizer!r} (allowed: {', '.join(OPTIMIZER_STATE_COPIES)})"
             )
 
-    def _coefficients(self, kind: str) -> tuple[Affine, Affine]:
+    def _coefficients(self, kind: str) -> tuple[Affine | Table, Affine | Table]:
         compute = self.profile.compute
         if kind in compute:
             return compute[kind]
@@ -55,6 +72,7 @@ class ProfileCostModel:
         )
 
     def layer_s(self, layer: LayerSpec, kind: str, microbatch_size: int) -> float:
+        _warn_outside_range(self.profile, layer.kind, round(math.sqrt(layer.params)), microbatch_size)
         forward, backward = self._coefficients(layer.kind)
         affine = forward if kind == "F" else backward
         return affine.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
@@ -75,6 +93,8 @@ class ProfileCostModel:
         return (src, dst)
 
     def optimizer_s(self, params: int) -> float:
+        if self.profile.optimizer_table is not None:
+            return piecewise(*self.profile.optimizer_table, params)
         return self.profile.optimizer_fixed_s + params * self.profile.optimizer_s_per_param
 
     def static_bytes(self, params: int) -> int:

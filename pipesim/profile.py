@@ -6,12 +6,14 @@ Schema ``pipesim-profile`` version 1::
       "schema": "pipesim-profile", "version": 1, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
-        "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,
+        "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
                             "s_per_sample": 0.0, "s_per_flop": 1e-11},
-               "backward": {...}}
+               "backward": {"widths": [256, 1024],                     # ... or a measured table
+                            "microbatch_sizes": [4, 64],
+                            "seconds": [[5e-5, 2e-4], [5e-4, 2e-3]]}}  # [width][micro-batch size]
       },
       "action_overhead_s": 0.0,                    # per F or B action
-      "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},
+      "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},  # or {"params": [...], "seconds": [...]}
       "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null},   # null = free
                 "inter_node": {...}},              # optional, defaults to intra_node
       "metadata": {...}, "ranges": {...}, "samples": {...}, "noise": {...}   # optional, free-form
@@ -21,13 +23,17 @@ Compute time of one layer for one micro-batch of b samples is
 ``fixed_s + s_per_param * params + b * (s_per_sample + s_per_flop * forward_flops_per_sample)``:
 the parameter term is the cost of streaming the weights (it does not shrink
 with the micro-batch), the FLOP term the arithmetic; ``s_per_sample`` alone
-serves plain constants.
+serves plain constants. A measured table is interpolated: piecewise linearly
+in the micro-batch size (extended linearly past the ends), and across widths
+by interpolating time per parameter in log width (the nearest width's time
+per parameter outside the measured widths).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,6 +45,7 @@ DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
              "optimizer", "links", "metadata", "ranges", "samples", "noise"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
+_TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
 
 class ProfileError(ValueError):
@@ -57,6 +64,37 @@ class Affine:
         return self.fixed_s + self.s_per_param * params + samples * per_sample
 
 
+def piecewise(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
+    """Linear interpolation through (xs, ys), extended linearly past both ends."""
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = min(max(bisect_left(xs, x), 1), len(xs) - 1)
+    slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+    return max(ys[i - 1] + slope * (x - xs[i - 1]), 0.0)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Measured per-layer times of square fc layers: seconds[width][micro-batch size]."""
+
+    widths: tuple[int, ...]
+    microbatch_sizes: tuple[int, ...]
+    seconds: tuple[tuple[float, ...], ...]
+
+    def time_s(self, samples: int, params: int, flops_per_sample: float) -> float:
+        width = math.sqrt(params)  # the square layer of the same parameter count
+        per_param = [piecewise(self.microbatch_sizes, row, samples) / (w * w + w)
+                     for w, row in zip(self.widths, self.seconds)]
+        if width <= self.widths[0] or len(self.widths) == 1:
+            return per_param[0] * params
+        if width >= self.widths[-1]:
+            return per_param[-1] * params
+        i = bisect_left(self.widths, width)
+        lo, hi = math.log(self.widths[i - 1]), math.log(self.widths[i])
+        weight = (math.log(width) - lo) / (hi - lo)
+        return (per_param[i - 1] * (1 - weight) + per_param[i] * weight) * params
+
+
 @dataclass(frozen=True)
 class Link:
     latency_s: float = 0.0
@@ -69,10 +107,11 @@ class Link:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    compute: dict[str, tuple[Affine, Affine]]  # kind -> (forward, backward)
+    compute: dict[str, tuple[Affine | Table, Affine | Table]]  # kind -> (forward, backward)
     action_overhead_s: float = 0.0
     optimizer_fixed_s: float = 0.0
     optimizer_s_per_param: float = 0.0
+    optimizer_table: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # (params, seconds)
     intra_node: Link = Link()
     inter_node: Link = Link()
     description: str = ""
@@ -96,6 +135,36 @@ def _table(data: dict, key: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise ProfileError(f"profile field {(where + '.' if where else '') + key} must be an object")
     return value
+
+
+def _table_law(table: dict, where: str) -> Table:
+    unknown = sorted(set(table) - _TABLE_KEYS)
+    if unknown or _TABLE_KEYS - set(table):
+        raise ProfileError(f"profile field {where} needs exactly {sorted(_TABLE_KEYS)}")
+    widths, sizes, seconds = table["widths"], table["microbatch_sizes"], table["seconds"]
+    for key, values in (("widths", widths), ("microbatch_sizes", sizes)):
+        if (not isinstance(values, list) or not values or values != sorted(set(values))
+                or not all(isinstance(v, int) and v > 0 for v in values)):
+            raise ProfileError(f"profile field {where}.{key} must be increasing positive integers")
+    if (not isinstance(seconds, list) or len(seconds) != len(widths)
+            or any(not isinstance(row, list) or len(row) != len(sizes) for row in seconds)
+            or any(not isinstance(v, (int, float)) or v < 0 for row in seconds for v in row)):
+        raise ProfileError(f"profile field {where}.seconds must be a widths x microbatch_sizes "
+                           "array of numbers >= 0")
+    return Table(tuple(widths), tuple(sizes), tuple(tuple(float(v) for v in row) for row in seconds))
+
+
+def _optimizer_table(table: dict) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    params, seconds = table.get("params"), table.get("seconds")
+    if (not isinstance(params, list) or not isinstance(seconds, list) or len(params) != len(seconds)
+            or not params or params != sorted(set(params))
+            or any(not isinstance(v, (int, float)) or v < 0 for v in seconds)):
+        raise ProfileError("profile field optimizer needs increasing 'params' and as many 'seconds' >= 0")
+    return tuple(params), tuple(float(v) for v in seconds)
+
+
+def _law(table: dict, where: str) -> Affine | Table:
+    return _table_law(table, where) if "seconds" in table else _affine(table, where)
 
 
 def _affine(table: dict, where: str) -> Affine:
@@ -127,9 +196,10 @@ def parse_profile(data: dict) -> Profile:
     compute = {}
     for kind in _table(data, "compute", ""):
         table, where = _table(data["compute"], kind, "compute"), f"compute.{kind}"
-        compute[kind] = (_affine(_table(table, "forward", where), f"{where}.forward"),
-                         _affine(_table(table, "backward", where), f"{where}.backward"))
+        compute[kind] = (_law(_table(table, "forward", where), f"{where}.forward"),
+                         _law(_table(table, "backward", where), f"{where}.backward"))
     optimizer = _table(data, "optimizer", "") if "optimizer" in data else {}
+    optimizer_table = _optimizer_table(optimizer) if "seconds" in optimizer else None
     links = _table(data, "links", "")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
     inter = _link(_table(links, "inter_node", "links"), "links.inter_node") if "inter_node" in links else intra
@@ -137,6 +207,7 @@ def parse_profile(data: dict) -> Profile:
         name=data["name"],
         compute=compute,
         action_overhead_s=_number(data, "action_overhead_s", "", 0.0),
+        optimizer_table=optimizer_table,
         optimizer_fixed_s=_number(optimizer, "fixed_s", "optimizer", 0.0),
         optimizer_s_per_param=_number(optimizer, "s_per_param", "optimizer", 0.0),
         intra_node=intra,

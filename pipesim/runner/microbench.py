@@ -21,6 +21,9 @@ from .stage import make_optimizer, make_stage
 from ..model import fc_layer
 
 
+OPTIMIZER_WIDTH, OPTIMIZER_DEPTHS = 512, (1, 2, 4, 8, 16, 32)  # 0.26M .. 8.4M parameters
+
+
 def _stack_depth(width: int, stack_bytes: int) -> int:
     """Enough layers that the stack's weights exceed the caches, as in a real stage."""
     return max(4, min(32, -(-stack_bytes // (width * width * 4))))
@@ -102,14 +105,14 @@ def execute(config: dict, comm) -> dict | None:
     rank = comm.Get_rank()
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
     compute = []
+    _time_compute(config["widths"][0], config["microbatch_sizes"][0], 4, config, comm)  # settle in
     for width in config["widths"]:
         depth = _stack_depth(width, config["stack_bytes"])
         log(f"  compute: width {width}, {depth} layers, micro-batches {config['microbatch_sizes']}")
         for microbatch in config["microbatch_sizes"]:
             compute.append(_time_compute(width, microbatch, depth, config, comm))
-    log(f"  optimizer ({config['optimizer']}) step at {len(config['widths'])} sizes")
-    optimizer = [_time_optimizer(width, _stack_depth(width, config["stack_bytes"]), config, comm)
-                 for width in config["widths"]]
+    log(f"  optimizer ({config['optimizer']}) step at {len(OPTIMIZER_DEPTHS)} sizes")
+    optimizer = [_time_optimizer(OPTIMIZER_WIDTH, depth, config, comm) for depth in OPTIMIZER_DEPTHS]
     log(f"  links: ping-pong between neighbours, {len(config['message_sizes'])} sizes "
         f"{config['message_sizes'][0]} B .. {config['message_sizes'][-1] >> 20} MiB")
     links = _time_links(config, comm)
