@@ -167,7 +167,8 @@ def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[fl
     log(f"  overhead: real 1f1b pipeline, {stages} stages x {OVERHEAD_LAYERS_PER_STAGE} layers, width "
         f"{OVERHEAD_WIDTH}, {OVERHEAD_MICROBATCHES} micro-batches of {OVERHEAD_MB_SIZE}")
     measured = measure(plan, log, iterations=settings.overhead_iterations, warmup=3,
-                       threads_per_rank=settings.threads_per_rank, optimizer=settings.optimizer)
+                       threads_per_rank=settings.threads_per_rank, optimizer=settings.optimizer,
+                       progress=False)
     per_action = []
     for timeline in measured.timelines:
         for rank in range(plan.num_stages):

@@ -19,8 +19,9 @@ from .predict import Prediction, predict, prediction_json
 from .profile import ProfileError, load_profile
 from .schedule import SCHEDULES, ScheduleError
 from .timeline import to_chrome_trace
+from .validate import GridError
 
-USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError)
+USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError, GridError)
 
 
 class UsageError(ValueError):
@@ -314,6 +315,56 @@ def print_profile(profile: dict) -> None:
     print(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")
 
 
+# --- validate -----------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from . import report
+    from .runner.launch import RunFailed, RunnerUnavailable, check_runner_available
+    from .validate import breakdown_difference, load_grid, run_validation, speedups, summarize
+
+    grid = load_grid(args.grid)
+    profile = load_profile(args.profile)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
+        f"against profile {profile.name!r}")
+    try:
+        check_runner_available()
+        results = run_validation(grid, profile, log)
+    except (RunnerUnavailable, RunFailed) as exc:
+        print(f"pipesim: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    summary = summarize(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"validation-{profile.name}" + (f"-{grid.name}" if grid.name != "default" else "")
+    figures = {"predicted vs measured": f"{stem}-scatter.png", "speedup against stages": f"{stem}-speedup.png",
+               "simulated (top) and measured (bottom) timeline": f"{stem}-gantt.png"}
+    report.plot_predicted_vs_measured(results, str(out / figures["predicted vs measured"]),
+                                      f"grid {grid.name}, profile {profile.name}")
+    report.plot_speedups(speedups(results), str(out / figures["speedup against stages"]),
+                         f"grid {grid.name}, profile {profile.name}")
+    shown = max((r for r in results if not r.case.is_baseline),
+                key=lambda r: (r.case.stages, r.case.microbatches))
+    report.gantt_stack_png([(shown.prediction.timeline, f"simulated: {shown.case.label}"),
+                            (shown.measured_timeline, f"measured (median iteration): {shown.case.label}")],
+                           str(out / figures["simulated (top) and measured (bottom) timeline"]))
+    command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    breakdowns = [breakdown_difference(r, profile) for r in results]
+    (out / f"{stem}.md").write_text(report.validation_markdown(
+        grid, profile, results, summary, breakdowns, command, figures, args.tolerance))
+    (out / f"{stem}.csv").write_text(report.validation_csv(results))
+    verdict = "PASS" if summary.mape <= args.tolerance else "FAIL"
+    print(f"{len(results)} cases: MAPE {summary.mape:.2%}, max |error| {summary.max_abs_error:.2%}, "
+          f"speedup rank correlation {summary.speedup_rank_correlation:.3f}, noise floor "
+          f"{summary.noise_floor_median:.2%} (max {summary.noise_floor_max:.2%}), partition rankings "
+          f"{summary.partition_rankings_match}/{summary.partition_rankings_total}, memory max |error| "
+          f"{summary.memory_max_abs_error:.2%}")
+    print(f"{verdict}: MAPE {summary.mape:.2%} {'<=' if verdict == 'PASS' else '>'} tolerance "
+          f"{args.tolerance:.1%}; report {out / (stem + '.md')}")
+    return 0 if verdict == "PASS" else 1
+
+
 # --- parser -------------------------------------------------------------------
 
 
@@ -372,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="FILE", help="where to write (default: calibration/HOST.json)")
     c.add_argument("--json", action="store_true", help="also print the profile JSON")
     c.set_defaults(func=cmd_calibrate)
+
+    v = sub.add_parser("validate", help="run a grid for real, predict each case, report the accuracy",
+                       description="Measure every case of a grid with the runner (interleaved rounds), "
+                                   "predict it with the simulator, and write reports/validation-*.md, "
+                                   ".csv and PNGs. Exits 1 when MAPE exceeds --tolerance.")
+    v.add_argument("--grid", default="validation/default.toml", help="grid TOML (default: %(default)s)")
+    v.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
+    v.add_argument("--tolerance", type=float, default=0.05, help="largest MAPE that passes (default: 0.05)")
+    v.add_argument("--out", default="reports", help="where the report goes (default: reports/)")
+    v.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_validate)
     return parser
 
 

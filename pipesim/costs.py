@@ -72,7 +72,8 @@ class ProfileCostModel:
         )
 
     def layer_s(self, layer: LayerSpec, kind: str, microbatch_size: int) -> float:
-        _warn_outside_range(self.profile, layer.kind, round(math.sqrt(layer.params)), microbatch_size)
+        width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
+        _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
         forward, backward = self._coefficients(layer.kind)
         affine = forward if kind == "F" else backward
         return affine.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)

@@ -82,7 +82,7 @@ class Table:
     seconds: tuple[tuple[float, ...], ...]
 
     def time_s(self, samples: int, params: int, flops_per_sample: float) -> float:
-        width = math.sqrt(params)  # the square layer of the same parameter count
+        width = (math.sqrt(1 + 4 * params) - 1) / 2  # the square layer (w*w + w params) of this size
         per_param = [piecewise(self.microbatch_sizes, row, samples) / (w * w + w)
                      for w, row in zip(self.widths, self.seconds)]
         if width <= self.widths[0] or len(self.widths) == 1:

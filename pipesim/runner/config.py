@@ -29,6 +29,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     params_path: str = ""  # when set, rank 0 saves the trained parameters here (.npz)
+    progress: bool = True  # rank 0 prints a line every 10 steps
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
 
     @classmethod

@@ -75,7 +75,7 @@ def execute_run(config_dict: dict, comm) -> dict | None:
         if iteration >= config.warmup:
             records.append(record)
         done = iteration + 1
-        if comm.Get_rank() == 0 and (done == config.warmup or done % 10 == 0 or done == total):
+        if config.progress and comm.Get_rank() == 0 and (done == config.warmup or done % 10 == 0 or done == total):
             print(f"  step {done}/{total} ({config.warmup} warm-up)", file=sys.stderr, flush=True)
     mine = {
         "rank": comm.Get_rank(),

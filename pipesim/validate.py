@@ -1,0 +1,294 @@
+"""`pipesim validate`: run a grid of real executions, predict each, compare.
+
+Grid files (validation/*.toml) hold groups; each group is the product of its
+lists::
+
+    name = "quick"
+    iterations = 20          # measured iterations per case and round
+    warmup = 5
+    rounds = 2               # every case measured once per round, rounds interleaved
+    network = "loopback"     # a label; for a shaped network run validate inside
+                             # validation/shaped_network.sh
+    [[groups]]
+    layers = [32]
+    widths = [512]
+    batch_sizes = [512]
+    stages = [2]
+    microbatches = [4, 8]
+    partitions = ["balanced", "8,24", "24,8"]
+    schedules = ["gpipe", "1f1b"]
+
+For every (layers, width, batch size) a single-rank baseline case is added, so
+that measured and predicted speedups can be compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .costs import ProfileCostModel
+from .model import fc
+from .plan import Plan, make_plan
+from .predict import Prediction, predict
+from .profile import Profile
+from .timeline import Timeline, compute_metrics
+
+_GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups"}
+_GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules"}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be used; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Case:
+    layers: int
+    width: int
+    batch_size: int
+    stages: int
+    microbatches: int
+    partition: str
+    schedule: str
+
+    @property
+    def label(self) -> str:
+        return (f"fc{self.layers}x{self.width} b{self.batch_size} p{self.stages} m{self.microbatches} "
+                f"{self.schedule} [{self.partition}]")
+
+    @property
+    def model_key(self) -> tuple[int, int, int]:
+        return self.layers, self.width, self.batch_size
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.stages == 1 and self.microbatches == 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    iterations: int
+    warmup: int
+    rounds: int
+    network: str
+    cases: tuple[Case, ...]
+
+
+def _list(group: dict, key: str, where: str) -> list:
+    value = group.get(key)
+    if not isinstance(value, list) or not value:
+        raise GridError(f"{where}: {key} must be a non-empty list")
+    return value
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"grid file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GridError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - _GRID_KEYS)
+    if unknown:
+        raise GridError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_GRID_KEYS))})")
+    cases: list[Case] = []
+    for index, group in enumerate(data.get("groups", [])):
+        where = f"{path} groups[{index}]"
+        unknown = sorted(set(group) - _GROUP_KEYS)
+        if unknown:
+            raise GridError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_GROUP_KEYS))})")
+        lists = [_list(group, key, where) for key in ("layers", "widths", "batch_sizes", "stages",
+                                                       "microbatches", "partitions", "schedules")]
+        for values in itertools.product(*lists):
+            case = Case(*values)
+            if case not in cases:
+                cases.append(case)
+    if not cases:
+        raise GridError(f"{path}: no cases (add [[groups]])")
+    for layers, width, batch in dict.fromkeys(c.model_key for c in cases):
+        baseline = Case(layers, width, batch, 1, 1, str(layers), "gpipe")
+        if baseline not in cases:
+            cases.insert(0, baseline)
+    return Grid(data.get("name", path.stem), int(data.get("iterations", 20)), int(data.get("warmup", 5)),
+                int(data.get("rounds", 2)), str(data.get("network", "loopback")), tuple(cases))
+
+
+def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
+    return make_plan(fc(case.layers, case.width), case.stages, case.microbatches, case.batch_size,
+                     case.schedule, case.partition, costs)
+
+
+# --- results ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    prediction: Prediction
+    rounds: tuple  # one runner Measurement per round
+
+    @property
+    def all_times_s(self) -> list[float]:
+        return [t for m in self.rounds for t in m.iteration_times_s]
+
+    @property
+    def measured_s(self) -> float:
+        return statistics.median(self.all_times_s)
+
+    @property
+    def predicted_s(self) -> float:
+        return self.prediction.metrics.iteration_time_s
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+    @property
+    def round_medians_s(self) -> list[float]:
+        return [m.median_s for m in self.rounds]
+
+    @property
+    def repeat_difference(self) -> float:
+        """The noise floor of this case: spread of its round medians over their mean."""
+        medians = self.round_medians_s
+        return (max(medians) - min(medians)) / statistics.mean(medians) if len(medians) > 1 else 0.0
+
+    def spread_s(self) -> tuple[float, float]:
+        times = sorted(self.all_times_s)
+        return times[len(times) // 10], times[(len(times) * 9) // 10]
+
+    @property
+    def measured_timeline(self) -> Timeline:
+        return self.rounds[-1].representative
+
+    def memory_errors(self) -> list[tuple[int, int, float]]:
+        """Per rank: (predicted, measured, error) of peak memory (static + saved activations)."""
+        predicted = self.prediction.metrics.ranks
+        measured = compute_metrics(self.measured_timeline).ranks
+        return [(p.peak_memory_bytes, m.peak_memory_bytes, p.peak_memory_bytes / m.peak_memory_bytes - 1)
+                for p, m in zip(predicted, measured)]
+
+
+def rank_breakdown(timeline: Timeline, overhead_per_action_s: float | None = None) -> dict[str, float]:
+    """Where each rank's iteration time goes, averaged over ranks: compute,
+    per-action overhead, waiting for messages, and the rest (idle not spent
+    waiting: the rank finished early). The four add up to the iteration time.
+
+    Simulated timelines carry the overhead inside F/B spans (pass it per
+    action); measured ones (None) show it as gaps between actions."""
+    iteration = compute_metrics(timeline).iteration_time_s
+    parts = {"compute": 0.0, "overhead": 0.0, "wait": 0.0, "rest": 0.0}
+    for rank in range(timeline.num_ranks):
+        spans = sorted(timeline.rank_spans(rank, ("F", "B", "optimizer", "wait", "copy")),
+                       key=lambda s: s.start_s)
+        actions = [s for s in spans if s.kind in ("F", "B")]
+        compute = sum(s.duration_s for s in spans if s.kind in ("F", "B", "optimizer", "copy"))
+        wait = sum(s.duration_s for s in spans if s.kind == "wait")
+        if overhead_per_action_s is not None:
+            overhead = overhead_per_action_s * len(actions)
+            compute -= overhead
+        else:  # measured: time between the first and last span not covered by any span
+            overhead = (spans[-1].end_s - spans[0].start_s) - sum(s.duration_s for s in spans)
+        parts["compute"] += compute
+        parts["overhead"] += overhead
+        parts["wait"] += wait
+        parts["rest"] += iteration - compute - overhead - wait
+    return {k: v / timeline.num_ranks for k, v in parts.items()}
+
+
+def breakdown_difference(result: CaseResult, profile: Profile) -> dict[str, float]:
+    """Measured minus simulated, per component, in seconds (sums to the iteration-time difference)."""
+    measured = rank_breakdown(result.measured_timeline)
+    simulated = rank_breakdown(result.prediction.timeline, profile.action_overhead_s)
+    return {k: measured[k] - simulated[k] for k in measured}
+
+
+# --- running ----------------------------------------------------------------------
+
+
+def run_validation(grid: Grid, profile: Profile, log=print, measure=None) -> list[CaseResult]:
+    """Measure every case `grid.rounds` times (rounds interleaved) and predict it."""
+    if measure is None:
+        from .runner.results import measure
+    costs = ProfileCostModel(profile)
+    plans = [plan_case(case, costs) for case in grid.cases]
+    measured: list[list] = [[] for _ in grid.cases]
+    total = grid.rounds * len(grid.cases)
+    for round_ in range(grid.rounds):
+        for index, (case, plan) in enumerate(zip(grid.cases, plans)):
+            done = round_ * len(grid.cases) + index + 1
+            m = measure(plan, lambda _: None, iterations=grid.iterations, warmup=grid.warmup,
+                        progress=False)
+            measured[index].append(m)
+            log(f"[{done}/{total}] round {round_ + 1}: {case.label}: {m.median_s * 1e3:.2f} ms")
+    return [CaseResult(case, predict(plan, costs, profile.name), tuple(rounds))
+            for case, plan, rounds in zip(grid.cases, plans, measured)]
+
+
+# --- summary ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    mape: float
+    max_abs_error: float
+    speedup_rank_correlation: float
+    noise_floor_median: float
+    noise_floor_max: float
+    partition_rankings_match: int
+    partition_rankings_total: int
+    memory_max_abs_error: float
+
+
+def speedups(results: list[CaseResult]) -> list[tuple[CaseResult, float, float]]:
+    """(case, measured speedup, predicted speedup) against the case's own baseline case."""
+    baselines = {r.case.model_key: r for r in results if r.case.is_baseline}
+    out = []
+    for r in results:
+        base = baselines.get(r.case.model_key)
+        if base is not None and not r.case.is_baseline:
+            out.append((r, base.measured_s / r.measured_s, base.predicted_s / r.predicted_s))
+    return out
+
+
+def partition_groups(results: list[CaseResult]) -> list[list[CaseResult]]:
+    """Cases that differ only in their partition (two or more partitions)."""
+    groups: dict[tuple, list[CaseResult]] = {}
+    for r in results:
+        c = r.case
+        groups.setdefault((c.model_key, c.stages, c.microbatches, c.schedule), []).append(r)
+    return [g for g in groups.values() if len({r.prediction.plan.partition for r in g}) > 1]
+
+
+def ranking_matches(group: list[CaseResult]) -> bool:
+    by_measured = [r.case.partition for r in sorted(group, key=lambda r: r.measured_s)]
+    by_predicted = [r.case.partition for r in sorted(group, key=lambda r: r.predicted_s)]
+    return by_measured == by_predicted
+
+
+def summarize(results: list[CaseResult]) -> Summary:
+    from scipy.stats import spearmanr
+
+    errors = [abs(r.error) for r in results]
+    pairs = speedups(results)
+    correlation = float(spearmanr([m for _, m, _ in pairs], [p for _, _, p in pairs]).statistic) \
+        if len(pairs) > 2 else float("nan")
+    floors = [r.repeat_difference for r in results]
+    groups = partition_groups(results)
+    memory = [abs(e) for r in results for _, _, e in r.memory_errors()]
+    return Summary(
+        mape=statistics.mean(errors),
+        max_abs_error=max(errors),
+        speedup_rank_correlation=correlation,
+        noise_floor_median=statistics.median(floors),
+        noise_floor_max=max(floors),
+        partition_rankings_match=sum(ranking_matches(g) for g in groups),
+        partition_rankings_total=len(groups),
+        memory_max_abs_error=max(memory),
+    )
