@@ -16,7 +16,8 @@ Schema ``pipesim-profile`` version 1::
       "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},  # or {"params": [...], "seconds": [...]}
       "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null},   # null = free
                 "inter_node": {...}},              # optional, defaults to intra_node
-      "metadata": {...}, "ranges": {...}, "samples": {...}, "noise": {...}   # optional, free-form
+      "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
+      "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
     }
 
 Compute time of one layer for one micro-batch of b samples is
@@ -119,22 +120,47 @@ class Profile:
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
 
 
+def _field(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ProfileError(f"profile field {_field(where, unknown[0])} is unknown (allowed: {sorted(allowed)})")
+
+
 def _number(table: dict, key: str, where: str, default: float | None = None) -> float:
     if key not in table:
         if default is None:
-            raise ProfileError(f"profile field {where}.{key} is missing")
+            raise ProfileError(f"profile field {_field(where, key)} is missing")
         return default
     value = table[key]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ProfileError(f"profile field {where}.{key} must be a number >= 0, got {value!r}")
+        raise ProfileError(f"profile field {_field(where, key)} must be a number >= 0, got {value!r}")
     return float(value)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
     value = data.get(key)
     if not isinstance(value, dict):
-        raise ProfileError(f"profile field {(where + '.' if where else '') + key} must be an object")
+        raise ProfileError(f"profile field {_field(where, key)} must be an object")
     return value
+
+
+def _is_range(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+def _ranges(data: dict) -> dict:
+    """{"fc": {"width": [low, high], ...}, "message_bytes": [low, high]}: what was measured."""
+    ranges = _table(data, "ranges", "") if "ranges" in data else {}
+    for key, value in ranges.items():
+        values = value.values() if isinstance(value, dict) else [value]
+        if not all(_is_range(v) for v in values):
+            raise ProfileError(f"profile field ranges.{key} must hold [low, high] pairs")
+    return ranges
 
 
 def _table_law(table: dict, where: str) -> Table:
@@ -155,9 +181,11 @@ def _table_law(table: dict, where: str) -> Table:
 
 
 def _optimizer_table(table: dict) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    _check_keys(table, {"params", "seconds"}, "optimizer")
     params, seconds = table.get("params"), table.get("seconds")
     if (not isinstance(params, list) or not isinstance(seconds, list) or len(params) != len(seconds)
             or not params or params != sorted(set(params))
+            or any(not isinstance(v, int) or v < 1 for v in params)
             or any(not isinstance(v, (int, float)) or v < 0 for v in seconds)):
         raise ProfileError("profile field optimizer needs increasing 'params' and as many 'seconds' >= 0")
     return tuple(params), tuple(float(v) for v in seconds)
@@ -168,13 +196,12 @@ def _law(table: dict, where: str) -> Affine | Table:
 
 
 def _affine(table: dict, where: str) -> Affine:
-    unknown = sorted(set(table) - _AFFINE_KEYS)
-    if unknown:
-        raise ProfileError(f"profile field {where}.{unknown[0]} is unknown (allowed: {sorted(_AFFINE_KEYS)})")
+    _check_keys(table, _AFFINE_KEYS, where)
     return Affine(**{key: _number(table, key, where, 0.0) for key in _AFFINE_KEYS})
 
 
 def _link(table: dict, where: str) -> Link:
+    _check_keys(table, {"latency_s", "bandwidth_Bps"}, where)
     bandwidth = table.get("bandwidth_Bps")
     if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or bandwidth <= 0):
         raise ProfileError(f"profile field {where}.bandwidth_Bps must be > 0 or null, got {bandwidth!r}")
@@ -188,9 +215,7 @@ def parse_profile(data: dict) -> Profile:
         raise ProfileError(f"profile field schema must be {SCHEMA!r}, got {data.get('schema')!r}")
     if data.get("version") != VERSION:
         raise ProfileError(f"profile field version must be {VERSION}, got {data.get('version')!r}")
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise ProfileError(f"profile field {unknown[0]} is unknown (allowed: {sorted(_TOP_KEYS)})")
+    _check_keys(data, _TOP_KEYS, "")
     if not isinstance(data.get("name"), str):
         raise ProfileError("profile field name is missing")
     compute = {}
@@ -200,7 +225,10 @@ def parse_profile(data: dict) -> Profile:
                          _law(_table(table, "backward", where), f"{where}.backward"))
     optimizer = _table(data, "optimizer", "") if "optimizer" in data else {}
     optimizer_table = _optimizer_table(optimizer) if "seconds" in optimizer else None
+    if optimizer_table is None:
+        _check_keys(optimizer, {"fixed_s", "s_per_param"}, "optimizer")
     links = _table(data, "links", "")
+    _check_keys(links, {"intra_node", "inter_node"}, "links")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
     inter = _link(_table(links, "inter_node", "links"), "links.inter_node") if "inter_node" in links else intra
     return Profile(
@@ -213,7 +241,7 @@ def parse_profile(data: dict) -> Profile:
         intra_node=intra,
         inter_node=inter,
         description=data.get("description", ""),
-        ranges=data.get("ranges", {}),
+        ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
     )
 

@@ -19,9 +19,12 @@ over that loopback, so every MPI message between the ranks pays for RATE.
               megaBYTES per second, and a bare number means bit/s.
 
 Options:
-  --burst BYTES   tbf bucket size (default: max(128 KiB, 1 ms at RATE)); it
-                  must hold a whole loopback packet (MTU 65536), and anything
-                  much larger lets short messages pass faster than RATE
+  --mtu BYTES     the loopback's MTU (default: 9000, jumbo frames; Linux's own
+                  65536 forces a bucket so large that messages up to ~100 KiB
+                  pass unshaped; 1500 costs the 2 cores too much CPU)
+  --burst BYTES   tbf bucket size (default: max(2 MTUs, 100 us at RATE)); it
+                  must hold a whole packet, and the larger it is, the more of
+                  a message sent after a pause passes faster than RATE
   --limit BYTES   tbf queue size (default: max(8 MiB, 50 ms at RATE)); large
                   enough that TCP is throttled by the rate, not by drops
   --name NAME     namespace name (default: pipesim-PID)
@@ -52,11 +55,12 @@ EOF
 die() { echo "$PROG: $*" >&2; exit "${2:-2}"; }
 
 # --- arguments ---------------------------------------------------------------
-burst="" limit="" name="pipesim-$$" rate=""
+burst="" limit="" mtu=9000 name="pipesim-$$" rate=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --burst) [[ $# -ge 2 ]] || die "--burst needs a value"; burst=$2; shift 2 ;;
+        --mtu) [[ $# -ge 2 ]] || die "--mtu needs a value"; mtu=$2; shift 2 ;;
         --limit) [[ $# -ge 2 ]] || die "--limit needs a value"; limit=$2; shift 2 ;;
         --name) [[ $# -ge 2 ]] || die "--name needs a value"; name=$2; shift 2 ;;
         --) shift; break ;;
@@ -66,9 +70,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$rate" ]] || { usage >&2; exit 2; }
 [[ $# -gt 0 ]] || die "no COMMAND after -- (see --help)"
-for v in "$burst" "$limit"; do
-    [[ -z "$v" || "$v" =~ ^[0-9]+$ ]] || die "--burst and --limit take a number of bytes, not '$v'"
+for v in "$burst" "$limit" "$mtu"; do
+    [[ -z "$v" || "$v" =~ ^[0-9]+$ ]] || die "--mtu, --burst and --limit take a number of bytes, not '$v'"
 done
+[[ $mtu -ge 1280 && $mtu -le 65536 ]] || die "--mtu must be between 1280 and 65536"
 [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || die "bad namespace name '$name'"
 
 # RATE in bytes per second, as tc reads it (tc(8), "RATES").
@@ -92,9 +97,11 @@ for tool in ip tc; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found: apt-get install iproute2" 3
 done
 
-# Defaults: the bucket holds >= 2 loopback packets (64 KiB each) and ~1 ms of
-# traffic; the queue holds ~50 ms, more than TCP keeps in flight on a socket.
-[[ -n "$burst" ]] || burst=$(awk -v r="$rate_Bps" 'BEGIN { b = r / 1000; if (b < 131072) b = 131072; printf "%.0f", b }')
+# Defaults. A token bucket lets a message that fits in it pass at once, so the
+# bucket is kept small: 2 packets (tc rounds it down a little; a packet larger
+# than the bucket would be dropped), or 100 us of traffic at high rates. The
+# queue holds ~50 ms, more than TCP keeps queued (no drops, so no retransmits).
+[[ -n "$burst" ]] || burst=$(awk -v r="$rate_Bps" -v m="$mtu" 'BEGIN { b = r / 10000; if (b < 2 * (m + 14)) b = 2 * (m + 14); printf "%.0f", b }')
 [[ -n "$limit" ]] || limit=$(awk -v r="$rate_Bps" 'BEGIN { l = r / 20; if (l < 8388608) l = 8388608; printf "%.0f", l }')
 
 # --- the namespace -----------------------------------------------------------
@@ -138,11 +145,11 @@ if ip netns list | awk '{print $1}' | grep -qx -- "$name"; then
 fi
 ip netns add "$name" || die "could not create network namespace $name" 3
 created=1
-ip netns exec "$name" ip link set lo up
+ip netns exec "$name" ip link set lo mtu "$mtu" up
 ip netns exec "$name" tc qdisc add dev lo root tbf rate "$rate" burst "$burst" limit "$limit" \
     || die "tc could not shape lo with tbf rate $rate burst $burst limit $limit" 3
 
-echo "$PROG: network namespace $name, loopback shaped with:" >&2
+echo "$PROG: network namespace $name, loopback up with mtu $mtu, shaped with:" >&2
 echo "    tc qdisc add dev lo root tbf rate $rate burst $burst limit $limit  ($rate_Bps B/s)" >&2
 ip netns exec "$name" tc qdisc show dev lo | sed 's/^/    /' >&2
 

@@ -1,0 +1,297 @@
+"""The calibration fits on synthetic data with known answers (no MPI, no torch)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from pipesim.calibrate import (
+    DEFAULT_MESSAGE_SIZES,
+    _fit_links,
+    compute_table,
+    cv,
+    fit_compute,
+    fit_link,
+    fit_nonnegative,
+    fit_optimizer,
+    link_classes,
+    optimizer_table,
+)
+from pipesim.profile import Link, Table, parse_profile
+
+LATENCY, BANDWIDTH = 2e-6, 1e8
+SIZES = [1 << k for k in range(0, 27, 2)]  # 1 B .. 64 MiB
+assert SIZES[0] == 1 and SIZES[-1] == 64 << 20
+
+
+def one_way(n: int, latency: float = LATENCY, bandwidth: float = BANDWIDTH) -> float:
+    return latency + n / bandwidth
+
+
+def link_samples(pair=(0, 1), latency=LATENCY, bandwidth=BANDWIDTH, noise=0.0, rng=None, repeats=1):
+    samples = []
+    for n in SIZES:
+        t = one_way(n, latency, bandwidth)
+        times = [t * (1 + rng.uniform(-noise, noise)) if noise else t for _ in range(repeats)]
+        samples.append({"pair": list(pair), "bytes": n, "one_way_s": times})
+    return samples
+
+
+# --- fit_nonnegative --------------------------------------------------------------
+
+
+def test_fit_nonnegative_exact():
+    features = np.array([[1.0, x] for x in (1.0, 10.0, 100.0, 1000.0)])
+    coef, worst = fit_nonnegative(features, features @ np.array([0.5, 0.25]))
+    assert coef == pytest.approx([0.5, 0.25], rel=1e-9)
+    assert worst < 1e-9
+
+
+def test_fit_nonnegative_clips_at_zero():
+    # The best unconstrained intercept is negative; the fit keeps it at 0 and
+    # reports the relative error that costs.
+    xs = np.array([1.0, 2.0, 4.0, 8.0])
+    coef, worst = fit_nonnegative(np.column_stack([np.ones_like(xs), xs]), 2.0 * xs - 0.5)
+    assert coef[0] == pytest.approx(0.0, abs=1e-9)  # lsq_linear stops a hair inside the bound
+    assert coef[1] > 0
+    assert all(c >= 0 for c in coef)
+    assert worst > 0.05
+
+
+# --- links ----------------------------------------------------------------------
+
+
+def test_fit_link_exact():
+    link, worst = fit_link(link_samples())
+    assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
+    assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
+    assert worst < 1e-6
+
+
+def test_fit_link_default_message_sizes_exact():
+    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [one_way(n)]} for n in DEFAULT_MESSAGE_SIZES]
+    link, _ = fit_link(samples)
+    assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
+    assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fit_link_noisy(seed):
+    rng = np.random.default_rng(seed)
+    link, worst = fit_link(link_samples(noise=0.03, rng=rng, repeats=5))
+    assert link["latency_s"] == pytest.approx(LATENCY, rel=0.05)
+    assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.05)
+    assert worst < 0.1
+
+
+def test_fit_link_uses_the_median_of_repeats():
+    # One wild outlier per size must not move the fit.
+    samples = link_samples()
+    for s in samples:
+        t = s["one_way_s"][0]
+        s["one_way_s"] = [t, t, 50 * t]
+    link, _ = fit_link(samples)
+    assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
+    assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
+
+
+def test_fit_link_size_independent_time_is_practically_free():
+    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [LATENCY]} for n in SIZES]
+    link, _ = fit_link(samples)
+    assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
+    # None (free) or so large that 64 MiB costs nothing next to the latency.
+    assert link["bandwidth_Bps"] is None or (64 << 20) / link["bandwidth_Bps"] < 1e-3 * LATENCY
+
+
+def test_link_classes_several_hosts():
+    classes = link_classes(["n1", "n1", "n2", "n2"], [(0, 1), (1, 2), (2, 3)])
+    assert classes == {(0, 1): "intra_node", (1, 2): "inter_node", (2, 3): "intra_node"}
+
+
+def test_link_classes_one_host_and_all_hosts():
+    pairs = [(0, 1), (1, 2), (2, 3)]
+    assert set(link_classes(["h"] * 4, pairs).values()) == {"intra_node"}
+    assert set(link_classes(["a", "b", "c", "d"], pairs).values()) == {"inter_node"}
+    # Not by neighbourhood: ranks 0 and 2 share a host, 0 and 1 do not.
+    assert link_classes(["a", "b", "a"], [(0, 2), (0, 1)]) == {(0, 2): "intra_node", (0, 1): "inter_node"}
+
+
+def rank(r: int, processor: str, links: list[dict]) -> dict:
+    return {"rank": r, "processor": processor, "links": links}
+
+
+def test_fit_links_every_pair_crosses_nodes():
+    ranks = [rank(0, "n1", link_samples((0, 1))), rank(1, "n2", link_samples((1, 2))),
+             rank(2, "n3", [])]
+    links, worst, noise = _fit_links(ranks)
+    assert links["intra_node"] == links["inter_node"]
+    assert links["inter_node"]["latency_s"] == pytest.approx(LATENCY, rel=0.01)
+    assert links["inter_node"]["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
+    assert set(worst) == set(noise) == {"inter_node"}
+    profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
+                             "compute": {}, "links": links})
+    assert profile.intra_node == profile.inter_node
+
+
+def test_fit_links_two_hosts_two_classes():
+    intra = {"latency": 1e-6, "bandwidth": 1e10}
+    inter = {"latency": 2e-5, "bandwidth": 1e9}
+    ranks = [rank(0, "n1", link_samples((0, 1), **intra)),
+             rank(1, "n1", link_samples((1, 2), **inter)),
+             rank(2, "n2", link_samples((2, 3), **intra)),
+             rank(3, "n2", [])]
+    links, worst, noise = _fit_links(ranks[::-1])  # order of the list must not matter
+    assert links["intra_node"]["latency_s"] == pytest.approx(1e-6, rel=0.01)
+    assert links["intra_node"]["bandwidth_Bps"] == pytest.approx(1e10, rel=0.01)
+    assert links["inter_node"]["latency_s"] == pytest.approx(2e-5, rel=0.01)
+    assert links["inter_node"]["bandwidth_Bps"] == pytest.approx(1e9, rel=0.01)
+    assert worst["intra_node"] < 1e-6 and worst["inter_node"] < 1e-6
+    assert noise == {"intra_node": 0.0, "inter_node": 0.0}  # one repeat each: cv 0
+    profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
+                             "compute": {}, "links": links})
+    assert profile.intra_node == Link(pytest.approx(1e-6, rel=0.01), pytest.approx(1e10, rel=0.01))
+    assert profile.inter_node.time_s(1 << 20) > profile.intra_node.time_s(1 << 20)
+
+
+def test_fit_links_ranks_sorted_by_rank_number():
+    # Ranks 0 and 1 share host "a"; rank 2 is on "b". Listed out of order, the
+    # processor names must still be matched by rank number.
+    ranks = [rank(2, "b", []), rank(0, "a", link_samples((0, 1), latency=1e-6)),
+             rank(1, "a", link_samples((1, 2), latency=3e-5))]
+    links, _, _ = _fit_links(ranks)
+    assert links["intra_node"]["latency_s"] == pytest.approx(1e-6, rel=0.01)
+    assert links["inter_node"]["latency_s"] == pytest.approx(3e-5, rel=0.01)
+
+
+def test_fit_links_noise_is_the_median_cv():
+    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [t * 0.9, t, t * 1.1]}
+               for n, t in ((n, one_way(n)) for n in SIZES)]
+    _, _, noise = _fit_links([rank(0, "h", samples), rank(1, "h", [])])
+    assert noise["intra_node"] == pytest.approx(cv([0.9, 1.0, 1.1]), rel=1e-9)
+    assert "inter_node" not in noise
+
+
+# --- compute ----------------------------------------------------------------------
+
+WIDTHS = (256, 384, 512, 768, 1024)
+MB_SIZES = (4, 8, 16, 32, 64, 128, 256, 512)
+FORWARD = {"fixed_s": 1e-5, "s_per_param": 4e-10, "s_per_flop": 1e-11}
+BACKWARD = {"fixed_s": 3e-5, "s_per_param": 8e-10, "s_per_flop": 2e-11}
+
+
+def affine_s(coef: dict, params: int, b: int, flops: float) -> float:
+    return coef["fixed_s"] + coef["s_per_param"] * params + b * coef["s_per_flop"] * flops
+
+
+def compute_samples(noise=0.0, rng=None, repeats=1) -> list[dict]:
+    samples = []
+    for w in WIDTHS:
+        params, flops = w * w + w, 2.0 * w * w + w
+        for b in MB_SIZES:
+            f, bw = affine_s(FORWARD, params, b, flops), affine_s(BACKWARD, params, b, flops)
+            jitter = (lambda: 1 + rng.uniform(-noise, noise)) if noise else (lambda: 1.0)
+            samples.append({"width": w, "microbatch_size": b, "params_per_layer": params,
+                            "flops_per_sample_per_layer": flops,
+                            "forward_s": [f * jitter() for _ in range(repeats)],
+                            "backward_s": [bw * jitter() for _ in range(repeats)]})
+    return samples
+
+
+@pytest.mark.parametrize("direction, truth", [("forward", FORWARD), ("backward", BACKWARD)])
+def test_fit_compute_exact(direction, truth):
+    coef, worst = fit_compute(compute_samples(), direction)
+    for key in ("fixed_s", "s_per_param", "s_per_flop"):
+        assert coef[key] == pytest.approx(truth[key], rel=1e-6), key
+    assert coef["s_per_sample"] == 0.0
+    assert worst < 1e-9
+
+
+@pytest.mark.parametrize("direction, truth", [("forward", FORWARD), ("backward", BACKWARD)])
+def test_fit_compute_noisy(direction, truth):
+    coef, worst = fit_compute(compute_samples(0.03, np.random.default_rng(7), repeats=5), direction)
+    assert coef["s_per_param"] == pytest.approx(truth["s_per_param"], rel=0.05)
+    assert coef["s_per_flop"] == pytest.approx(truth["s_per_flop"], rel=0.05)
+    assert worst < 0.1
+
+
+def test_fit_compute_result_is_a_valid_law():
+    coef, _ = fit_compute(compute_samples(), "forward")
+    profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
+                             "compute": {"fc": {"forward": {k: float(v) for k, v in coef.items()},
+                                                "backward": {}}},
+                             "links": {"intra_node": {}}})
+    forward, _ = profile.compute["fc"]
+    params, flops = 512 * 512 + 512, 2.0 * 512 * 512 + 512
+    assert forward.time_s(32, params, flops) == pytest.approx(affine_s(FORWARD, params, 32, flops),
+                                                              rel=1e-6)
+
+
+def test_compute_table_pools_ranks_and_takes_medians():
+    samples = [
+        {"rank": 0, "width": 512, "microbatch_size": 8, "forward_s": [1.0, 2.0, 3.0], "backward_s": [5.0]},
+        {"rank": 1, "width": 512, "microbatch_size": 8, "forward_s": [10.0], "backward_s": [7.0, 9.0]},
+    ]
+    table = compute_table(samples, "forward")
+    # Pooled [1, 2, 3, 10] -> 2.5; not the median of medians (6) nor the mean (4).
+    assert table == {"widths": [512], "microbatch_sizes": [8], "seconds": [[2.5]]}
+    assert compute_table(samples, "backward")["seconds"] == [[7.0]]
+
+
+def test_compute_table_shape_and_order():
+    widths, sizes = (1024, 256, 512), (16, 4)  # measured out of order
+    samples = [{"rank": r, "width": w, "microbatch_size": b,
+                "forward_s": [w * 1e-6 + b * 1e-3 + r * 1e-9], "backward_s": [2 * (w * 1e-6 + b * 1e-3)]}
+               for r in (1, 0) for b in sizes for w in widths]
+    table = compute_table(samples, "forward")
+    assert table["widths"] == [256, 512, 1024]
+    assert table["microbatch_sizes"] == [4, 16]
+    assert len(table["seconds"]) == 3 and all(len(row) == 2 for row in table["seconds"])
+    for i, w in enumerate(table["widths"]):
+        for j, b in enumerate(table["microbatch_sizes"]):
+            assert table["seconds"][i][j] == pytest.approx(w * 1e-6 + b * 1e-3 + 0.5e-9, rel=1e-12)
+    back = compute_table(samples, "backward")
+    assert back["seconds"][2][1] == pytest.approx(2 * (1024e-6 + 16e-3), rel=1e-12)
+    # The table is what the profile's measured law reads.
+    profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
+                             "compute": {"fc": {"forward": table, "backward": back}},
+                             "links": {"intra_node": {}}})
+    assert isinstance(profile.compute["fc"][0], Table)
+    assert profile.compute["fc"][0].seconds[1] == tuple(table["seconds"][1])
+
+
+# --- optimizer --------------------------------------------------------------------
+
+
+def test_fit_optimizer_affine():
+    samples = [{"params": p, "times_s": [1e-4 + 3e-9 * p]} for p in (1e4, 1e5, 1e6, 1e7)]
+    coef, worst = fit_optimizer(samples)
+    assert coef["fixed_s"] == pytest.approx(1e-4, rel=1e-6)
+    assert coef["s_per_param"] == pytest.approx(3e-9, rel=1e-6)
+    assert worst < 1e-9
+
+
+def test_optimizer_table_pools_and_sorts():
+    samples = [{"params": 4000, "times_s": [4.0, 6.0]},
+               {"params": 1000, "times_s": [1.0, 2.0, 3.0]},
+               {"params": 1000, "times_s": [10.0]},
+               {"params": 2000, "times_s": [2.0]}]
+    table = optimizer_table(samples)
+    assert table == {"params": [1000, 2000, 4000], "seconds": [2.5, 2.0, 5.0]}
+    profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
+                             "compute": {}, "links": {"intra_node": {}}, "optimizer": table})
+    assert profile.optimizer_table == ((1000, 2000, 4000), (2.5, 2.0, 5.0))
+
+
+# --- cv -------------------------------------------------------------------------
+
+
+def test_cv():
+    assert cv([1.0, 2.0, 3.0]) == pytest.approx(0.5, rel=1e-12)
+    assert cv([2.0, 4.0]) == pytest.approx(math.sqrt(2) / 3, rel=1e-12)
+    assert cv([5.0, 5.0, 5.0]) == 0.0
+    assert cv([7.0]) == 0.0
+    assert cv([1.0, 2.0, 3.0]) == pytest.approx(statistics.stdev([1, 2, 3]) / 2, rel=1e-12)
+    assert cv([10.0, 20.0, 30.0]) == pytest.approx(cv([1.0, 2.0, 3.0]), rel=1e-12)  # scale-free
