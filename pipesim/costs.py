@@ -34,11 +34,28 @@ def _warn_once(message: str) -> None:
 
 
 class CostModel(Protocol):
-    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int) -> float: ...
+    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int,
+                  rank: int | None = None) -> float: ...
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float: ...
     def link_id(self, src: int, dst: int) -> Hashable: ...
-    def optimizer_s(self, params: int) -> float: ...
+    def optimizer_s(self, params: int, rank: int | None = None) -> float: ...
     def static_bytes(self, params: int) -> int: ...
+
+
+class WhatIfError(ValueError):
+    """A rank-speed or link override that cannot be used; one line for the user."""
+
+
+@dataclass(frozen=True)
+class LinkOverride:
+    """A what-if link between two ranks (both directions): None keeps the profile's value."""
+
+    latency_s: float | None = None
+    bandwidth_Bps: float | None = None
+
+    def apply(self, link: Link) -> Link:
+        return Link(link.latency_s if self.latency_s is None else self.latency_s,
+                    link.bandwidth_Bps if self.bandwidth_Bps is None else self.bandwidth_Bps)
 
 
 @dataclass(frozen=True)
@@ -48,17 +65,44 @@ class ProfileCostModel:
     ``ranks_per_node``: None puts all ranks on one node (intra-node links);
     otherwise rank r sits on node r // ranks_per_node. Each direction between
     two ranks is its own link: transfers on it are serialised.
+
+    What-ifs for heterogeneous clusters: ``rank_speed`` holds (rank, factor)
+    pairs, and compute on that rank (F, B and the optimizer step) takes
+    1/factor as long; ``link_overrides`` holds ((a, b), LinkOverride) pairs
+    that replace the profile's link between ranks a and b, both directions.
     """
 
     profile: Profile
     optimizer: str = "sgd"
     ranks_per_node: int | None = None
+    rank_speed: tuple[tuple[int, float], ...] = ()
+    link_overrides: tuple[tuple[tuple[int, int], LinkOverride], ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZER_STATE_COPIES:
             raise ProfileError(
                 f"unknown optimizer {self.optimizer!r} (allowed: {', '.join(OPTIMIZER_STATE_COPIES)})"
             )
+        for rank, factor in self.rank_speed:
+            if rank < 0 or not factor > 0 or math.isinf(factor):
+                raise WhatIfError(f"rank speed {rank}:{factor} needs a rank >= 0 and a finite factor > 0")
+        ranks = [rank for rank, _ in self.rank_speed]
+        if len(set(ranks)) != len(ranks):
+            raise WhatIfError(f"--rank-speed names a rank twice: {sorted(ranks)}")
+
+    def speed(self, rank: int | None) -> float:
+        """The compute speed factor of `rank` (1.0 unless a what-if says otherwise)."""
+        for named, factor in self.rank_speed:
+            if named == rank:
+                return factor
+        return 1.0
+
+    def check_ranks(self, num_ranks: int) -> None:
+        """What-ifs must name ranks that exist in a pipeline of `num_ranks`."""
+        named = [r for r, _ in self.rank_speed] + [r for pair, _ in self.link_overrides for r in pair]
+        beyond = [r for r in named if r >= num_ranks]
+        if beyond:
+            raise WhatIfError(f"what-if names rank {beyond[0]}, but the pipeline has ranks 0-{num_ranks - 1}")
 
     def _coefficients(self, kind: str) -> tuple[Affine | Table, Affine | Table]:
         compute = self.profile.compute
@@ -78,14 +122,20 @@ class ProfileCostModel:
         affine = forward if kind == "F" else backward
         return affine.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
 
-    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int) -> float:
+    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int,
+                  rank: int | None = None) -> float:
         work = sum(self.layer_s(layer, kind, microbatch_size) for layer in layers)
-        return work + self.profile.action_overhead_s
+        return (work + self.profile.action_overhead_s) / self.speed(rank)
 
     def _link(self, src: int, dst: int) -> Link:
         if self.ranks_per_node is None or src // self.ranks_per_node == dst // self.ranks_per_node:
-            return self.profile.intra_node
-        return self.profile.inter_node
+            link = self.profile.intra_node
+        else:
+            link = self.profile.inter_node
+        for pair, override in self.link_overrides:
+            if pair in ((src, dst), (dst, src)):
+                link = override.apply(link)
+        return link
 
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float:
         return self._link(src, dst).time_s(nbytes)
@@ -93,11 +143,63 @@ class ProfileCostModel:
     def link_id(self, src: int, dst: int) -> Hashable:
         return (src, dst)
 
-    def optimizer_s(self, params: int) -> float:
+    def optimizer_s(self, params: int, rank: int | None = None) -> float:
         if self.profile.optimizer_table is not None:
-            return piecewise(*self.profile.optimizer_table, params)
-        return self.profile.optimizer_fixed_s + params * self.profile.optimizer_s_per_param
+            seconds = piecewise(*self.profile.optimizer_table, params)
+        else:
+            seconds = self.profile.optimizer_fixed_s + params * self.profile.optimizer_s_per_param
+        return seconds / self.speed(rank)
 
     def static_bytes(self, params: int) -> int:
         """Parameters + gradients + optimizer state, float32."""
         return params * FLOAT32_BYTES * (2 + OPTIMIZER_STATE_COPIES[self.optimizer])
+
+
+# --- what-if text forms (the command line's --rank-speed and --link) -----------
+
+
+def _float(token: str, what: str, allowed: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise WhatIfError(f"bad {what}: {token!r} is not a number (allowed: {allowed})") from None
+
+
+_RANK_SPEED_FORM = "RANK:FACTOR like 3:0.5, several as 2:0.5,3:0.8"
+_LINK_FORM = "A-B:BANDWIDTHBps and/or A-B:LATENCYs, like 1-2:1.25e9Bps or 1-2:1.25e9Bps,5e-6s"
+
+
+def parse_rank_speed(text: str) -> tuple[tuple[int, float], ...]:
+    """``3:0.5`` (rank 3 computes at half speed); several separated by commas."""
+    pairs = []
+    for item in text.split(","):
+        rank_text, colon, factor_text = item.strip().partition(":")
+        if not colon or not rank_text.strip().isdigit():
+            raise WhatIfError(f"bad --rank-speed {text!r} (allowed: {_RANK_SPEED_FORM})")
+        factor = _float(factor_text, f"--rank-speed {text!r}", _RANK_SPEED_FORM)
+        if not factor > 0 or math.isinf(factor):
+            raise WhatIfError(f"bad --rank-speed {text!r}: the factor must be finite and > 0")
+        pairs.append((int(rank_text), factor))
+    return tuple(pairs)
+
+
+def parse_link_override(text: str) -> tuple[tuple[int, int], LinkOverride]:
+    """``1-2:1.25e9Bps``, ``1-2:5e-6s`` or ``1-2:1.25e9Bps,5e-6s``: the link between ranks 1 and 2."""
+    pair_text, colon, values_text = text.strip().partition(":")
+    a_text, dash, b_text = pair_text.partition("-")
+    if not colon or not dash or not a_text.strip().isdigit() or not b_text.strip().isdigit():
+        raise WhatIfError(f"bad --link {text!r} (allowed: {_LINK_FORM})")
+    a, b = int(a_text), int(b_text)
+    if a == b:
+        raise WhatIfError(f"bad --link {text!r}: a link joins two different ranks")
+    values: dict[str, float] = {}
+    for token in values_text.split(","):
+        token = token.strip()
+        unit = "bandwidth_Bps" if token.endswith("Bps") else "latency_s" if token.endswith("s") else None
+        if unit is None or unit in values:
+            raise WhatIfError(f"bad --link {text!r}: {token!r} (allowed: {_LINK_FORM})")
+        number = _float(token[:-3] if unit == "bandwidth_Bps" else token[:-1], f"--link {text!r}", _LINK_FORM)
+        if number < 0 or (unit == "bandwidth_Bps" and number == 0) or math.isinf(number):
+            raise WhatIfError(f"bad --link {text!r}: bandwidth must be > 0 and latency >= 0")
+        values[unit] = number
+    return (min(a, b), max(a, b)), LinkOverride(**values)

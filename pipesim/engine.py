@@ -90,7 +90,7 @@ class _Step:
             if kind == FORWARD:
                 held += shape.saved_bytes_per_sample * mb_size
                 self.memory.append(MemorySample(rank, start, held))
-            yield env.timeout(self.costs.compute_s(shape.layers, kind, mb_size))
+            yield env.timeout(self.costs.compute_s(shape.layers, kind, mb_size, rank=rank))
             self.spans.append(Span(rank, kind, start, env.now, stage, mb))
             if kind == BACKWARD:
                 held -= shape.saved_bytes_per_sample * mb_size
@@ -99,7 +99,7 @@ class _Step:
         start = env.now
         params = sum(self.shapes[s].params for s in range(self.schedule.num_stages)
                      if self.schedule.rank_of_stage(s) == rank)
-        yield env.timeout(self.costs.optimizer_s(params))
+        yield env.timeout(self.costs.optimizer_s(params, rank=rank))
         self.spans.append(Span(rank, "optimizer", start, env.now))
         self.finished[rank] = True
 

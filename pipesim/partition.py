@@ -9,7 +9,7 @@ Three ways to say it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -104,13 +104,18 @@ def parse_partition(
     num_layers: int,
     num_stages: int | None = None,
     layer_costs: Sequence[float] | None = None,
+    stage_layer_costs: Sequence[Sequence[float]] | None = None,
 ) -> Partition:
     """Parse a partition description. ``balanced`` needs ``num_stages`` (and uses
-    ``layer_costs``, default: all layers cost the same)."""
+    ``stage_layer_costs`` per stage, or ``layer_costs`` for every stage, default:
+    all layers cost the same)."""
     text = text.strip()
     if text == "balanced":
         if num_stages is None:
             raise PartitionError("partition 'balanced' needs a stage count")
+        if stage_layer_costs is not None:
+            check_stage_count(num_layers, num_stages)
+            return balanced_per_stage(stage_layer_costs[:num_stages])
         costs = layer_costs if layer_costs is not None else [1.0] * num_layers
         return balanced(costs, num_stages)
     tokens = [t.strip() for t in text.split(",")]
@@ -128,25 +133,61 @@ def balanced(layer_costs: Sequence[float], num_stages: int) -> Partition:
     Among cuts with the same slowest stage, the one found first wins: the
     smallest first stage whose remaining stages do as well.
     """
-    n = len(layer_costs)
-    if num_stages < 1:
-        raise PartitionError(f"--stages must be >= 1, got {num_stages}")
-    if num_stages > n:
-        raise PartitionError(f"cannot cut {n} layers into {num_stages} stages (at most {n})")
     prefix = [0.0]
     for cost in layer_costs:
         prefix.append(prefix[-1] + cost)
+    return min_max_partition(len(layer_costs), num_stages,
+                             lambda stage, first, last: prefix[last + 1] - prefix[first])
+
+
+def balanced_per_stage(stage_layer_costs: Sequence[Sequence[float]]) -> Partition:
+    """Like `balanced`, but stage s's layers cost ``stage_layer_costs[s]`` (a
+    slower rank makes its layers dearer): minimises the slowest stage exactly."""
+    prefixes = []
+    for costs in stage_layer_costs:
+        prefix = [0.0]
+        for cost in costs:
+            prefix.append(prefix[-1] + cost)
+        prefixes.append(prefix)
+    return min_max_partition(len(stage_layer_costs[0]), len(stage_layer_costs),
+                             lambda stage, first, last: prefixes[stage][last + 1] - prefixes[stage][first])
+
+
+def check_stage_count(num_layers: int, num_stages: int) -> None:
+    if num_stages < 1:
+        raise PartitionError(f"--stages must be >= 1, got {num_stages}")
+    if num_stages > num_layers:
+        raise PartitionError(f"cannot cut {num_layers} layers into {num_stages} stages (at most {num_layers})")
+
+
+def min_max_partition(
+    num_layers: int, num_stages: int, stage_cost: Callable[[int, int, int], float]
+) -> Partition:
+    """The contiguous partition minimising max over stages of
+    ``stage_cost(stage, first_layer, last_layer)`` (exact DP over cut points).
+
+    Ties go to the smallest first stage whose remaining stages do as well.
+    """
+    check_stage_count(num_layers, num_stages)
+    n = num_layers
 
     @lru_cache(maxsize=None)
-    def best(start: int, stages: int) -> tuple[float, tuple[int, ...]]:
-        """Cheapest max-stage-cost for layers start..n-1 in `stages` stages."""
-        if stages == 1:
-            return prefix[n] - prefix[start], (n - start,)
+    def best(start: int, stage: int) -> tuple[float, tuple[int, ...]]:
+        """Cheapest max-stage-cost for layers start..n-1 in stages stage..num_stages-1."""
+        if stage == num_stages - 1:
+            return stage_cost(stage, start, n - 1), (n - start,)
         options = []
-        for count in range(1, n - start - stages + 2):
-            head = prefix[start + count] - prefix[start]
-            tail_cost, tail = best(start + count, stages - 1)
+        for count in range(1, n - start - (num_stages - stage) + 2):
+            head = stage_cost(stage, start, start + count - 1)
+            tail_cost, tail = best(start + count, stage + 1)
             options.append((max(head, tail_cost), (count, *tail)))
         return min(options, key=lambda option: option[0])
 
-    return Partition.from_counts(best(0, num_stages)[1])
+    return Partition.from_counts(best(0, 0)[1])
+
+
+def even_split(num_layers: int, num_stages: int) -> Partition:
+    """Layer counts as equal as possible, the first stages taking one more."""
+    check_stage_count(num_layers, num_stages)
+    base, extra = divmod(num_layers, num_stages)
+    return Partition.from_counts([base + (1 if stage < extra else 0) for stage in range(num_stages)])

@@ -38,10 +38,12 @@ class Plan:
         return self.model.layers[first : last + 1]
 
 
-def layer_costs(model: ModelSpec, costs: CostModel, microbatch_size: int) -> list[float]:
-    """Forward + backward seconds of each layer at one micro-batch size."""
+def layer_costs(model: ModelSpec, costs: CostModel, microbatch_size: int,
+                rank: int | None = None) -> list[float]:
+    """Forward + backward seconds of each layer at one micro-batch size (on `rank`)."""
     return [
-        costs.compute_s([layer], "F", microbatch_size) + costs.compute_s([layer], "B", microbatch_size)
+        costs.compute_s([layer], "F", microbatch_size, rank=rank)
+        + costs.compute_s([layer], "B", microbatch_size, rank=rank)
         for layer in model.layers
     ]
 
@@ -57,14 +59,16 @@ def make_plan(
 ) -> Plan:
     """Resolve a partition description and build the schedule.
 
-    `balanced` minimises the slowest stage under `costs` (equal layer costs
-    when no cost model is given).
+    `balanced` minimises the slowest stage under `costs`, stage s costed on
+    rank s (equal layer costs when no cost model is given).
     """
     if batch_size < 1 or num_microbatches < 1 or batch_size % num_microbatches:
         raise ScheduleError(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
     microbatch_size = batch_size // num_microbatches
-    weights = layer_costs(model, costs, microbatch_size) if costs is not None else None
-    cut = parse_partition(partition, model.num_layers, num_stages, weights)
+    weights = None
+    if costs is not None and partition.strip() == "balanced":
+        weights = [layer_costs(model, costs, microbatch_size, rank) for rank in range(max(num_stages, 1))]
+    cut = parse_partition(partition, model.num_layers, num_stages, stage_layer_costs=weights)
     return Plan(model, cut, build_schedule(schedule, cut.num_stages, num_microbatches), batch_size)
