@@ -7,6 +7,7 @@ what they return with scipy and assembles the profile file (profile.py).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import socket
@@ -21,6 +22,7 @@ from .plan import make_plan
 from .profile import SCHEMA, VERSION, parse_profile
 
 KiB, MiB = 1 << 10, 1 << 20
+LARGE_MESSAGE = 64 * KiB
 DEFAULT_WIDTHS = (256, 384, 512, 768, 1024)
 DEFAULT_MICROBATCH_SIZES = (4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_MESSAGE_SIZES = (1, 16, 256, 4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
@@ -35,7 +37,7 @@ class CalibrationSettings:
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     microbatch_sizes: tuple[int, ...] = DEFAULT_MICROBATCH_SIZES
     message_sizes: tuple[int, ...] = DEFAULT_MESSAGE_SIZES
-    repeats: int = 25
+    repeats: int = 40
     warmup: int = 3
     pingpong_repeats: int = 20
     threads_per_rank: int = 1
@@ -80,12 +82,24 @@ def compute_table(samples: list[dict], direction: str) -> dict:
 
 
 def fit_link(samples: list[dict]) -> tuple[dict, float]:
-    """one-way time = latency_s + bytes / bandwidth_Bps."""
-    rows = np.array([[1.0, s["bytes"]] for s in samples])
-    times = np.array([statistics.median(s["one_way_s"]) for s in samples])
-    coef, worst = fit_nonnegative(rows, times)
+    """one-way time = latency_s + bytes / bandwidth_Bps.
+
+    Bandwidth is fitted on the large messages (>= 64 KiB), latency comes from
+    the median time of the smallest: small messages slip through a token-bucket
+    shaper unshaped and ride on protocol switches, so one law fitted to every
+    size at once misjudges both (seen with tc tbf: bandwidth 4x too high)."""
+    by_size: dict[int, list[float]] = {}
+    for s in samples:
+        by_size.setdefault(s["bytes"], []).extend(s["one_way_s"])
+    sizes = sorted(by_size)
+    medians = np.array([statistics.median(by_size[n]) for n in sizes])
+    large = [i for i, n in enumerate(sizes) if n >= LARGE_MESSAGE] or [len(sizes) - 1]
+    rows = np.array([[1.0, sizes[i]] for i in large])
+    coef, _ = fit_nonnegative(rows, medians[large])
     bandwidth = 1.0 / coef[1] if coef[1] > 0 else None
-    return {"latency_s": coef[0], "bandwidth_Bps": bandwidth}, worst
+    latency = max(float(medians[0]) - sizes[0] / (bandwidth or math.inf), 0.0)
+    predicted = latency + np.array(sizes) / (bandwidth or math.inf)
+    return {"latency_s": latency, "bandwidth_Bps": bandwidth}, float(np.max(np.abs(predicted / medians - 1)))
 
 
 def fit_optimizer(samples: list[dict]) -> tuple[dict, float]:
@@ -173,9 +187,11 @@ def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[fl
     for timeline in measured.timelines:
         for rank in range(plan.num_stages):
             actions = timeline.rank_spans(rank, ("F", "B"))
+            first, last = min(s.start_s for s in actions), max(s.end_s for s in actions)
             busy = sum(s.duration_s for s in actions)
-            waits = sum(s.duration_s for s in timeline.rank_spans(rank, ("wait",)))
-            elapsed = max(s.end_s for s in actions) - min(s.start_s for s in actions)
+            waits = sum(s.duration_s for s in timeline.rank_spans(rank, ("wait",))
+                        if first <= s.start_s < last)  # not the wait before the first action
+            elapsed = last - first
             per_action.append((elapsed - busy - waits) / len(actions))
     return statistics.median(per_action), per_action
 

@@ -52,7 +52,7 @@ Notes:
 EOF
 }
 
-die() { echo "$PROG: $*" >&2; exit "${2:-2}"; }
+die() { echo "$PROG: $1" >&2; exit "${2:-2}"; }
 
 # --- arguments ---------------------------------------------------------------
 burst="" limit="" mtu=9000 name="pipesim-$$" rate=""
@@ -140,7 +140,7 @@ trap 'on_signal INT 2' INT
 trap 'on_signal TERM 15' TERM
 trap 'on_signal HUP 1' HUP
 
-if ip netns list | awk '{print $1}' | grep -qx -- "$name"; then
+if ip netns list | awk '{print $1}' | grep -qxF -- "$name"; then
     die "network namespace $name already exists (pick another with --name)" 3
 fi
 ip netns add "$name" || die "could not create network namespace $name" 3

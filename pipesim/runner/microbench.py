@@ -29,43 +29,74 @@ def _stack_depth(width: int, stack_bytes: int) -> int:
     return max(4, min(32, -(-stack_bytes // (width * width * 4))))
 
 
-def _time_compute(width: int, microbatch: int, depth: int, config: dict, comm) -> dict:
-    layers = [fc_layer(width, width)] * depth
-    stack = make_stage(layers, 0, config["seed"])
-    storages = {p.untyped_storage().data_ptr() for p in stack.parameters()}
-    x = torch.randn(microbatch, width, requires_grad=True)
-    forward, backward, saved = [], [], 0
-    comm.Barrier()
-    for rep in range(config["warmup"] + config["repeats"]):
-        counter = SavedBytes(storages)
-        start = clock()
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
-            out = stack(x)
-        middle = clock()
-        out.backward(torch.ones_like(out))
-        end = clock()
-        if rep >= config["warmup"]:
-            forward.append((middle - start) / depth)
-            backward.append((end - middle) / depth)
-        saved = counter.total
-    return {"width": width, "microbatch_size": microbatch, "depth": depth,
-            "forward_s": forward, "backward_s": backward,
-            "saved_bytes_per_sample_per_layer": (saved - x.numel() * 4) / (microbatch * depth),
-            "params_per_layer": layers[0].params, "flops_per_sample_per_layer": layers[0].forward_flops_per_sample}
+def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, int]:
+    """One forward (under the interpreter's saved-tensor counter) and backward, per layer."""
+    counter = SavedBytes(storages)
+    start = clock()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
+        out = stack(x)
+    middle = clock()
+    out.backward(torch.ones_like(out))
+    end = clock()
+    return (middle - start) / depth, (end - middle) / depth, counter.total
 
 
-def _time_optimizer(width: int, depth: int, config: dict, comm) -> dict:
-    stack = make_stage([fc_layer(width, width)] * depth, 0, config["seed"])
-    optimizer = make_optimizer(config["optimizer"], stack.parameters())
-    stack(torch.randn(2, width)).sum().backward()
-    times = []
-    comm.Barrier()
-    for rep in range(config["warmup"] + config["repeats"]):
-        start = clock()
-        optimizer.step()
-        if rep >= config["warmup"]:
-            times.append(clock() - start)
-    return {"params": sum(p.numel() for p in stack.parameters()), "times_s": times}
+def _measure_compute(config: dict, comm, log) -> list[dict]:
+    """Every (width, micro-batch size) point once per round, rounds repeated:
+    drift and bursts of noise spread over all points alike. All ranks time the
+    same point at the same moment (a barrier before each sample)."""
+    stacks = {}
+    for width in config["widths"]:
+        depth = _stack_depth(width, config["stack_bytes"])
+        stack = make_stage([fc_layer(width, width)] * depth, 0, config["seed"])
+        stacks[width] = (stack, depth, {p.untyped_storage().data_ptr() for p in stack.parameters()})
+    points = []
+    for width in config["widths"]:
+        layer = fc_layer(width, width)
+        for microbatch in config["microbatch_sizes"]:
+            points.append({"width": width, "microbatch_size": microbatch, "depth": stacks[width][1],
+                           "params_per_layer": layer.params,
+                           "flops_per_sample_per_layer": layer.forward_flops_per_sample,
+                           "forward_s": [], "backward_s": [],
+                           "x": torch.randn(microbatch, width, requires_grad=True)})
+    rounds = config["warmup"] + config["repeats"]
+    for round_ in range(rounds):
+        previous_width = None
+        for point in points:
+            stack, depth, storages = stacks[point["width"]]
+            if point["width"] != previous_width:  # bring this stack's weights back into cache,
+                _time_once(stack, point["x"], depth, storages)  # as a stage's next action finds them
+                previous_width = point["width"]
+            comm.Barrier()
+            forward, backward, saved = _time_once(stack, point["x"], depth, storages)
+            if round_ >= config["warmup"]:
+                point["forward_s"].append(forward)
+                point["backward_s"].append(backward)
+            point["saved_bytes_per_sample_per_layer"] = (
+                (saved - point["x"].numel() * 4) / (point["microbatch_size"] * depth))
+        if (round_ + 1) % 10 == 0 or round_ + 1 == rounds:
+            log(f"  compute: round {round_ + 1}/{rounds} over {len(points)} (width, micro-batch) points")
+    for point in points:
+        del point["x"]
+    return points
+
+
+def _measure_optimizer(config: dict, comm) -> list[dict]:
+    """The optimizer step at several parameter counts, interleaved like compute."""
+    setups = []
+    for depth in OPTIMIZER_DEPTHS:
+        stack = make_stage([fc_layer(OPTIMIZER_WIDTH, OPTIMIZER_WIDTH)] * depth, 0, config["seed"])
+        optimizer = make_optimizer(config["optimizer"], stack.parameters())
+        stack(torch.randn(2, OPTIMIZER_WIDTH)).sum().backward()
+        setups.append((optimizer, {"params": sum(p.numel() for p in stack.parameters()), "times_s": []}))
+    for round_ in range(config["warmup"] + config["repeats"]):
+        for optimizer, record in setups:
+            comm.Barrier()
+            start = clock()
+            optimizer.step()
+            if round_ >= config["warmup"]:
+                record["times_s"].append(clock() - start)
+    return [record for _, record in setups]
 
 
 def _pingpong(comm, peer: int, nbytes: int, repeats: int, leader: bool) -> list[float]:
@@ -104,15 +135,11 @@ def execute(config: dict, comm) -> dict | None:
     torch.set_num_threads(config["threads_per_rank"])
     rank = comm.Get_rank()
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
-    compute = []
-    _time_compute(config["widths"][0], config["microbatch_sizes"][0], 4, config, comm)  # settle in
-    for width in config["widths"]:
-        depth = _stack_depth(width, config["stack_bytes"])
-        log(f"  compute: width {width}, {depth} layers, micro-batches {config['microbatch_sizes']}")
-        for microbatch in config["microbatch_sizes"]:
-            compute.append(_time_compute(width, microbatch, depth, config, comm))
+    log(f"  compute: widths {config['widths']} x micro-batch sizes {config['microbatch_sizes']}, "
+        f"{config['repeats']} rounds after {config['warmup']} warm-up")
+    compute = _measure_compute(config, comm, log)
     log(f"  optimizer ({config['optimizer']}) step at {len(OPTIMIZER_DEPTHS)} sizes")
-    optimizer = [_time_optimizer(OPTIMIZER_WIDTH, depth, config, comm) for depth in OPTIMIZER_DEPTHS]
+    optimizer = _measure_optimizer(config, comm)
     log(f"  links: ping-pong between neighbours, {len(config['message_sizes'])} sizes "
         f"{config['message_sizes'][0]} B .. {config['message_sizes'][-1] >> 20} MiB")
     links = _time_links(config, comm)
