@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .costs import ProfileCostModel
+from .costs import ProfileCostModel, WhatIfError, parse_link_override, parse_rank_speed
 from .model import ModelError, ModelSpec, fc, load_model
+from .optimize import OptimizeError
 from .partition import PartitionError
 from .predict import Prediction, predict, prediction_json
 from .profile import ProfileError, load_profile
@@ -21,7 +22,8 @@ from .schedule import SCHEDULES, ScheduleError
 from .timeline import to_chrome_trace
 from .validate import GridError
 
-USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError, GridError)
+USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError, GridError, WhatIfError,
+               OptimizeError)
 
 
 class UsageError(ValueError):
@@ -56,8 +58,8 @@ def int_list(text: str) -> list[int]:
 # --- shared options -----------------------------------------------------------
 
 
-def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
-    """Options that describe a pipeline; shared by predict and run."""
+def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_ifs: bool = False) -> None:
+    """Options that describe a pipeline; shared by predict and run (what-ifs: predict only)."""
     g = parser.add_argument_group("model and pipeline")
     g.add_argument("--layers", type=int, default=32, help="number of fc layers (default: 32)")
     g.add_argument("--width", type=int, default=512, help="fc layer width (default: 512)")
@@ -76,6 +78,27 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False) -> No
                    help="cost profile JSON (default: the measured profile shipped with pipesim)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="optimizer: SGD with momentum or Adam (default: sgd)")
+    if what_ifs:
+        add_what_if_options(parser)
+
+
+def add_what_if_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("what-ifs for heterogeneous clusters")
+    g.add_argument("--rank-speed", action="append", default=[], metavar="RANK:FACTOR",
+                   help="rank RANK computes FACTOR times as fast, e.g. 3:0.5 (half speed); repeat or "
+                        "comma-separate for several ranks")
+    g.add_argument("--link", action="append", default=[], metavar="A-B:VALUE[,VALUE]",
+                   help="the link between ranks A and B (both directions): bandwidth like 1-2:1.25e9Bps, "
+                        "latency like 1-2:5e-6s, or both 1-2:1.25e9Bps,5e-6s; repeatable")
+
+
+def costs_from_args(args):
+    """The profile and the cost model, with the what-if options applied."""
+    profile = load_profile(args.profile)
+    rank_speed = tuple(pair for text in getattr(args, "rank_speed", []) for pair in parse_rank_speed(text))
+    links = tuple(parse_link_override(text) for text in getattr(args, "link", []))
+    return profile, ProfileCostModel(profile, optimizer=args.optimizer, rank_speed=rank_speed,
+                                     link_overrides=links)
 
 
 def model_from_args(args) -> ModelSpec:
@@ -131,10 +154,10 @@ def print_sweep(predictions: list[Prediction]) -> None:
 
 def cmd_predict(args) -> int:
     model = model_from_args(args)
-    profile = load_profile(args.profile)
-    costs = ProfileCostModel(profile, optimizer=args.optimizer)
+    profile, costs = costs_from_args(args)
     explicit = _explicit_stage_count(args.partition)
     stage_list = args.stages or [explicit or 4]
+    costs.check_ranks(max(stage_list))
     if explicit is not None and len(stage_list) > 1:
         raise UsageError("an explicit --partition fits one stage count; use 'balanced' with a --stages list")
     predictions = [
@@ -167,6 +190,163 @@ def write_outputs(prediction: Prediction, trace: str | None, gantt: str | None) 
                   f"{prediction.plan.num_stages} stages, {prediction.plan.num_microbatches} micro-batches "
                   f"(simulated, profile {prediction.profile})")
         print(f"wrote {gantt}", file=sys.stderr)
+
+
+# --- optimize, sweep, report --------------------------------------------------
+
+
+def schedule_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in SCHEDULES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown schedule {unknown[0]!r} (allowed: {', '.join(SCHEDULES)})")
+    return names
+
+
+def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
+    """Model, pipeline, costs and cap for optimize (one configuration) and sweep (`grid`: lists)."""
+    g = parser.add_argument_group("model and pipeline")
+    g.add_argument("--layers", type=int, default=32, help="number of fc layers (default: 32)")
+    g.add_argument("--width", type=int, default=512, help="fc layer width (default: 512)")
+    g.add_argument("--model", metavar="FILE", help="model spec TOML (models/*.toml); overrides --layers/--width")
+    if grid:
+        g.add_argument("--stages", type=int_list, default=[1, 2, 4, 8, 16],
+                       help="stage counts (default: 1,2,4,8,16)")
+        g.add_argument("--microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
+                       help="micro-batch counts (default: 1,2,4,8,16,32)")
+        g.add_argument("--schedule", type=schedule_list, default=list(SCHEDULES),
+                       help="schedules (default: gpipe,1f1b)")
+        g.add_argument("--partition", choices=("balanced", "even", "optimized"), default="balanced",
+                       help="per point: the cut minimising the slowest stage, equal layer counts, or "
+                            "`optimize`'s search (slower) (default: balanced)")
+    else:
+        g.add_argument("--stages", type=int, default=4, help="pipeline stages, one rank each (default: 4)")
+        g.add_argument("--microbatches", type=int, default=8, help="micro-batches (default: 8)")
+        g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule (default: 1f1b)")
+    g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
+    g.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer (default: sgd)")
+    g.add_argument("--memory-cap", metavar="BYTES", default=None,
+                   help="largest peak memory any rank may use, like 2GiB, 512MiB or 1.5e9 (default: none)")
+    add_what_if_options(parser)
+
+
+def _memory_cap(args) -> int | None:
+    from .optimize import parse_bytes
+
+    return None if args.memory_cap is None else parse_bytes(args.memory_cap)
+
+
+def _optimum(args):
+    from .optimize import Problem, optimize
+
+    model = model_from_args(args)
+    profile, costs = costs_from_args(args)
+    costs.check_ranks(args.stages)
+    problem = Problem(model, args.schedule, args.stages, args.microbatches, args.batch_size, costs,
+                      _memory_cap(args), profile.name)
+    return optimize(problem, max_simulations=args.max_simulations)
+
+
+def _sweep(args, progress: bool = True):
+    from .sweep import ProgressBar, grid, run_sweep
+
+    model = model_from_args(args)
+    _, costs = costs_from_args(args)
+    costs.check_ranks(max(args.stages))
+    points = grid(args.stages, args.microbatches, args.schedule)
+    bar = ProgressBar(len(points)) if progress else None
+    return run_sweep(model, costs, points, args.batch_size, args.partition, _memory_cap(args), args.jobs, bar)
+
+
+def _log_figures(out: Path, figures: dict[str, str]) -> None:
+    for name in figures.values():
+        print(f"wrote {out / name}", file=sys.stderr)
+
+
+def cmd_optimize(args) -> int:
+    from . import report
+    from .optimize import optimum_json
+
+    optimum = _optimum(args)
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        _log_figures(out, report.optimize_figures(optimum, out))
+    print(json.dumps(optimum_json(optimum), indent=2) if args.json else report.optimum_text(optimum))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import report
+    from .sweep import sweep_json
+
+    sweep = _sweep(args, progress=not args.quiet)
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        _log_figures(out, report.sweep_figures(sweep, out))
+    print(json.dumps(sweep_json(sweep), indent=2) if args.json else report.sweep_text(sweep))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    optimum = _optimum(args)
+    grid_args = argparse.Namespace(**{**vars(args), "stages": args.sweep_stages, "schedule": args.sweep_schedules,
+                                      "microbatches": args.sweep_microbatches, "partition": "balanced"})
+    sweep = _sweep(grid_args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {**report.optimize_figures(optimum, out), **report.sweep_figures(sweep, out)}
+    _log_figures(out, figures)
+    command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    page = out / f"report-{optimum.problem.model.name}.md"
+    page.write_text(report.report_markdown(optimum, sweep, figures, command))
+    print(f"wrote {page}")
+    return 0
+
+
+def add_optimize_parsers(sub) -> None:
+    o = sub.add_parser("optimize", help="the partition with the smallest predicted time under a memory cap",
+                       description="Search every contiguous partition (branch and bound on cost-model "
+                                   "bounds, candidates confirmed by the simulator) for the smallest "
+                                   "predicted iteration time whose every rank fits --memory-cap, and "
+                                   "compare it with the even split by layer count.")
+    add_search_options(o, grid=False)
+    o.add_argument("--max-simulations", type=int, default=200,
+                   help="simulate at most this many candidates (default: 200)")
+    out = o.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--plots", metavar="DIR", help="write optimize-*.png (Gantt, memory per rank) into DIR")
+    o.set_defaults(func=cmd_optimize)
+
+    s = sub.add_parser("sweep", help="predict a grid of stages x micro-batches x schedules",
+                       description="Predict every configuration of the grid in parallel processes; print "
+                                   "speedup and peak memory, and recommend the fastest that fits --memory-cap.")
+    add_search_options(s, grid=True)
+    s.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
+    out = s.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--plots", metavar="DIR", help="write sweep-*.png (speedup curves, heatmap) into DIR")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="optimize + sweep, figures and one markdown page in reports/",
+                       description="Optimize one configuration and sweep a grid, then write the Gantt "
+                                   "charts, memory bars, speedup curves, heatmap and a markdown page.")
+    add_search_options(r, grid=False)
+    r.add_argument("--max-simulations", type=int, default=200, help="as in optimize (default: 200)")
+    r.add_argument("--sweep-stages", type=int_list, default=[1, 2, 4, 8, 16], help="(default: 1,2,4,8,16)")
+    r.add_argument("--sweep-microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
+                   help="(default: 1,2,4,8,16,32)")
+    r.add_argument("--sweep-schedules", type=schedule_list, default=list(SCHEDULES),
+                   help="(default: gpipe,1f1b)")
+    r.add_argument("--jobs", type=int, default=None, help="sweep processes (default: one per core)")
+    r.add_argument("--out", default="reports", help="where the page and figures go (default: reports/)")
+    r.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_report)
 
 
 # --- run ----------------------------------------------------------------------
@@ -378,12 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="simulate one training step and report time, speedup, memory",
                        description="Simulate one pipeline-parallel training step with calibrated costs.")
-    add_plan_options(p, lists=True)
+    add_plan_options(p, lists=True, what_ifs=True)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object (a list for sweeps)")
     out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON (Perfetto opens it)")
     out.add_argument("--gantt", metavar="FILE.png", help="write a Gantt chart PNG")
     p.set_defaults(func=cmd_predict)
+    add_optimize_parsers(sub)
 
     r = sub.add_parser("run", help="run the pipeline for real (torch + MPI) and measure it",
                        description="Execute the same schedule with real tensors and MPI messages, one "

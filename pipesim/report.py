@@ -231,3 +231,357 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
     lines += ["", "## Figures", ""]
     lines += [f"![{caption}]({name})" for caption, name in figures.items()]
     return "\n".join(lines) + "\n"
+
+
+# --- optimize and sweep figures ---------------------------------------------------
+
+_MIB = 2**20
+
+
+def _cap_mib(cap_bytes: int | None) -> str:
+    return f"{cap_bytes / _MIB:,.1f} MiB" if cap_bytes else ""
+
+
+def plot_memory_bars(panels: Sequence[tuple[str, Sequence[int], Sequence[int]]], cap_bytes: int | None,
+                     path: str, title: str = "") -> None:
+    """Peak memory per rank as bars (parameters + gradients + optimizer state, with
+    the saved activations stacked on top), one group of bars per partition, against the cap.
+
+    panels: (label, static bytes per rank, peak activation bytes per rank).
+    """
+    plt = _pyplot()
+    num_ranks = max(len(static) for _, static, _ in panels)
+    width = 0.8 / len(panels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * num_ranks + 3), 4.2))
+    for index, (label, static, activations) in enumerate(panels):
+        xs = [r - 0.4 + width * (index + 0.5) for r in range(len(static))]
+        colour = f"C{index}"
+        ax.bar(xs, [s / _MIB for s in static], width * 0.92, color=colour, alpha=0.55,
+               label=f"{label}: parameters, gradients, optimizer state")
+        ax.bar(xs, [a / _MIB for a in activations], width * 0.92, bottom=[s / _MIB for s in static],
+               color=colour, label=f"{label}: saved activations")
+        for x, s, a in zip(xs, static, activations):
+            ax.text(x, (s + a) / _MIB, f"{(s + a) / _MIB:,.0f}", ha="center", va="bottom", fontsize=7)
+    if cap_bytes:
+        ax.axhline(cap_bytes / _MIB, color="#C0392B", linestyle="--", linewidth=1.2,
+                   label=f"memory cap {_cap_mib(cap_bytes)}")
+    ax.set_xticks(range(num_ranks), [f"rank {r}" for r in range(num_ranks)])
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_sweep_speedup(sweep, path: str, title: str = "") -> None:
+    """Speedup over one rank against stages: one panel per schedule, a colour per
+    micro-batch count m: simulated (solid), the closed form pm/(m+p-1) (dotted),
+    and the ideal p (dashed black)."""
+    from matplotlib.lines import Line2D
+
+    plt = _pyplot()
+    schedules, stages, micro = sweep.schedules, sweep.stages, sweep.microbatches
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules) + 1.8, 4.4),
+                             sharey=True, squeeze=False)
+    top, any_over = 1.0, False
+    for ax, schedule in zip(axes[0], schedules):
+        ax.plot(stages, stages, "--", color="black", linewidth=1)
+        for index, m in enumerate(micro):
+            colour = f"C{index % 10}"
+            rows = [r for r in (sweep.result(p, m, schedule) for p in stages) if r is not None and r.ok]
+            xs = [r.point.num_stages for r in rows]
+            ys = [sweep.speedup(r) for r in rows]
+            top = max([top, *ys])
+            ax.plot(xs, ys, "o-", color=colour, markersize=4)
+            ax.plot(stages, [p * m / (m + p - 1) for p in stages], ":", color=colour, linewidth=1.3)
+            over = [(x, y) for x, y, r in zip(xs, ys, rows) if not sweep.fits(r)]
+            if over:
+                any_over = True
+                ax.scatter(*zip(*over), s=70, facecolors="none", edgecolors="#C0392B", linewidths=1.2, zorder=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(stages, [str(p) for p in stages])
+        ax.set_xlabel("stages p (ranks)")
+        ax.set_title(schedule, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("speedup over one rank")
+    axes[0, 0].set_ylim(0, top * 1.25)
+    handles = [Line2D([], [], color=f"C{i % 10}", marker="o", markersize=4, label=f"m = {m}")
+               for i, m in enumerate(micro)]
+    handles += [Line2D([], [], color="grey", linestyle="-", label="simulated"),
+                Line2D([], [], color="grey", linestyle=":", linewidth=1.3, label="closed form pm/(m+p-1)"),
+                Line2D([], [], color="black", linestyle="--", linewidth=1, label="ideal: p")]
+    if any_over:
+        handles.append(Line2D([], [], marker="o", markersize=8, markerfacecolor="none", linestyle="none",
+                              markeredgecolor="#C0392B", label="over the memory cap"))
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title + " (lines above the top of the axes run off it)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_sweep_heatmap(sweep, path: str, title: str = "") -> None:
+    """Heatmaps over stages x micro-batches, one row per schedule: speedup (left)
+    and peak memory of the largest rank (right). Cells over the cap are hatched,
+    the recommended configuration is outlined."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    schedules, stages, micro = sweep.schedules, sweep.stages, sweep.microbatches
+    best = sweep.recommended()
+    fig, axes = plt.subplots(len(schedules), 2, figsize=(11, 0.55 * len(stages) * len(schedules) + 1.6),
+                             squeeze=False)
+    speedups = [sweep.speedup(r) for r in sweep.results if r.ok]
+    memories = [r.peak_memory_bytes / _MIB for r in sweep.results if r.ok]
+    limits = {"speedup": (min(speedups, default=0), max(speedups, default=1)),
+              "memory": (min(memories, default=0), max(memories, default=1))}
+    for row, schedule in enumerate(schedules):
+        for col, what in enumerate(("speedup", "memory")):
+            ax = axes[row, col]
+            values = np.full((len(stages), len(micro)), np.nan)
+            for i, p in enumerate(stages):
+                for j, m in enumerate(micro):
+                    r = sweep.result(p, m, schedule)
+                    if r is not None and r.ok:
+                        values[i, j] = sweep.speedup(r) if what == "speedup" else r.peak_memory_bytes / _MIB
+            image = ax.imshow(values, cmap="viridis" if what == "speedup" else "magma_r", aspect="auto",
+                              origin="lower", vmin=limits[what][0], vmax=limits[what][1])
+            fig.colorbar(image, ax=ax, label="speedup over one rank" if what == "speedup" else "peak MiB")
+            for i, p in enumerate(stages):
+                for j, m in enumerate(micro):
+                    r = sweep.result(p, m, schedule)
+                    if r is None or not r.ok:
+                        ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
+                        continue
+                    text = f"{values[i, j]:.2f}x" if what == "speedup" else f"{values[i, j]:,.0f}"
+                    shade = (values[i, j] - limits[what][0]) / ((limits[what][1] - limits[what][0]) or 1)
+                    dark = shade < 0.55 if what == "speedup" else shade > 0.45
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+                    if not sweep.fits(r):
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                               edgecolor="#C0392B", linewidth=0))
+                    if r == best:
+                        ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False,
+                                               edgecolor="#00E5FF", linewidth=2.2))
+            ax.set_xticks(range(len(micro)), [str(m) for m in micro])
+            ax.set_yticks(range(len(stages)), [str(p) for p in stages])
+            ax.set_xlabel("micro-batches m")
+            ax.set_ylabel("stages p")
+            name = "speedup" if what == "speedup" else "peak memory, largest rank (MiB)"
+            ax.set_title(f"{schedule}: {name}", fontsize=9)
+    notes = []
+    if sweep.memory_cap_bytes:
+        notes.append(f"hatched: over the memory cap ({_cap_mib(sweep.memory_cap_bytes)})")
+    if best is not None:
+        notes.append(f"outlined: recommended ({best.point.schedule}, p={best.point.num_stages}, "
+                     f"m={best.point.num_microbatches})")
+    fig.suptitle((title + "\n" if title else "") + "; ".join(notes), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# --- optimize and sweep: text, figure files, the report page ------------------------
+
+
+def _human_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def _human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(nbytes) < 1024:
+            return f"{int(nbytes)} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"
+
+
+def what_ifs_text(costs) -> str:
+    """The heterogeneous-cluster what-ifs of a cost model, for humans ("" when none)."""
+    parts = [f"rank {rank} at {factor:g}x speed" for rank, factor in getattr(costs, "rank_speed", ())]
+    for (a, b), override in getattr(costs, "link_overrides", ()):
+        values = []
+        if override.bandwidth_Bps is not None:
+            values.append(f"{override.bandwidth_Bps:.4g} B/s")
+        if override.latency_s is not None:
+            values.append(f"latency {override.latency_s * 1e6:g} us")
+        parts.append(f"link {a}-{b} " + ", ".join(values))
+    return "; ".join(parts)
+
+
+def _cap_text(cap_bytes: int | None) -> str:
+    return f"memory cap {_human_bytes(cap_bytes)}" if cap_bytes else "no memory cap"
+
+
+def _search_text(optimum) -> str:
+    from .optimize import count_partitions
+
+    problem = optimum.problem
+    total = count_partitions(problem.model.num_layers, problem.num_stages)
+    best_s = optimum.best.metrics.iteration_time_s
+    head = f"search: {total:,} partitions, {len(optimum.candidates)} simulated; "
+    if optimum.proven:
+        return head + "optimal (every other partition's lower bound is at least the best simulated time)"
+    gap = (best_s - optimum.remaining_bound_s) / best_s
+    return head + (f"best found, not proven: no partition can be more than {gap:.2%} faster "
+                   f"(lower bound {_human_s(optimum.remaining_bound_s)})")
+
+
+def optimum_text(optimum) -> str:
+    problem, best, even = optimum.problem, optimum.best, optimum.even
+    what_ifs = what_ifs_text(problem.costs)
+    lines = [
+        f"model      {problem.model.describe()}",
+        f"profile    {problem.profile_name}" + (f"; what-ifs: {what_ifs}" if what_ifs else ""),
+        f"pipeline   {problem.schedule}, {problem.num_stages} stages, {problem.num_microbatches} micro-batches "
+        f"x {problem.microbatch_size} samples (batch {problem.batch_size}); {_cap_text(problem.memory_cap_bytes)}",
+        "",
+        f"{'':<11} {'partition':<24} {'iteration':>12} {'speedup':>8} {'peak memory':>12}",
+    ]
+    for label, p, fits in (("optimized", best, True), ("even split", even, optimum.even_fits)):
+        lines.append(f"{label:<11} {str(p.plan.partition):<24} {_human_s(p.metrics.iteration_time_s):>12} "
+                     f"{p.speedup:>7.2f}x {_human_bytes(p.metrics.peak_memory_bytes):>12}"
+                     + ("" if fits else "  (over the cap)"))
+    lines += [
+        "",
+        f"the optimized partition is {optimum.gain_over_even:.3f}x as fast as the even split "
+        f"({(1 - 1 / optimum.gain_over_even):.1%} less time per step)",
+        _search_text(optimum),
+        "",
+        f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'peak memory':>12}   "
+        f"{'even: layers':<12} {'peak memory':>12}",
+    ]
+    for r, e, bounds, even_bounds in zip(best.metrics.ranks, even.metrics.ranks, best.plan.partition.bounds,
+                                         even.plan.partition.bounds):
+        lines.append(f"{r.rank:>4}  {'%d-%d' % bounds:<8} {_human_s(r.busy_s):>12} {_human_s(r.idle_s):>12} "
+                     f"{_human_bytes(r.peak_memory_bytes):>12}   {'%d-%d' % even_bounds:<12} "
+                     f"{_human_bytes(e.peak_memory_bytes):>12}")
+    return "\n".join(lines)
+
+
+def sweep_text(sweep) -> str:
+    lines = [f"model {sweep.model_name} ({sweep.num_layers} layers); batch {sweep.batch_size}; partition "
+             f"{sweep.partition_mode}; one rank {_human_s(sweep.baseline_time_s)}; {_cap_text(sweep.memory_cap_bytes)}",
+             f"{'schedule':<8} {'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'pm/(m+p-1)':>10} "
+             f"{'bubble':>7} {'peak memory':>12} {'fits':>5}  partition"]
+    for r in sweep.results:
+        p = r.point
+        if not r.ok:
+            lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6}  skipped: {r.skipped}")
+            continue
+        lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6} {_human_s(r.iteration_time_s):>12} "
+                     f"{sweep.speedup(r):>7.2f}x {p.closed_form_speedup:>9.2f}x {r.bubble_fraction:>7.1%} "
+                     f"{_human_bytes(r.peak_memory_bytes):>12} {'yes' if sweep.fits(r) else 'NO':>5}  "
+                     f"{','.join(map(str, r.partition))}")
+    best = sweep.recommended()
+    lines.append("")
+    if best is None:
+        lines.append(f"no configuration fits the {_cap_text(sweep.memory_cap_bytes)}")
+    else:
+        lines.append(f"recommended ({_cap_text(sweep.memory_cap_bytes)}): {best.point.schedule}, "
+                     f"{best.point.num_stages} stages, {best.point.num_microbatches} micro-batches: "
+                     f"{_human_s(best.iteration_time_s)}, {sweep.speedup(best):.2f}x, peak memory "
+                     f"{_human_bytes(best.peak_memory_bytes)}")
+    lines.append(f"{len(sweep.results)} configurations in {sweep.wall_s:.2f} s")
+    return "\n".join(lines)
+
+
+def optimize_figures(optimum, out) -> dict[str, str]:
+    """Write the optimize figures into directory `out`; returns caption -> file name."""
+    from pathlib import Path
+
+    problem, best, even = optimum.problem, optimum.best, optimum.even
+    what_ifs = what_ifs_text(problem.costs)
+    stem = (f"optimize-{problem.model.name}-{problem.schedule}-p{problem.num_stages}-"
+            f"m{problem.num_microbatches}" + ("-whatif" if what_ifs else ""))
+    names = {"Gantt charts: optimized (top) and even split (bottom)": f"{stem}-gantt.png",
+             "peak memory per rank against the cap": f"{stem}-memory.png"}
+    suffix = f" [{what_ifs}]" if what_ifs else ""
+    gantt_stack_png([
+        (best.timeline, f"optimized {best.plan.partition}: {_human_s(best.metrics.iteration_time_s)}{suffix}"),
+        (even.timeline, f"even split {even.plan.partition}: {_human_s(even.metrics.iteration_time_s)}"),
+    ], str(Path(out) / names["Gantt charts: optimized (top) and even split (bottom)"]))
+    panels = [(f"optimized {p.plan.partition}", p.timeline.static_bytes,
+               [r.peak_activation_bytes for r in p.metrics.ranks])
+              for p in (best, even)]
+    panels[1] = (panels[1][0].replace("optimized", "even split"), *panels[1][1:])
+    plot_memory_bars(panels, problem.memory_cap_bytes, str(Path(out) / names["peak memory per rank against the cap"]),
+                     title=f"{problem.model.name}, {problem.schedule}, {problem.num_stages} stages, "
+                           f"{problem.num_microbatches} micro-batches of {problem.microbatch_size}")
+    return names
+
+
+def sweep_figures(sweep, out) -> dict[str, str]:
+    from pathlib import Path
+
+    stem = f"sweep-{sweep.model_name}"
+    names = {"speedup against stages": f"{stem}-speedup.png",
+             "speedup and peak memory over the grid": f"{stem}-heatmap.png"}
+    title = f"{sweep.model_name}, batch {sweep.batch_size}, {sweep.partition_mode} partitions"
+    plot_sweep_speedup(sweep, str(Path(out) / names["speedup against stages"]), title)
+    plot_sweep_heatmap(sweep, str(Path(out) / names["speedup and peak memory over the grid"]), title)
+    return names
+
+
+def _matrix(sweep, schedule: str, cell) -> list[str]:
+    micro = sweep.microbatches
+    lines = ["| stages \\ micro-batches | " + " | ".join(map(str, micro)) + " |",
+             "|---:|" + "---:|" * len(micro)]
+    for p in sweep.stages:
+        cells = []
+        for m in micro:
+            r = sweep.result(p, m, schedule)
+            cells.append("n/a" if r is None or not r.ok else cell(r))
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_markdown(optimum, sweep, figures: dict[str, str], command: str) -> str:
+    problem, best, even = optimum.problem, optimum.best, optimum.even
+    what_ifs = what_ifs_text(problem.costs) or "none"
+    lines = [
+        f"# pipesim report: `{problem.model.name}`",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: {problem.model.describe()}. Profile: `{problem.profile_name}`. What-ifs: {what_ifs}. "
+        f"Batch {problem.batch_size}; {_cap_text(problem.memory_cap_bytes)}.",
+        "",
+        f"## Best partition: {problem.schedule}, {problem.num_stages} stages, "
+        f"{problem.num_microbatches} micro-batches",
+        "",
+        "| | partition | predicted iteration | speedup over one rank | peak memory (largest rank) | fits |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for label, p, fits in (("optimized", best, True), ("even split by layer count", even, optimum.even_fits)):
+        lines.append(f"| {label} | {p.plan.partition} | {_human_s(p.metrics.iteration_time_s)} | {p.speedup:.2f}x | "
+                     f"{_human_bytes(p.metrics.peak_memory_bytes)} | {'yes' if fits else 'no'} |")
+    lines += ["", f"The optimized partition is **{optimum.gain_over_even:.3f}x** as fast as the even split. "
+              f"{_search_text(optimum)[0].upper()}{_search_text(optimum)[1:]}.", ""]
+    captions = list(figures)
+    lines += [f"![{c}]({figures[c]})" for c in captions[:2]]
+    recommended = sweep.recommended()
+    lines += ["", f"## Sweep: {len(sweep.results)} configurations ({sweep.partition_mode} partitions)", "",
+              f"One rank, whole mini-batch: {_human_s(sweep.baseline_time_s)}. "
+              f"Swept in {sweep.wall_s:.2f} s."]
+    if recommended is not None:
+        lines += ["", f"**Recommended** ({_cap_text(sweep.memory_cap_bytes)}): {recommended.point.schedule}, "
+                      f"{recommended.point.num_stages} stages, {recommended.point.num_microbatches} micro-batches, "
+                      f"partition {','.join(map(str, recommended.partition))}: "
+                      f"{_human_s(recommended.iteration_time_s)}, {sweep.speedup(recommended):.2f}x, "
+                      f"peak memory {_human_bytes(recommended.peak_memory_bytes)}."]
+    for schedule in sweep.schedules:
+        lines += ["", f"### {schedule}: speedup over one rank (closed form pm/(m+p-1) in brackets)", ""]
+        lines += _matrix(sweep, schedule, lambda r: f"{sweep.speedup(r):.2f}x ({r.point.closed_form_speedup:.2f})"
+                         + ("" if sweep.fits(r) else " over cap"))
+        lines += ["", f"### {schedule}: peak memory of the largest rank", ""]
+        lines += _matrix(sweep, schedule, lambda r: _human_bytes(r.peak_memory_bytes))
+    lines += [""] + [f"![{c}]({figures[c]})" for c in captions[2:]]
+    return "\n".join(lines) + "\n"
