@@ -37,13 +37,13 @@ class CalibrationSettings:
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     microbatch_sizes: tuple[int, ...] = DEFAULT_MICROBATCH_SIZES
     message_sizes: tuple[int, ...] = DEFAULT_MESSAGE_SIZES
-    repeats: int = 40
+    repeats: int = 30
     warmup: int = 3
     pingpong_repeats: int = 20
     threads_per_rank: int = 1
     optimizer: str = "sgd"
     seed: int = 0
-    stack_bytes: int = 8 * MiB
+    stack_bytes: int = 16 * MiB  # weights per timed stack: like a real stage's, beyond the caches
     overhead_iterations: int = 20
     extra_metadata: dict = field(default_factory=dict)
 
@@ -234,7 +234,7 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
         "torch": raw["torch"],
         "mpi": raw["mpi"],
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
         **settings.extra_metadata,
     }

@@ -19,6 +19,7 @@ from .partition import PartitionError
 from .predict import Prediction, predict, prediction_json
 from .profile import ProfileError, load_profile
 from .schedule import SCHEDULES, ScheduleError
+from .show import print_measurement, print_prediction, print_profile, print_sweep
 from .timeline import to_chrome_trace
 from .validate import GridError
 
@@ -30,19 +31,9 @@ class UsageError(ValueError):
     """Bad command-line input found after argparse."""
 
 
-# --- formatting at the edge ---------------------------------------------------
-
-
-def fmt_s(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
-
-
-def fmt_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024 or unit == "GiB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
+def log(text: str) -> None:
+    """Progress and notes go to stderr; results go to stdout."""
+    print(text, file=sys.stderr)
 
 
 def int_list(text: str) -> list[int]:
@@ -84,6 +75,9 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_
 
 def add_what_if_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what-ifs for heterogeneous clusters")
+    g.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                   help="rank r sits on node r // N: links between nodes use the profile's inter_node "
+                        "costs (default: all ranks on one node)")
     g.add_argument("--rank-speed", action="append", default=[], metavar="RANK:FACTOR",
                    help="rank RANK computes FACTOR times as fast, e.g. 3:0.5 (half speed); repeat or "
                         "comma-separate for several ranks")
@@ -98,7 +92,8 @@ def costs_from_args(args):
     rank_speed = tuple(pair for text in getattr(args, "rank_speed", []) for pair in parse_rank_speed(text))
     links = tuple(parse_link_override(text) for text in getattr(args, "link", []))
     return profile, ProfileCostModel(profile, optimizer=args.optimizer, rank_speed=rank_speed,
-                                     link_overrides=links)
+                                     link_overrides=links,
+                                     ranks_per_node=getattr(args, "ranks_per_node", None))
 
 
 def model_from_args(args) -> ModelSpec:
@@ -117,39 +112,6 @@ def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Pred
 
     plan = make_plan(model, stages, microbatches, args.batch_size, args.schedule, args.partition, costs)
     return predict(plan, costs, profile_name)
-
-
-def print_prediction(p: Prediction) -> None:
-    plan, m = p.plan, p.metrics
-    print(f"model      {plan.model.describe()}")
-    print(f"profile    {p.profile}")
-    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages, {plan.num_microbatches} "
-          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-          f"partition {plan.partition}")
-    print()
-    print(f"iteration time   {fmt_s(m.iteration_time_s)}   "
-          f"(one rank: {fmt_s(p.baseline_time_s)}, speedup {p.speedup:.2f}x)")
-    print(f"throughput       {p.throughput_samples_per_s:,.0f} samples/s")
-    print(f"bubble fraction  {m.bubble_fraction:.1%}")
-    print(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
-    print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
-              f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
-
-
-def print_sweep(predictions: list[Prediction]) -> None:
-    print(f"model {predictions[0].plan.model.describe()}; profile {predictions[0].profile}; "
-          f"schedule {predictions[0].plan.schedule.name}; batch {predictions[0].plan.batch_size}")
-    print(f"{'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'ideal':>6} "
-          f"{'bubble':>7} {'peak memory':>12}  partition")
-    for p in predictions:
-        s, mb = p.plan.num_stages, p.plan.num_microbatches
-        ideal = s * mb / (mb + s - 1)
-        print(f"{s:>6} {mb:>6} {fmt_s(p.metrics.iteration_time_s):>12} {p.speedup:>7.2f}x "
-              f"{ideal:>5.2f}x {p.metrics.bubble_fraction:>7.1%} "
-              f"{fmt_bytes(p.metrics.peak_memory_bytes):>12}  {p.plan.partition}")
 
 
 def cmd_predict(args) -> int:
@@ -354,7 +316,12 @@ def add_optimize_parsers(sub) -> None:
 
 def cmd_run(args) -> int:
     from .plan import make_plan
-    from .runner.launch import RunFailed, RunnerUnavailable, check_runner_available, inside_mpi_world
+    from .runner.launch import (
+        RunFailed,
+        RunnerUnavailable,
+        check_runner_available,
+        inside_mpi_world,
+    )
     from .runner.results import measure, measurement_json
 
     if args.iterations < 1 or args.warmup < 0 or args.threads_per_rank < 1:
@@ -365,7 +332,6 @@ def cmd_run(args) -> int:
     plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     try:
         check_runner_available()
         baseline = None
@@ -400,37 +366,11 @@ def cmd_run(args) -> int:
     return 0
 
 
-def print_measurement(measured, baseline) -> None:
-    plan, m = measured.plan, measured.metrics
-    times = measured.iteration_times_s
-    print(f"model      {plan.model.describe()}")
-    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} ranks, {plan.num_microbatches} "
-          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-          f"partition {plan.partition}; {measured.mpi}")
-    print("iterations " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms")
-    print()
-    print(f"iteration time   {fmt_s(measured.median_s)} median of {len(times)}   "
-          f"(p10 {fmt_s(measured.percentile_s(10))}, p90 {fmt_s(measured.percentile_s(90))})")
-    if baseline is not None:
-        speedup = baseline.median_s / measured.median_s
-        print(f"one rank         {fmt_s(baseline.median_s)} median   speedup {speedup:.2f}x "
-              f"(ideal {plan.num_stages * plan.num_microbatches / (plan.num_microbatches + plan.num_stages - 1):.2f}x)")
-    print(f"throughput       {plan.batch_size / measured.median_s:,.0f} samples/s")
-    print(f"bubble fraction  {m.bubble_fraction:.1%} (median iteration)")
-    print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'activations':>12} "
-          f"{'peak memory':>12} {'peak RSS':>10}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
-              f"{fmt_bytes(r.peak_activation_bytes):>12} {fmt_bytes(r.peak_memory_bytes):>12} "
-              f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
-
-
 # --- calibrate ----------------------------------------------------------------
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import CalibrationSettings, DEFAULT_WIDTHS, calibrate
+    from .calibrate import DEFAULT_WIDTHS, CalibrationSettings, calibrate
     from .runner.launch import RunFailed, RunnerUnavailable
 
     if args.model:
@@ -441,11 +381,11 @@ def cmd_calibrate(args) -> int:
     settings = CalibrationSettings(
         ranks=args.ranks, widths=widths, microbatch_sizes=tuple(args.microbatch_sizes),
         repeats=args.repeats, threads_per_rank=args.threads_per_rank, optimizer=args.optimizer,
+        stack_bytes=args.stack_mib << 20,
         extra_metadata={"command": "pipesim " + " ".join(sys.argv[1:])},
     )
     out = Path(args.out or f"calibration/{_host_name()}.json")
     name = args.name or out.stem
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
         f"{list(settings.microbatch_sizes)}")
     try:
@@ -469,43 +409,16 @@ def _host_name() -> str:
     return socket.gethostname().split(".")[0] or "host"
 
 
-def print_profile(profile: dict) -> None:
-    table, noise = profile["compute"]["fc"], profile["noise"]
-    samples = profile["samples"]
-    residual = samples["fit_max_relative_residual"]
-    print(f"profile {profile['name']}: {profile['description']}")
-    sizes = table["forward"]["microbatch_sizes"]
-    print(f"  fc layer time (us) by micro-batch size; forward / backward; noise CV "
-          f"{noise['forward_cv_median']:.1%} / {noise['backward_cv_median']:.1%}")
-    print("    width " + "".join(f"{b:>15}" for b in sizes))
-    for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
-                               table["backward"]["seconds"]):
-        print(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
-    for direction in ("forward", "backward"):
-        c = samples["affine_fit"][direction]
-        print(f"  affine {direction:<8} {c['fixed_s'] * 1e6:6.2f} us + {c['s_per_param'] * 1e12:6.1f} ps/param"
-              f" + b x {c['s_per_flop'] * 1e12:5.2f} ps/flop (summary only; worst error "
-              f"{residual['affine_' + direction]:.0%}, so the table is used)")
-    opt = profile["optimizer"]
-    print("  optimizer    " + ", ".join(f"{p / 1e6:.2f}M params {t * 1e3:.2f} ms"
-                                        for p, t in zip(opt["params"], opt["seconds"])))
-    for name, link in profile["links"].items():
-        bandwidth = "inf" if link["bandwidth_Bps"] is None else f"{link['bandwidth_Bps'] / 1e9:.3f} GB/s"
-        print(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}")
-    print(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")
-
-
 # --- validate -----------------------------------------------------------------
 
 
 def cmd_validate(args) -> int:
-    from . import report
     from .runner.launch import RunFailed, RunnerUnavailable, check_runner_available
-    from .validate import breakdown_difference, load_grid, run_validation, speedups, summarize
+    from .validate import load_grid, run_validation, summarize
+    from .validation_report import write_report
 
     grid = load_grid(args.grid)
     profile = load_profile(args.profile)
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
         f"against profile {profile.name!r}")
     try:
@@ -515,25 +428,8 @@ def cmd_validate(args) -> int:
         print(f"pipesim: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RunnerUnavailable) else 1
     summary = summarize(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"validation-{profile.name}" + (f"-{grid.name}" if grid.name != "default" else "")
-    figures = {"predicted vs measured": f"{stem}-scatter.png", "speedup against stages": f"{stem}-speedup.png",
-               "simulated (top) and measured (bottom) timeline": f"{stem}-gantt.png"}
-    report.plot_predicted_vs_measured(results, str(out / figures["predicted vs measured"]),
-                                      f"grid {grid.name}, profile {profile.name}")
-    report.plot_speedups(speedups(results), str(out / figures["speedup against stages"]),
-                         f"grid {grid.name}, profile {profile.name}")
-    shown = max((r for r in results if not r.case.is_baseline),
-                key=lambda r: (r.case.stages, r.case.microbatches))
-    report.gantt_stack_png([(shown.prediction.timeline, f"simulated: {shown.case.label}"),
-                            (shown.measured_timeline, f"measured (median iteration): {shown.case.label}")],
-                           str(out / figures["simulated (top) and measured (bottom) timeline"]))
     command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    breakdowns = [breakdown_difference(r, profile) for r in results]
-    (out / f"{stem}.md").write_text(report.validation_markdown(
-        grid, profile, results, summary, breakdowns, command, figures, args.tolerance))
-    (out / f"{stem}.csv").write_text(report.validation_csv(results))
+    path = write_report(grid, profile, results, summary, Path(args.out), command, args.tolerance)
     verdict = "PASS" if summary.mape <= args.tolerance else "FAIL"
     print(f"{len(results)} cases: MAPE {summary.mape:.2%}, max |error| {summary.max_abs_error:.2%}, "
           f"speedup rank correlation {summary.speedup_rank_correlation:.3f}, noise floor "
@@ -541,7 +437,7 @@ def cmd_validate(args) -> int:
           f"{summary.partition_rankings_match}/{summary.partition_rankings_total}, memory max |error| "
           f"{summary.memory_max_abs_error:.2%}")
     print(f"{verdict}: MAPE {summary.mape:.2%} {'<=' if verdict == 'PASS' else '>'} tolerance "
-          f"{args.tolerance:.1%}; report {out / (stem + '.md')}")
+          f"{args.tolerance:.1%}; report {path}")
     return 0 if verdict == "PASS" else 1
 
 
@@ -597,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted like predict's; calibration depends only on the layer width")
     c.add_argument("--microbatch-sizes", type=int_list, default=[4, 8, 16, 32, 64, 128, 256, 512],
                    help="micro-batch sizes to measure (default: 4,8,...,512)")
-    c.add_argument("--repeats", type=int, default=25, help="timed repeats per measurement (default: 25)")
+    c.add_argument("--repeats", type=int, default=30, help="timed rounds over all points (default: 30)")
+    c.add_argument("--stack-mib", type=int, default=16,
+                   help="weights per timed layer stack, MiB: like one of your stages (default: 16)")
     c.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
     c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     c.add_argument("--name", help="profile name (default: the output file's stem)")

@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Protocol
 
 from .model import FLOAT32_BYTES, LayerSpec
@@ -28,7 +28,7 @@ def _warn_outside_range(profile: Profile, kind: str, width: int, microbatch_size
                        f"{value} is extrapolated by the fitted model")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=2)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 class PartitionError(ValueError):
@@ -171,7 +171,7 @@ def min_max_partition(
     check_stage_count(num_layers, num_stages)
     n = num_layers
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(start: int, stage: int) -> tuple[float, tuple[int, ...]]:
         """Cheapest max-stage-cost for layers start..n-1 in stages stage..num_stages-1."""
         if stage == num_stages - 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .show import fmt_bytes, fmt_s
 from .timeline import Timeline
 
 COLOURS = {"F": "#4C78A8", "B": "#F58518", "optimizer": "#54A24B", "send": "#B279A2",
@@ -73,164 +74,6 @@ def gantt_stack_png(panels: Sequence[tuple[Timeline, str]], path: str) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-# --- validation report ------------------------------------------------------------
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
-
-
-def validation_csv(results) -> str:
-    import csv
-    import io
-
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["case", "layers", "width", "batch_size", "stages", "microbatches", "schedule",
-                     "partition", "measured_s", "predicted_s", "error", "p10_s", "p90_s",
-                     "round_medians_s", "peak_memory_error_max"])
-    for r in results:
-        c = r.case
-        low, high = r.spread_s()
-        writer.writerow([c.label, c.layers, c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
-                         c.partition, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}", f"{r.error:.4f}",
-                         f"{low:.6f}", f"{high:.6f}", " ".join(f"{m:.6f}" for m in r.round_medians_s),
-                         f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}"])
-    return out.getvalue()
-
-
-def plot_predicted_vs_measured(results, path: str, title: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 6))
-    measured = [r.measured_s * 1e3 for r in results]
-    predicted = [r.predicted_s * 1e3 for r in results]
-    for stages in sorted({r.case.stages for r in results}):
-        chosen = [i for i, r in enumerate(results) if r.case.stages == stages]
-        ax.scatter([measured[i] for i in chosen], [predicted[i] for i in chosen], s=22,
-                   label=f"{stages} stage{'s' if stages > 1 else ''}")
-    top = max(measured + predicted) * 1.05
-    ax.plot([0, top], [0, top], color="black", linewidth=0.8, label="y = x")
-    ax.fill_between([0, top], [0, top * 0.9], [0, top * 1.1], color="grey", alpha=0.15, label="±10%")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_xlabel("measured iteration time (ms)")
-    ax.set_ylabel("predicted iteration time (ms)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def plot_speedups(rows, path: str, title: str) -> None:
-    """rows: (case, measured speedup, predicted speedup); one line per model/schedule/partition."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict = {}
-    for result, measured, predicted in rows:
-        c = result.case
-        if c.partition != "balanced":
-            continue
-        key = (c.layers, c.width, c.batch_size, c.schedule, c.microbatches)
-        series.setdefault(key, []).append((c.stages, measured, predicted))
-    for index, (key, points) in enumerate(sorted(series.items())):
-        points = sorted([(1, 1.0, 1.0)] + points)
-        stages = [p for p, _, _ in points]
-        colour = f"C{index % 10}"
-        label = f"fc{key[0]}x{key[1]} b{key[2]} {key[3]} m{key[4]}"
-        ax.plot(stages, [m for _, m, _ in points], "o-", color=colour, label=f"{label} measured")
-        ax.plot(stages, [p for _, _, p in points], "x--", color=colour, label=f"{label} predicted")
-        m = key[4]
-        ax.plot(stages, [p * m / (m + p - 1) for p in stages], ":", color=colour, alpha=0.6,
-                label=f"ideal pm/(m+p-1), m={m}")
-    ax.set_xlabel("stages (ranks)")
-    ax.set_ylabel("speedup over one rank")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def validation_markdown(grid, profile, results, summary, breakdowns, command: str,
-                        figures: dict[str, str], tolerance: float) -> str:
-    from .validate import partition_groups, ranking_matches, speedups
-
-    lines = [
-        f"# Validation: profile `{profile.name}`, grid `{grid.name}`",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Every case ran for real ({grid.rounds} interleaved rounds x {grid.iterations} measured "
-        f"iterations after {grid.warmup} warm-up; network: {grid.network}) and was predicted by the "
-        f"simulator with profile `{profile.name}` ({profile.description})",
-        "",
-        "**Held out.** The profile was fitted from `pipesim calibrate` micro-benchmarks (stacks of single "
-        "fc layers, ping-pongs, optimizer steps) and one probe pipeline (width 256, 4 layers per stage, "
-        "8 micro-batches of 4); none of the cases below is that probe, and no measurement of any case was "
-        "used to fit the profile.",
-        "",
-        "## Summary",
-        "",
-        "| metric | value |",
-        "|---|---:|",
-        f"| cases | {len(results)} |",
-        f"| MAPE of iteration time | {summary.mape:.2%} |",
-        f"| max abs error | {summary.max_abs_error:.2%} |",
-        f"| rank correlation (Spearman) of predicted vs measured speedups | "
-        f"{summary.speedup_rank_correlation:.3f} |",
-        f"| noise floor: same case, round medians differ by (median / max) | "
-        f"{summary.noise_floor_median:.2%} / {summary.noise_floor_max:.2%} |",
-        f"| partition rankings that match (groups of cases differing only in partition) | "
-        f"{summary.partition_rankings_match} / {summary.partition_rankings_total} |",
-        f"| peak memory per rank, max abs error | {summary.memory_max_abs_error:.2%} |",
-        f"| tolerance (MAPE) | {tolerance:.1%} |",
-        "",
-        "## Cases",
-        "",
-        "| case | measured (ms) | predicted (ms) | error | measured p10–p90 (ms) | round medians (ms) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        low, high = r.spread_s()
-        lines.append(f"| {r.case.label} | {_ms(r.measured_s)} | {_ms(r.predicted_s)} | {r.error:+.1%} | "
-                     f"{_ms(low)}–{_ms(high)} | {' / '.join(_ms(m) for m in r.round_medians_s)} |")
-    lines += ["", "## Speedups", "", "| case | measured | predicted | ideal pm/(m+p−1) |", "|---|---:|---:|---:|"]
-    for r, measured, predicted in speedups(results):
-        p, m = r.case.stages, r.case.microbatches
-        lines.append(f"| {r.case.label} | {measured:.2f}x | {predicted:.2f}x | {p * m / (m + p - 1):.2f}x |")
-    lines += ["", "## Partition rankings", "", "| group | measured order (fastest first) | predicted order | match |",
-              "|---|---|---|---|"]
-    for group in partition_groups(results):
-        c = group[0].case
-        measured = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.measured_s))
-        predicted = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.predicted_s))
-        lines.append(f"| fc{c.layers}x{c.width} p{c.stages} m{c.microbatches} {c.schedule} | {measured} | "
-                     f"{predicted} | {'yes' if ranking_matches(group) else 'no'} |")
-    lines += ["", "## Where the error comes from", "",
-              "Per case, measured minus simulated time per rank (averaged over ranks), split into compute "
-              "(F, B, optimizer), per-action overhead (measured: gaps between a rank's actions; simulated: "
-              "the profile's overhead per action), waiting for messages (transfers and pipeline "
-              "dependencies), and the rest (idle after the rank's last action). The four add up to the "
-              "iteration-time difference.", "",
-              "| case | Δ iteration (ms) | Δ compute | Δ overhead | Δ waiting | Δ rest |", "|---|---:|---:|---:|---:|---:|"]
-    for r, parts in zip(results, breakdowns):
-        total = r.measured_s - r.predicted_s
-        lines.append(f"| {r.case.label} | {total * 1e3:+.2f} | {parts['compute'] * 1e3:+.2f} | "
-                     f"{parts['overhead'] * 1e3:+.2f} | {parts['wait'] * 1e3:+.2f} | {parts['rest'] * 1e3:+.2f} |")
-    lines += ["", "## Peak memory per rank", "",
-              "Parameters + gradients + optimizer state + peak saved activations (counted exactly in the "
-              "runner with saved-tensor hooks).", "",
-              "| case | rank | predicted | measured | error |", "|---|---:|---:|---:|---:|"]
-    for r in results:
-        for rank, (predicted, measured, error) in enumerate(r.memory_errors()):
-            lines.append(f"| {r.case.label} | {rank} | {predicted:,} | {measured:,} | {error:+.2%} |")
-    lines += ["", "## Figures", ""]
-    lines += [f"![{caption}]({name})" for caption, name in figures.items()]
-    return "\n".join(lines) + "\n"
 
 
 # --- optimize and sweep figures ---------------------------------------------------
@@ -391,18 +234,6 @@ def plot_sweep_heatmap(sweep, path: str, title: str = "") -> None:
 # --- optimize and sweep: text, figure files, the report page ------------------------
 
 
-def _human_s(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
-
-
-def _human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if abs(nbytes) < 1024:
-            return f"{int(nbytes)} B" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.2f} GiB"
-
-
 def what_ifs_text(costs) -> str:
     """The heterogeneous-cluster what-ifs of a cost model, for humans ("" when none)."""
     parts = [f"rank {rank} at {factor:g}x speed" for rank, factor in getattr(costs, "rank_speed", ())]
@@ -417,7 +248,7 @@ def what_ifs_text(costs) -> str:
 
 
 def _cap_text(cap_bytes: int | None) -> str:
-    return f"memory cap {_human_bytes(cap_bytes)}" if cap_bytes else "no memory cap"
+    return f"memory cap {fmt_bytes(cap_bytes)}" if cap_bytes else "no memory cap"
 
 
 def _search_text(optimum) -> str:
@@ -431,7 +262,7 @@ def _search_text(optimum) -> str:
         return head + "optimal (every other partition's lower bound is at least the best simulated time)"
     gap = (best_s - optimum.remaining_bound_s) / best_s
     return head + (f"best found, not proven: no partition can be more than {gap:.2%} faster "
-                   f"(lower bound {_human_s(optimum.remaining_bound_s)})")
+                   f"(lower bound {fmt_s(optimum.remaining_bound_s)})")
 
 
 def optimum_text(optimum) -> str:
@@ -446,8 +277,8 @@ def optimum_text(optimum) -> str:
         f"{'':<11} {'partition':<24} {'iteration':>12} {'speedup':>8} {'peak memory':>12}",
     ]
     for label, p, fits in (("optimized", best, True), ("even split", even, optimum.even_fits)):
-        lines.append(f"{label:<11} {str(p.plan.partition):<24} {_human_s(p.metrics.iteration_time_s):>12} "
-                     f"{p.speedup:>7.2f}x {_human_bytes(p.metrics.peak_memory_bytes):>12}"
+        lines.append(f"{label:<11} {p.plan.partition!s:<24} {fmt_s(p.metrics.iteration_time_s):>12} "
+                     f"{p.speedup:>7.2f}x {fmt_bytes(p.metrics.peak_memory_bytes):>12}"
                      + ("" if fits else "  (over the cap)"))
     lines += [
         "",
@@ -460,15 +291,15 @@ def optimum_text(optimum) -> str:
     ]
     for r, e, bounds, even_bounds in zip(best.metrics.ranks, even.metrics.ranks, best.plan.partition.bounds,
                                          even.plan.partition.bounds):
-        lines.append(f"{r.rank:>4}  {'%d-%d' % bounds:<8} {_human_s(r.busy_s):>12} {_human_s(r.idle_s):>12} "
-                     f"{_human_bytes(r.peak_memory_bytes):>12}   {'%d-%d' % even_bounds:<12} "
-                     f"{_human_bytes(e.peak_memory_bytes):>12}")
+        lines.append(f"{r.rank:>4}  {'%d-%d' % bounds:<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+                     f"{fmt_bytes(r.peak_memory_bytes):>12}   {'%d-%d' % even_bounds:<12} "
+                     f"{fmt_bytes(e.peak_memory_bytes):>12}")
     return "\n".join(lines)
 
 
 def sweep_text(sweep) -> str:
     lines = [f"model {sweep.model_name} ({sweep.num_layers} layers); batch {sweep.batch_size}; partition "
-             f"{sweep.partition_mode}; one rank {_human_s(sweep.baseline_time_s)}; {_cap_text(sweep.memory_cap_bytes)}",
+             f"{sweep.partition_mode}; one rank {fmt_s(sweep.baseline_time_s)}; {_cap_text(sweep.memory_cap_bytes)}",
              f"{'schedule':<8} {'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'pm/(m+p-1)':>10} "
              f"{'bubble':>7} {'peak memory':>12} {'fits':>5}  partition"]
     for r in sweep.results:
@@ -476,9 +307,9 @@ def sweep_text(sweep) -> str:
         if not r.ok:
             lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6}  skipped: {r.skipped}")
             continue
-        lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6} {_human_s(r.iteration_time_s):>12} "
+        lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6} {fmt_s(r.iteration_time_s):>12} "
                      f"{sweep.speedup(r):>7.2f}x {p.closed_form_speedup:>9.2f}x {r.bubble_fraction:>7.1%} "
-                     f"{_human_bytes(r.peak_memory_bytes):>12} {'yes' if sweep.fits(r) else 'NO':>5}  "
+                     f"{fmt_bytes(r.peak_memory_bytes):>12} {'yes' if sweep.fits(r) else 'NO':>5}  "
                      f"{','.join(map(str, r.partition))}")
     best = sweep.recommended()
     lines.append("")
@@ -487,8 +318,8 @@ def sweep_text(sweep) -> str:
     else:
         lines.append(f"recommended ({_cap_text(sweep.memory_cap_bytes)}): {best.point.schedule}, "
                      f"{best.point.num_stages} stages, {best.point.num_microbatches} micro-batches: "
-                     f"{_human_s(best.iteration_time_s)}, {sweep.speedup(best):.2f}x, peak memory "
-                     f"{_human_bytes(best.peak_memory_bytes)}")
+                     f"{fmt_s(best.iteration_time_s)}, {sweep.speedup(best):.2f}x, peak memory "
+                     f"{fmt_bytes(best.peak_memory_bytes)}")
     lines.append(f"{len(sweep.results)} configurations in {sweep.wall_s:.2f} s")
     return "\n".join(lines)
 
@@ -505,8 +336,8 @@ def optimize_figures(optimum, out) -> dict[str, str]:
              "peak memory per rank against the cap": f"{stem}-memory.png"}
     suffix = f" [{what_ifs}]" if what_ifs else ""
     gantt_stack_png([
-        (best.timeline, f"optimized {best.plan.partition}: {_human_s(best.metrics.iteration_time_s)}{suffix}"),
-        (even.timeline, f"even split {even.plan.partition}: {_human_s(even.metrics.iteration_time_s)}"),
+        (best.timeline, f"optimized {best.plan.partition}: {fmt_s(best.metrics.iteration_time_s)}{suffix}"),
+        (even.timeline, f"even split {even.plan.partition}: {fmt_s(even.metrics.iteration_time_s)}"),
     ], str(Path(out) / names["Gantt charts: optimized (top) and even split (bottom)"]))
     panels = [(f"optimized {p.plan.partition}", p.timeline.static_bytes,
                [r.peak_activation_bytes for r in p.metrics.ranks])
@@ -561,27 +392,27 @@ def report_markdown(optimum, sweep, figures: dict[str, str], command: str) -> st
         "|---|---|---:|---:|---:|---|",
     ]
     for label, p, fits in (("optimized", best, True), ("even split by layer count", even, optimum.even_fits)):
-        lines.append(f"| {label} | {p.plan.partition} | {_human_s(p.metrics.iteration_time_s)} | {p.speedup:.2f}x | "
-                     f"{_human_bytes(p.metrics.peak_memory_bytes)} | {'yes' if fits else 'no'} |")
+        lines.append(f"| {label} | {p.plan.partition} | {fmt_s(p.metrics.iteration_time_s)} | {p.speedup:.2f}x | "
+                     f"{fmt_bytes(p.metrics.peak_memory_bytes)} | {'yes' if fits else 'no'} |")
     lines += ["", f"The optimized partition is **{optimum.gain_over_even:.3f}x** as fast as the even split. "
               f"{_search_text(optimum)[0].upper()}{_search_text(optimum)[1:]}.", ""]
     captions = list(figures)
     lines += [f"![{c}]({figures[c]})" for c in captions[:2]]
     recommended = sweep.recommended()
     lines += ["", f"## Sweep: {len(sweep.results)} configurations ({sweep.partition_mode} partitions)", "",
-              f"One rank, whole mini-batch: {_human_s(sweep.baseline_time_s)}. "
+              f"One rank, whole mini-batch: {fmt_s(sweep.baseline_time_s)}. "
               f"Swept in {sweep.wall_s:.2f} s."]
     if recommended is not None:
         lines += ["", f"**Recommended** ({_cap_text(sweep.memory_cap_bytes)}): {recommended.point.schedule}, "
                       f"{recommended.point.num_stages} stages, {recommended.point.num_microbatches} micro-batches, "
                       f"partition {','.join(map(str, recommended.partition))}: "
-                      f"{_human_s(recommended.iteration_time_s)}, {sweep.speedup(recommended):.2f}x, "
-                      f"peak memory {_human_bytes(recommended.peak_memory_bytes)}."]
+                      f"{fmt_s(recommended.iteration_time_s)}, {sweep.speedup(recommended):.2f}x, "
+                      f"peak memory {fmt_bytes(recommended.peak_memory_bytes)}."]
     for schedule in sweep.schedules:
         lines += ["", f"### {schedule}: speedup over one rank (closed form pm/(m+p-1) in brackets)", ""]
         lines += _matrix(sweep, schedule, lambda r: f"{sweep.speedup(r):.2f}x ({r.point.closed_form_speedup:.2f})"
                          + ("" if sweep.fits(r) else " over cap"))
         lines += ["", f"### {schedule}: peak memory of the largest rank", ""]
-        lines += _matrix(sweep, schedule, lambda r: _human_bytes(r.peak_memory_bytes))
+        lines += _matrix(sweep, schedule, lambda r: fmt_bytes(r.peak_memory_bytes))
     lines += [""] + [f"![{c}]({figures[c]})" for c in captions[2:]]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipesim.cli import main
+from pipesim.profile import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_predict_json_fields(capsys):
     assert data["num_stages"] == 4
     assert data["num_microbatches"] == 8
     assert data["partition"] == [8, 8, 8, 8]
-    assert data["profile"] == "reference-estimate"
+    assert data["profile"] == load_profile(None).name == "reference-2core"
     assert data["iteration_time_s"] > 0 and data["baseline_time_s"] > 0
     assert data["speedup"] == pytest.approx(data["baseline_time_s"] / data["iteration_time_s"])
     assert data["throughput_samples_per_s"] == pytest.approx(data["batch_size"] / data["iteration_time_s"])
@@ -197,3 +198,22 @@ def test_gantt_png_is_written(tmp_path, capsys):
     code, _, err = run_main(capsys, "predict", "--stages", "2", "--microbatches", "2", "--gantt", str(path))
     assert code == 0 and "wrote" in err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_shipped_profile_is_the_committed_reference_calibration():
+    shipped = (REPO / "pipesim/data/default.json").read_text()
+    assert shipped == (REPO / "calibration/reference-2core.json").read_text()
+    assert json.loads(shipped)["metadata"]["cores"] == 2
+
+
+def test_ranks_per_node_puts_slow_links_between_nodes(tmp_path, capsys):
+    data = json.loads((REPO / "pipesim/data/default.json").read_text())
+    data["links"]["inter_node"] = {"latency_s": 1e-3, "bandwidth_Bps": 1e7}
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps(data))
+    args = ["predict", "--stages", "4", "--profile", str(profile), "--json"]
+    _, one_node, _ = run_main(capsys, *args)
+    _, two_nodes, _ = run_main(capsys, *args, "--ranks-per-node", "2")
+    _, four_nodes, _ = run_main(capsys, *args, "--ranks-per-node", "1")
+    times = [json.loads(out)["iteration_time_s"] for out in (one_node, two_nodes, four_nodes)]
+    assert times[0] < times[1] < times[2]

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipesim.model import FLOAT32_BYTES, ModelError, ModelSpec, fc, fc_layer, load_model, parse_model
+from pipesim.model import (
+    FLOAT32_BYTES,
+    ModelError,
+    ModelSpec,
+    fc,
+    fc_layer,
+    load_model,
+    parse_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the runner extra is not installed")
 
-from pipesim.model import ModelSpec, fc_layer  # noqa: E402
-from pipesim.plan import make_plan  # noqa: E402
-from pipesim.runner import launch as launch_module  # noqa: E402
-from pipesim.runner.config import RunConfig  # noqa: E402
-from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch  # noqa: E402
-from pipesim.runner.results import measure  # noqa: E402
-from pipesim.runner.stage import make_layer, synthetic_batch  # noqa: E402
+from pipesim.model import ModelSpec, fc_layer
+from pipesim.plan import make_plan
+from pipesim.runner import launch as launch_module
+from pipesim.runner.config import RunConfig
+from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch
+from pipesim.runner.results import measure
+from pipesim.runner.stage import make_layer, synthetic_batch
 
 STEPS = 3
 BATCH = 8

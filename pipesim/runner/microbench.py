@@ -16,17 +16,16 @@ import sys
 
 import torch
 
+from ..model import fc_layer
 from .interpreter import SavedBytes, clock
 from .stage import make_optimizer, make_stage
-from ..model import fc_layer
-
 
 OPTIMIZER_WIDTH, OPTIMIZER_DEPTHS = 512, (1, 2, 4, 8, 16, 32)  # 0.26M .. 8.4M parameters
 
 
 def _stack_depth(width: int, stack_bytes: int) -> int:
     """Enough layers that the stack's weights exceed the caches, as in a real stage."""
-    return max(4, min(32, -(-stack_bytes // (width * width * 4))))
+    return max(4, min(64, -(-stack_bytes // (width * width * 4))))
 
 
 def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, int]:

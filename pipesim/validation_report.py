@@ -1,0 +1,188 @@
+"""The validation report: markdown, CSV and figures of predicted against measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import _pyplot, gantt_stack_png
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def validation_csv(results) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["case", "layers", "width", "batch_size", "stages", "microbatches", "schedule",
+                     "partition", "measured_s", "predicted_s", "error", "p10_s", "p90_s",
+                     "round_medians_s", "peak_memory_error_max"])
+    for r in results:
+        c = r.case
+        low, high = r.spread_s()
+        writer.writerow([c.label, c.layers, c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
+                         c.partition, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}", f"{r.error:.4f}",
+                         f"{low:.6f}", f"{high:.6f}", " ".join(f"{m:.6f}" for m in r.round_medians_s),
+                         f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}"])
+    return out.getvalue()
+
+
+def plot_predicted_vs_measured(results, path: str, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    measured = [r.measured_s * 1e3 for r in results]
+    predicted = [r.predicted_s * 1e3 for r in results]
+    for stages in sorted({r.case.stages for r in results}):
+        chosen = [i for i, r in enumerate(results) if r.case.stages == stages]
+        ax.scatter([measured[i] for i in chosen], [predicted[i] for i in chosen], s=22,
+                   label=f"{stages} stage{'s' if stages > 1 else ''}")
+    top = max(measured + predicted) * 1.05
+    ax.plot([0, top], [0, top], color="black", linewidth=0.8, label="y = x")
+    ax.fill_between([0, top], [0, top * 0.9], [0, top * 1.1], color="grey", alpha=0.15, label="±10%")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured iteration time (ms)")
+    ax.set_ylabel("predicted iteration time (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_speedups(rows, path: str, title: str) -> None:
+    """rows: (case, measured speedup, predicted speedup); one line per model/schedule/partition."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict = {}
+    for result, measured, predicted in rows:
+        c = result.case
+        if c.partition != "balanced":
+            continue
+        key = (c.layers, c.width, c.batch_size, c.schedule, c.microbatches)
+        series.setdefault(key, []).append((c.stages, measured, predicted))
+    for index, (key, points) in enumerate(sorted(series.items())):
+        points = sorted([(1, 1.0, 1.0)] + points)
+        stages = [p for p, _, _ in points]
+        colour = f"C{index % 10}"
+        label = f"fc{key[0]}x{key[1]} b{key[2]} {key[3]} m{key[4]}"
+        ax.plot(stages, [m for _, m, _ in points], "o-", color=colour, label=f"{label} measured")
+        ax.plot(stages, [p for _, _, p in points], "x--", color=colour, label=f"{label} predicted")
+        m = key[4]
+        ax.plot(stages, [p * m / (m + p - 1) for p in stages], ":", color=colour, alpha=0.6,
+                label=f"ideal pm/(m+p-1), m={m}")
+    ax.set_xlabel("stages (ranks)")
+    ax.set_ylabel("speedup over one rank")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def validation_markdown(grid, profile, results, summary, breakdowns, command: str,
+                        figures: dict[str, str], tolerance: float) -> str:
+    from .validate import partition_groups, ranking_matches, speedups
+
+    lines = [
+        f"# Validation: profile `{profile.name}`, grid `{grid.name}`",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Every case ran for real ({grid.rounds} interleaved rounds x {grid.iterations} measured "
+        f"iterations after {grid.warmup} warm-up; network: {grid.network}) and was predicted by the "
+        f"simulator with profile `{profile.name}` ({profile.description})",
+        "",
+        "**Held out.** The profile was fitted from `pipesim calibrate` micro-benchmarks (stacks of single "
+        "fc layers, ping-pongs, optimizer steps) and one probe pipeline (width 256, 4 layers per stage, "
+        "8 micro-batches of 4); none of the cases below is that probe, and no measurement of any case was "
+        "used to fit the profile.",
+        "",
+        "## Summary",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| cases | {len(results)} |",
+        f"| MAPE of iteration time | {summary.mape:.2%} |",
+        f"| max abs error | {summary.max_abs_error:.2%} |",
+        f"| rank correlation (Spearman) of predicted vs measured speedups | "
+        f"{summary.speedup_rank_correlation:.3f} |",
+        f"| noise floor: same case, round medians differ by (median / max) | "
+        f"{summary.noise_floor_median:.2%} / {summary.noise_floor_max:.2%} |",
+        f"| partition rankings that match (groups of cases differing only in partition) | "
+        f"{summary.partition_rankings_match} / {summary.partition_rankings_total} |",
+        f"| peak memory per rank, max abs error | {summary.memory_max_abs_error:.2%} |",
+        f"| tolerance (MAPE) | {tolerance:.1%} |",
+        "",
+        "## Cases",
+        "",
+        "| case | measured (ms) | predicted (ms) | error | measured p10–p90 (ms) | round medians (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        low, high = r.spread_s()
+        lines.append(f"| {r.case.label} | {_ms(r.measured_s)} | {_ms(r.predicted_s)} | {r.error:+.1%} | "
+                     f"{_ms(low)}–{_ms(high)} | {' / '.join(_ms(m) for m in r.round_medians_s)} |")
+    lines += ["", "## Speedups", "", "| case | measured | predicted | ideal pm/(m+p−1) |", "|---|---:|---:|---:|"]
+    for r, measured, predicted in speedups(results):
+        p, m = r.case.stages, r.case.microbatches
+        lines.append(f"| {r.case.label} | {measured:.2f}x | {predicted:.2f}x | {p * m / (m + p - 1):.2f}x |")
+    lines += ["", "## Partition rankings", "", "| group | measured order (fastest first) | predicted order | match |",
+              "|---|---|---|---|"]
+    for group in partition_groups(results):
+        c = group[0].case
+        measured = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.measured_s))
+        predicted = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.predicted_s))
+        lines.append(f"| fc{c.layers}x{c.width} p{c.stages} m{c.microbatches} {c.schedule} | {measured} | "
+                     f"{predicted} | {'yes' if ranking_matches(group) else 'no'} |")
+    lines += ["", "## Where the error comes from", "",
+              "Per case, the median iteration of the last round minus the simulated step, per rank "
+              "(averaged over ranks), split into compute "
+              "(F, B, optimizer), per-action overhead (measured: gaps between a rank's actions; simulated: "
+              "the profile's overhead per action), waiting for messages (transfers and pipeline "
+              "dependencies), and the rest (idle after the rank's last action). The four add up to the "
+              "iteration-time difference.", "",
+              "| case | Δ iteration (ms) | Δ compute | Δ overhead | Δ waiting | Δ rest |", "|---|---:|---:|---:|---:|---:|"]
+    for r, parts in zip(results, breakdowns):
+        total = sum(parts.values())  # the shown (median) iteration of the last round minus predicted
+        lines.append(f"| {r.case.label} | {total * 1e3:+.2f} | {parts['compute'] * 1e3:+.2f} | "
+                     f"{parts['overhead'] * 1e3:+.2f} | {parts['wait'] * 1e3:+.2f} | {parts['rest'] * 1e3:+.2f} |")
+    lines += ["", "## Peak memory per rank", "",
+              "Parameters + gradients + optimizer state + peak saved activations (counted exactly in the "
+              "runner with saved-tensor hooks).", "",
+              "| case | rank | predicted | measured | error |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        for rank, (predicted, measured, error) in enumerate(r.memory_errors()):
+            lines.append(f"| {r.case.label} | {rank} | {predicted:,} | {measured:,} | {error:+.2%} |")
+    lines += ["", "## Figures", ""]
+    lines += [f"![{caption}]({name})" for caption, name in figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid, profile, results, summary, out: Path, command: str, tolerance: float) -> Path:
+    """Write reports/validation-<profile>[-<grid>].md, its CSV and PNGs; returns the .md path."""
+    from .validate import breakdown_difference, speedups
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"validation-{profile.name}" + (f"-{grid.name}" if grid.name != "default" else "")
+    title = f"grid {grid.name}, profile {profile.name}"
+    figures = {"predicted vs measured": f"{stem}-scatter.png",
+               "speedup against stages": f"{stem}-speedup.png",
+               "simulated (top) and measured (bottom) timeline": f"{stem}-gantt.png"}
+    plot_predicted_vs_measured(results, str(out / figures["predicted vs measured"]), title)
+    plot_speedups(speedups(results), str(out / figures["speedup against stages"]), title)
+    shown = max((r for r in results if not r.case.is_baseline),
+                key=lambda r: (r.case.stages, r.case.microbatches))
+    gantt_stack_png([(shown.prediction.timeline, f"simulated: {shown.case.label}"),
+                     (shown.measured_timeline, f"measured (median iteration): {shown.case.label}")],
+                    str(out / figures["simulated (top) and measured (bottom) timeline"]))
+    breakdowns = [breakdown_difference(r, profile) for r in results]
+    path = out / f"{stem}.md"
+    path.write_text(validation_markdown(grid, profile, results, summary, breakdowns, command, figures,
+                                        tolerance))
+    (out / f"{stem}.csv").write_text(validation_csv(results))
+    return path
