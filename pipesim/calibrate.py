@@ -23,6 +23,7 @@ from .profile import SCHEMA, VERSION, parse_profile
 
 KiB, MiB = 1 << 10, 1 << 20
 LARGE_MESSAGE = 64 * KiB
+DUPLEX_RATIO = 1.5  # both-ways / one-way time below this: each direction has its own channel
 DEFAULT_WIDTHS = (256, 384, 512, 768, 1024)
 DEFAULT_MICROBATCH_SIZES = (4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_MESSAGE_SIZES = (1, 16, 256, 4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
@@ -99,7 +100,13 @@ def fit_link(samples: list[dict]) -> tuple[dict, float]:
     bandwidth = 1.0 / coef[1] if coef[1] > 0 else None
     latency = max(float(medians[0]) - sizes[0] / (bandwidth or math.inf), 0.0)
     predicted = latency + np.array(sizes) / (bandwidth or math.inf)
-    return {"latency_s": latency, "bandwidth_Bps": bandwidth}, float(np.max(np.abs(predicted / medians - 1)))
+    link = {"latency_s": latency, "bandwidth_Bps": bandwidth}
+    exchanges = [s for s in samples if "both_ways_s" in s]
+    if exchanges:  # sending both ways at once takes about twice one way: a shared channel
+        ratio = statistics.median(statistics.median(s["both_ways_s"]) / statistics.median(s["one_way_s"])
+                                  for s in exchanges)
+        link["duplex"] = bool(ratio < DUPLEX_RATIO)
+    return link, float(np.max(np.abs(predicted / medians - 1)))
 
 
 def fit_optimizer(samples: list[dict]) -> tuple[dict, float]:

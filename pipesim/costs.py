@@ -55,7 +55,8 @@ class LinkOverride:
 
     def apply(self, link: Link) -> Link:
         return Link(link.latency_s if self.latency_s is None else self.latency_s,
-                    link.bandwidth_Bps if self.bandwidth_Bps is None else self.bandwidth_Bps)
+                    link.bandwidth_Bps if self.bandwidth_Bps is None else self.bandwidth_Bps,
+                    link.duplex)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ class ProfileCostModel:
         return self._link(src, dst).time_s(nbytes)
 
     def link_id(self, src: int, dst: int) -> Hashable:
-        return (src, dst)
+        """Transfers with the same id are serialised: one per direction, or one
+        for both directions when the link is not duplex (a shared channel)."""
+        return (src, dst) if self._link(src, dst).duplex else (min(src, dst), max(src, dst))
 
     def optimizer_s(self, params: int, rank: int | None = None) -> float:
         if self.profile.optimizer_table is not None:

@@ -14,7 +14,8 @@ Schema ``pipesim-profile`` version 1::
       },
       "action_overhead_s": 0.0,                    # per F or B action
       "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},  # or {"params": [...], "seconds": [...]}
-      "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null},   # null = free
+      "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null,    # null = free
+                               "duplex": true},   # false: both directions share one channel
                 "inter_node": {...}},              # optional, defaults to intra_node
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
@@ -100,6 +101,7 @@ class Table:
 class Link:
     latency_s: float = 0.0
     bandwidth_Bps: float = math.inf
+    duplex: bool = True  # False: both directions between two ranks share one channel
 
     def time_s(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps
@@ -201,11 +203,15 @@ def _affine(table: dict, where: str) -> Affine:
 
 
 def _link(table: dict, where: str) -> Link:
-    _check_keys(table, {"latency_s", "bandwidth_Bps"}, where)
+    _check_keys(table, {"latency_s", "bandwidth_Bps", "duplex"}, where)
     bandwidth = table.get("bandwidth_Bps")
     if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or bandwidth <= 0):
         raise ProfileError(f"profile field {where}.bandwidth_Bps must be > 0 or null, got {bandwidth!r}")
-    return Link(_number(table, "latency_s", where, 0.0), math.inf if bandwidth is None else float(bandwidth))
+    duplex = table.get("duplex", True)
+    if not isinstance(duplex, bool):
+        raise ProfileError(f"profile field {where}.duplex must be true or false, got {duplex!r}")
+    return Link(_number(table, "latency_s", where, 0.0),
+                math.inf if bandwidth is None else float(bandwidth), duplex)
 
 
 def parse_profile(data: dict) -> Profile:

@@ -98,5 +98,6 @@ def print_profile(profile: dict) -> None:
                                         for p, t in zip(opt["params"], opt["seconds"])))
     for name, link in profile["links"].items():
         bandwidth = "inf" if link["bandwidth_Bps"] is None else f"{link['bandwidth_Bps'] / 1e9:.3f} GB/s"
-        print(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}")
+        print(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}, "
+              f"{'duplex' if link.get('duplex', True) else 'one channel shared by both directions'}")
     print(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")

@@ -295,3 +295,23 @@ def test_cv():
     assert cv([7.0]) == 0.0
     assert cv([1.0, 2.0, 3.0]) == pytest.approx(statistics.stdev([1, 2, 3]) / 2, rel=1e-12)
     assert cv([10.0, 20.0, 30.0]) == pytest.approx(cv([1.0, 2.0, 3.0]), rel=1e-12)  # scale-free
+
+
+@pytest.mark.parametrize("factor,duplex", [(1.05, True), (1.3, True), (1.9, False), (2.1, False)])
+def test_fit_link_tells_a_shared_channel_from_a_duplex_link(factor, duplex):
+    samples = link_samples()
+    largest = samples[-1]
+    largest["both_ways_s"] = [statistics.median(largest["one_way_s"]) * factor] * 3
+    link, _ = fit_link(samples)
+    assert link["duplex"] is duplex
+
+
+def test_fit_link_without_exchange_says_nothing_of_duplex():
+    link, _ = fit_link(link_samples())
+    assert "duplex" not in link and parse_profile_link(link).duplex is True
+
+
+def parse_profile_link(link: dict) -> Link:
+    data = {"schema": "pipesim-profile", "version": 1, "name": "x", "compute": {},
+            "links": {"intra_node": link}}
+    return parse_profile(data).intra_node

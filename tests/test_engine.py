@@ -262,3 +262,24 @@ def test_simulation_properties(cfg):
         peak = max(s.activation_bytes for s in samples)
         limit = m if cfg["schedule_name"] == "gpipe" else min(p - rank, m)
         assert peak == limit * per_microbatch
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("duplex", [True, False])
+def test_a_shared_channel_serialises_both_directions(schedule, duplex):
+    """Slow link: on a shared (not duplex) channel activations and gradients
+    never cross at the same time; on a duplex link they do."""
+    from pipesim.profile import Link
+    from pipesim.schedule import build_schedule
+
+    base = constant_profile(1e-4, 2e-4)
+    link = Link(latency_s=0.0, bandwidth_Bps=2e6, duplex=duplex)
+    profile = type(base)(**{**vars(base), "intra_node": link, "inter_node": link})
+    model = fc(8, 256)
+    timeline = simulate(build_schedule(schedule, 2, 8), Partition.from_counts([4, 4]), model,
+                        ProfileCostModel(profile), 16)
+    forward = [s for s in timeline.spans if s.kind == "send" and s.rank == 0]
+    backward = [s for s in timeline.spans if s.kind == "send" and s.rank == 1]
+    overlap = any(f.start_s < b.end_s - 1e-12 and b.start_s < f.end_s - 1e-12
+                  for f in forward for b in backward)
+    assert overlap is (duplex and schedule == "1f1b")

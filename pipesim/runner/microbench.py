@@ -127,7 +127,27 @@ def _time_links(config: dict, comm) -> list[dict]:
             times = _pingpong(comm, peer, nbytes, repeats, leader=rank == left)
             if rank == left:
                 results.append({"pair": [left, left + 1], "bytes": nbytes, "one_way_s": times})
+        exchange = _exchange(comm, peer, config["message_sizes"][-1], 3)
+        if rank == left:
+            results[-1]["both_ways_s"] = exchange
     return results
+
+
+def _exchange(comm, peer: int, nbytes: int, repeats: int) -> list[float]:
+    """Both ranks send `nbytes` to each other at once: as fast as one way on a
+    duplex link, twice as slow on a shared channel."""
+    from mpi4py import MPI
+
+    outgoing = torch.zeros(nbytes, dtype=torch.uint8).numpy()
+    incoming = torch.zeros(nbytes, dtype=torch.uint8).numpy()
+    times = []
+    for _ in range(repeats + 1):
+        comm.sendrecv(None, dest=peer, source=peer)  # start together
+        start = clock()
+        requests = [comm.Irecv(incoming, source=peer, tag=8), comm.Isend(outgoing, dest=peer, tag=8)]
+        MPI.Request.Waitall(requests)
+        times.append(clock() - start)
+    return times[1:]
 
 
 def execute(config: dict, comm) -> dict | None:
