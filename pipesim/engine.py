@@ -19,7 +19,7 @@ from .costs import CostModel
 from .model import LayerSpec, ModelSpec
 from .partition import Partition
 from .schedule import BACKWARD, FORWARD, Action, Schedule
-from .timeline import MemorySample, Span, Timeline
+from .timeline import SENDS, MemorySample, Span, Timeline
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class _Step:
         """The process of one rank: its actions in order, then the optimizer step."""
         env, mb_size = self.env, self.microbatch_size
         held = 0
+        outgoing = []
         for action in self.schedule.ranks[rank]:
             stage, kind, mb = action
             shape = self.shapes[stage]
@@ -95,7 +96,11 @@ class _Step:
             if kind == BACKWARD:
                 held -= shape.saved_bytes_per_sample * mb_size
                 self.memory.append(MemorySample(rank, env.now, held))
-            self.send_result(rank, action)
+            outgoing += self.send_result(rank, action)
+        waited_from = env.now
+        yield simpy.AllOf(env, outgoing)  # like the runner: sends complete before the step
+        if env.now > waited_from:
+            self.spans.append(Span(rank, "wait", waited_from, env.now, direction=SENDS))
         start = env.now
         params = sum(self.shapes[s].params for s in range(self.schedule.num_stages)
                      if self.schedule.rank_of_stage(s) == rank)
@@ -103,14 +108,16 @@ class _Step:
         self.spans.append(Span(rank, "optimizer", start, env.now))
         self.finished[rank] = True
 
-    def send_result(self, rank: int, action: Action) -> None:
+    def send_result(self, rank: int, action: Action) -> list:
+        """Start the transfer of what `action` produced, if another rank needs it."""
         stage, kind, mb = action
         if kind == FORWARD and stage < self.schedule.num_stages - 1:
             nbytes = self.shapes[stage].output_bytes_per_sample * self.microbatch_size
-            self.env.process(self.transfer(rank, Action(stage + 1, FORWARD, mb), nbytes))
-        elif kind == BACKWARD and stage > 0:
+            return [self.env.process(self.transfer(rank, Action(stage + 1, FORWARD, mb), nbytes))]
+        if kind == BACKWARD and stage > 0:
             nbytes = self.shapes[stage].input_bytes_per_sample * self.microbatch_size
-            self.env.process(self.transfer(rank, Action(stage - 1, BACKWARD, mb), nbytes))
+            return [self.env.process(self.transfer(rank, Action(stage - 1, BACKWARD, mb), nbytes))]
+        return []
 
     def transfer(self, src: int, consumer: Action, nbytes: int):
         """Carry a message over the (serialised) link to the rank of `consumer`."""

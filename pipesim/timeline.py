@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 COMPUTE_KINDS = ("F", "B", "optimizer")
 SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait", "copy")
+SENDS = "sends"  # direction of a wait for the rank's own sends to complete, before its optimizer step
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Span:
             return f"{self.stage}{self.kind}{self.microbatch}"
         if self.kind == "send":
             return f"send {self.rank}->{self.peer} {self.direction}{self.microbatch}"
+        if self.kind == "wait" and self.direction == SENDS:
+            return "wait for sends"
         if self.kind == "wait":
             return f"wait {self.peer}->{self.rank} {self.direction}{self.microbatch}"
         if self.kind == "copy":

@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from ..plan import Plan
 from ..schedule import BACKWARD, FORWARD, Action
+from ..timeline import SENDS
 from .stage import make_optimizer, make_stage, static_bytes, synthetic_batch
 
 clock = time.perf_counter  # CLOCK_MONOTONIC on Linux: one time base for all ranks of a host
@@ -92,7 +93,10 @@ class StageWorker:
         for action in plan.schedule.ranks[self.rank]:
             (self._forward if action.kind == FORWARD else self._backward)(action, record)
             MPI.Request.Testall([req for req, _ in self.sends])  # drive progress of sends
-        MPI.Request.Waitall([req for req, _ in self.sends])
+        start = clock()
+        if not MPI.Request.Testall([req for req, _ in self.sends]):
+            MPI.Request.Waitall([req for req, _ in self.sends])
+            record.spans.append((self.rank, "wait", start, clock(), -1, -1, -1, SENDS))
         start = clock()
         self.optimizer.step()
         self._sync()
