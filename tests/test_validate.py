@@ -153,7 +153,9 @@ def test_cli_exits_1_above_tolerance_and_writes_the_report(tmp_path, monkeypatch
 
 # --- the quick grid, for real -------------------------------------------------------
 
-QUICK_TOLERANCE = 0.10  # see README, "Validation": 2x the MAPE measured on the reference machine, above its noise floor
+# The quick grid's MAPE on the reference machine was 2.8% and 3.0% in two runs, its noise floor
+# (the same case's two round medians) 1.8-2.4%: MAPE + 2.5 x noise floor, rounded up.
+QUICK_TOLERANCE = 0.08
 
 
 def test_quick_grid_predicts_real_runs(tmp_path, capsys):
