@@ -88,9 +88,17 @@ def launch(job: str, config: dict, num_ranks: int, threads_per_rank: int = 1, lo
         return json.loads(result_path.read_text())
 
 
+def _stderr_fd() -> int:
+    """Where our stderr goes (file descriptor 2 when sys.stderr is a stand-in, as under pytest)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return 2
+
+
 def _run_to_end(command: list[str], env: dict) -> None:
     """Run mpiexec; on Ctrl-C or error make sure no rank outlives it."""
-    process = subprocess.Popen(command, env=env, stdout=sys.stderr)
+    process = subprocess.Popen(command, env=env, stdout=_stderr_fd())  # ranks' output is progress
     try:
         code = process.wait()
     except BaseException:
