@@ -223,7 +223,15 @@ def _sweep(args, progress: bool = True):
 
 def _log_figures(out: Path, figures: dict[str, str]) -> None:
     for name in figures.values():
-        print(f"wrote {out / name}", file=sys.stderr)
+        log(f"wrote {out / name}")
+
+
+def _plots(args, draw) -> None:
+    """With --plots DIR, draw(DIR) writes the figures there."""
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        _log_figures(out, draw(out))
 
 
 def cmd_optimize(args) -> int:
@@ -231,10 +239,7 @@ def cmd_optimize(args) -> int:
     from .optimize import optimum_json
 
     optimum = _optimum(args)
-    if args.plots:
-        out = Path(args.plots)
-        out.mkdir(parents=True, exist_ok=True)
-        _log_figures(out, report.optimize_figures(optimum, out))
+    _plots(args, lambda out: report.optimize_figures(optimum, out))
     print(json.dumps(optimum_json(optimum), indent=2) if args.json else report.optimum_text(optimum))
     return 0
 
@@ -244,10 +249,7 @@ def cmd_sweep(args) -> int:
     from .sweep import sweep_json
 
     sweep = _sweep(args, progress=not args.quiet)
-    if args.plots:
-        out = Path(args.plots)
-        out.mkdir(parents=True, exist_ok=True)
-        _log_figures(out, report.sweep_figures(sweep, out))
+    _plots(args, lambda out: report.sweep_figures(sweep, out))
     print(json.dumps(sweep_json(sweep), indent=2) if args.json else report.sweep_text(sweep))
     return 0
 

@@ -7,9 +7,10 @@ build it (kind and shape).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from .tomlfile import read_toml
 
 FLOAT32_BYTES = 4
 LAYER_KINDS = ("fc",)  # fc = Linear + ReLU
@@ -173,11 +174,4 @@ def parse_model(data: dict, where: str = "model") -> ModelSpec:
 
 
 def load_model(path: str | Path) -> ModelSpec:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"model file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelError(f"{path}: not valid TOML: {exc}") from None
-    return parse_model(data, where=str(path))
+    return parse_model(read_toml(path, ModelError, "model"), where=str(path))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from .plan import Plan, make_plan
 from .predict import Prediction, predict
 from .profile import Profile
 from .timeline import Timeline, compute_metrics
+from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups"}
 _GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules"}
@@ -88,12 +88,7 @@ def _list(group: dict, key: str, where: str) -> list:
 
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"grid file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise GridError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, GridError, "grid")
     unknown = sorted(set(data) - _GRID_KEYS)
     if unknown:
         raise GridError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_GRID_KEYS))})")
