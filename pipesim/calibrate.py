@@ -203,19 +203,41 @@ def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[fl
     return statistics.median(per_action), per_action
 
 
+def _metadata(settings: CalibrationSettings, ranks: list[dict], raw: dict) -> dict:
+    return {
+        "host": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ranks": settings.ranks,
+        "threads_per_rank": settings.threads_per_rank,
+        "processors": [r["processor"] for r in ranks],
+        "torch": raw["torch"],
+        "mpi": raw["mpi"],
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
+        **settings.extra_metadata,
+    }
+
+
+def _ranges(settings: CalibrationSettings) -> dict:
+    return {"fc": {"width": [min(settings.widths), max(settings.widths)],
+                   "microbatch_size": [min(settings.microbatch_sizes), max(settings.microbatch_sizes)]},
+            "message_bytes": [min(settings.message_sizes), max(settings.message_sizes)]}
+
+
 def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
     """Run the micro-benchmarks and the overhead runs; return the profile as a dict."""
     from .runner.launch import launch
 
     raw = launch("calibrate", asdict(settings), settings.ranks, settings.threads_per_rank, log)
-    ranks = raw["ranks"]
+    ranks = sorted(raw["ranks"], key=lambda r: r["rank"])
     compute = [{**s, "rank": r["rank"]} for r in ranks for s in r["compute"]]
-    forward_affine, forward_worst = fit_compute(compute, "forward")
-    backward_affine, backward_worst = fit_compute(compute, "backward")
     optimizer_samples = [s for r in ranks for s in r["optimizer"]]
-    optimizer_affine, optimizer_worst = fit_optimizer(optimizer_samples)
     links, links_worst, links_noise = _fit_links(ranks)
-    saved = sorted({round(s["saved_bytes_per_sample_per_layer"]) for s in compute})
+    overhead, per_action = measure_overhead(settings, log)
+    affine = {"forward": fit_compute(compute, "forward"), "backward": fit_compute(compute, "backward"),
+              "optimizer": fit_optimizer(optimizer_samples)}
     profile = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -225,47 +247,28 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
                        f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
         "compute": {"fc": {"forward": compute_table(compute, "forward"),
                            "backward": compute_table(compute, "backward")}},
-        "action_overhead_s": 0.0,
+        "action_overhead_s": overhead,
         "optimizer": optimizer_table(optimizer_samples),
         "links": links,
-    }
-    overhead, per_action = measure_overhead(settings, log)
-    profile["action_overhead_s"] = overhead
-    profile["metadata"] = {
-        "host": socket.gethostname(),
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "ranks": settings.ranks,
-        "threads_per_rank": settings.threads_per_rank,
-        "processors": [r["processor"] for r in sorted(ranks, key=lambda r: r["rank"])],
-        "torch": raw["torch"],
-        "mpi": raw["mpi"],
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
-        **settings.extra_metadata,
-    }
-    profile["ranges"] = {"fc": {"width": [min(settings.widths), max(settings.widths)],
-                                "microbatch_size": [min(settings.microbatch_sizes),
-                                                    max(settings.microbatch_sizes)]},
-                         "message_bytes": [min(settings.message_sizes), max(settings.message_sizes)]}
-    profile["noise"] = {
-        "forward_cv_median": statistics.median(cv(s["forward_s"]) for s in compute),
-        "backward_cv_median": statistics.median(cv(s["backward_s"]) for s in compute),
-        "optimizer_cv_median": statistics.median(cv(s["times_s"]) for s in optimizer_samples),
-        "links_cv_median": links_noise,
-        "action_overhead_spread_s": [float(np.percentile(per_action, 10)),
-                                     float(np.percentile(per_action, 90))],
-    }
-    profile["samples"] = {
-        "compute": _summaries(compute),
-        "affine_fit": {"forward": forward_affine, "backward": backward_affine,
-                       "optimizer": optimizer_affine},
-        "fit_max_relative_residual": {"affine_forward": forward_worst, "affine_backward": backward_worst,
-                                      "optimizer": optimizer_worst, "links": links_worst},
-        "saved_bytes_per_sample_per_layer": saved,
-        "links": [{"pair": s["pair"], "bytes": s["bytes"], "median_s": statistics.median(s["one_way_s"])}
-                  for r in ranks for s in r["links"]],
+        "metadata": _metadata(settings, ranks, raw),
+        "ranges": _ranges(settings),
+        "noise": {
+            "forward_cv_median": statistics.median(cv(s["forward_s"]) for s in compute),
+            "backward_cv_median": statistics.median(cv(s["backward_s"]) for s in compute),
+            "optimizer_cv_median": statistics.median(cv(s["times_s"]) for s in optimizer_samples),
+            "links_cv_median": links_noise,
+            "action_overhead_spread_s": [float(np.percentile(per_action, q)) for q in (10, 90)],
+        },
+        "samples": {
+            "compute": _summaries(compute),
+            "affine_fit": {key: fit for key, (fit, _) in affine.items()},
+            "fit_max_relative_residual": {**{f"affine_{key}": worst for key, (_, worst) in affine.items()},
+                                          "links": links_worst},
+            "saved_bytes_per_sample_per_layer": sorted({round(s["saved_bytes_per_sample_per_layer"])
+                                                        for s in compute}),
+            "links": [{"pair": s["pair"], "bytes": s["bytes"], "median_s": statistics.median(s["one_way_s"])}
+                      for r in ranks for s in r["links"]],
+        },
     }
     parse_profile(profile)  # what we write must load
     return profile

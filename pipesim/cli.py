@@ -380,11 +380,12 @@ def cmd_calibrate(args) -> int:
     else:
         widths = tuple(args.widths) if args.widths else (
             (args.width,) if args.width is not None else DEFAULT_WIDTHS)
+    given = {"microbatch_sizes": args.microbatch_sizes and tuple(args.microbatch_sizes),
+             "repeats": args.repeats, "stack_bytes": args.stack_mib and args.stack_mib << 20}
     settings = CalibrationSettings(
-        ranks=args.ranks, widths=widths, microbatch_sizes=tuple(args.microbatch_sizes),
-        repeats=args.repeats, threads_per_rank=args.threads_per_rank, optimizer=args.optimizer,
-        stack_bytes=args.stack_mib << 20,
+        ranks=args.ranks, widths=widths, threads_per_rank=args.threads_per_rank, optimizer=args.optimizer,
         extra_metadata={"command": "pipesim " + " ".join(sys.argv[1:])},
+        **{key: value for key, value in given.items() if value},
     )
     out = Path(args.out or f"calibration/{_host_name()}.json")
     name = args.name or out.stem
@@ -453,7 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pipesim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict_parser(sub)
+    add_optimize_parsers(sub)
+    _add_run_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_validate_parser(sub)
+    return parser
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="simulate one training step and report time, speedup, memory",
                        description="Simulate one pipeline-parallel training step with calibrated costs.")
     add_plan_options(p, lists=True, what_ifs=True)
@@ -462,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON (Perfetto opens it)")
     out.add_argument("--gantt", metavar="FILE.png", help="write a Gantt chart PNG")
     p.set_defaults(func=cmd_predict)
-    add_optimize_parsers(sub)
 
+
+def _add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="run the pipeline for real (torch + MPI) and measure it",
                        description="Execute the same schedule with real tensors and MPI messages, one "
                                    "rank per stage. Launches mpiexec itself, or uses the MPI world it "
@@ -483,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--gantt", metavar="FILE.png", help="Gantt chart PNG of the median iteration")
     r.set_defaults(func=cmd_run)
 
+
+def _add_calibrate_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="measure compute, link and optimizer costs; write a profile",
                        description="Measure costs with the runner's own code (all ranks at once) and fit "
                                    "them with scipy. Launches mpiexec itself, or runs inside an existing "
@@ -493,10 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--widths", type=int_list, help="fc widths to measure (default: 256,384,512,768,1024)")
     c.add_argument("--layers", type=int, default=None,
                    help="accepted like predict's; calibration depends only on the layer width")
-    c.add_argument("--microbatch-sizes", type=int_list, default=[4, 8, 16, 32, 64, 128, 256, 512],
+    c.add_argument("--microbatch-sizes", type=int_list,
                    help="micro-batch sizes to measure (default: 4,8,...,512)")
-    c.add_argument("--repeats", type=int, default=30, help="timed rounds over all points (default: 30)")
-    c.add_argument("--stack-mib", type=int, default=16,
+    c.add_argument("--repeats", type=int, help="timed rounds over all points (default: 30)")
+    c.add_argument("--stack-mib", type=int,
                    help="weights per timed layer stack, MiB: like one of your stages (default: 16)")
     c.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
     c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
@@ -505,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="also print the profile JSON")
     c.set_defaults(func=cmd_calibrate)
 
+
+def _add_validate_parser(sub) -> None:
     v = sub.add_parser("validate", help="run a grid for real, predict each case, report the accuracy",
                        description="Measure every case of a grid with the runner (interleaved rounds), "
                                    "predict it with the simulator, and write reports/validation-*.md, "
@@ -515,7 +529,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="reports", help="where the report goes (default: reports/)")
     v.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
-    return parser
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
