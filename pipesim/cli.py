@@ -18,6 +18,7 @@ from .optimize import OptimizeError
 from .partition import PartitionError
 from .predict import Prediction, predict, prediction_json
 from .profile import ProfileError, load_profile
+from .runner.launch import RunFailed, RunnerUnavailable
 from .schedule import SCHEDULES, ScheduleError
 from .show import print_measurement, print_prediction, print_profile, print_sweep
 from .timeline import to_chrome_trace
@@ -319,8 +320,6 @@ def add_optimize_parsers(sub) -> None:
 def cmd_run(args) -> int:
     from .plan import make_plan
     from .runner.launch import (
-        RunFailed,
-        RunnerUnavailable,
         check_runner_available,
         inside_mpi_world,
     )
@@ -334,19 +333,15 @@ def cmd_run(args) -> int:
     plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
-    try:
-        check_runner_available()
-        baseline = None
-        if args.baseline and not inside_mpi_world():
-            log(f"baseline: 1 rank, whole model, batch {plan.batch_size}")
-            single = make_plan(model, 1, 1, plan.batch_size, "gpipe", str(model.num_layers))
-            baseline = measure(single, log, **options)
-        log(f"pipeline: {plan.schedule.name}, {plan.num_stages} ranks, partition {plan.partition}, "
-            f"{plan.num_microbatches} micro-batches x {plan.microbatch_size}")
-        measured = measure(plan, log, **options)
-    except (RunnerUnavailable, RunFailed) as exc:
-        print(f"pipesim: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    check_runner_available()
+    baseline = None
+    if args.baseline and not inside_mpi_world():
+        log(f"baseline: 1 rank, whole model, batch {plan.batch_size}")
+        single = make_plan(model, 1, 1, plan.batch_size, "gpipe", str(model.num_layers))
+        baseline = measure(single, log, **options)
+    log(f"pipeline: {plan.schedule.name}, {plan.num_stages} ranks, partition {plan.partition}, "
+        f"{plan.num_microbatches} micro-batches x {plan.microbatch_size}")
+    measured = measure(plan, log, **options)
     if measured is None:  # a rank other than 0 inside an existing MPI world
         return 0
     extra = {}
@@ -373,7 +368,6 @@ def cmd_run(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import DEFAULT_WIDTHS, CalibrationSettings, calibrate
-    from .runner.launch import RunFailed, RunnerUnavailable
 
     if args.model:
         widths = tuple(sorted({layer.out_features for layer in load_model(args.model).layers}))
@@ -391,11 +385,7 @@ def cmd_calibrate(args) -> int:
     name = args.name or out.stem
     log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
         f"{list(settings.microbatch_sizes)}")
-    try:
-        profile = calibrate(settings, name, log)
-    except (RunnerUnavailable, RunFailed) as exc:
-        print(f"pipesim: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    profile = calibrate(settings, name, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1) + "\n")
     if args.json:
@@ -416,7 +406,7 @@ def _host_name() -> str:
 
 
 def cmd_validate(args) -> int:
-    from .runner.launch import RunFailed, RunnerUnavailable, check_runner_available
+    from .runner.launch import check_runner_available
     from .validate import load_grid, run_validation, summarize
     from .validation_report import write_report
 
@@ -424,12 +414,8 @@ def cmd_validate(args) -> int:
     profile = load_profile(args.profile)
     log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
         f"against profile {profile.name!r}")
-    try:
-        check_runner_available()
-        results = run_validation(grid, profile, log)
-    except (RunnerUnavailable, RunFailed) as exc:
-        print(f"pipesim: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, RunnerUnavailable) else 1
+    check_runner_available()
+    results = run_validation(grid, profile, log)
     summary = summarize(results)
     command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     path = write_report(grid, profile, results, summary, Path(args.out), command, args.tolerance)
@@ -543,9 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (*USER_ERRORS, UsageError) as exc:
+    except (*USER_ERRORS, UsageError, RunnerUnavailable) as exc:
         print(f"pipesim: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # a rank's traceback is already on stderr
+        print(f"pipesim: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

@@ -1,0 +1,1 @@
+"""The real pipeline runner: torch + MPI, interpreting the shared schedule."""
