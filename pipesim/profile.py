@@ -121,6 +121,15 @@ class Profile:
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
 
+    @property
+    def measured_on(self) -> str:
+        """Where and when calibration measured this profile, for the user to compare with theirs."""
+        meta = self.extra.get("metadata") or {}
+        if not meta:
+            return "no machine recorded (not measured by pipesim calibrate)"
+        return (f"{meta.get('host', '?')} ({meta.get('cpu_model', '?')}, {meta.get('cores', '?')} cores) "
+                f"on {str(meta.get('date', '?'))[:10]}")
+
 
 def _field(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key

@@ -17,10 +17,13 @@ def fmt_bytes(nbytes: float) -> str:
     return f"{nbytes:.1f} GiB"
 
 
-def print_prediction(p: Prediction) -> None:
+CALIBRATE_HINT = "predictions for your own machine start with `pipesim calibrate`"
+
+
+def print_prediction(p: Prediction, measured_on: str) -> None:
     plan, m = p.plan, p.metrics
     print(f"model      {plan.model.describe()}")
-    print(f"profile    {p.profile}")
+    print(f"profile    {p.profile}, measured on {measured_on}; {CALIBRATE_HINT}")
     print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages, {plan.num_microbatches} "
           f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
           f"partition {plan.partition}")
@@ -37,8 +40,9 @@ def print_prediction(p: Prediction) -> None:
               f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
 
 
-def print_sweep(predictions: list[Prediction]) -> None:
-    print(f"model {predictions[0].plan.model.describe()}; profile {predictions[0].profile}; "
+def print_sweep(predictions: list[Prediction], measured_on: str) -> None:
+    print(f"profile {predictions[0].profile}, measured on {measured_on}; {CALIBRATE_HINT}")
+    print(f"model {predictions[0].plan.model.describe()}; "
           f"schedule {predictions[0].plan.schedule.name}; batch {predictions[0].plan.batch_size}")
     print(f"{'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'ideal':>6} "
           f"{'bubble':>7} {'peak memory':>12}  partition")

@@ -25,6 +25,7 @@ that measured and predicted speedups can be compared.
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,15 @@ def load_grid(path: str | Path) -> Grid:
             cases.insert(0, baseline)
     return Grid(data.get("name", path.stem), int(data.get("iterations", 20)), int(data.get("warmup", 5)),
                 int(data.get("rounds", 2)), str(data.get("network", "loopback")), tuple(cases))
+
+
+def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The fc widths and micro-batch sizes a grid's cases compute at: what
+    `pipesim calibrate --widths ... --microbatch-sizes ...` must measure so
+    that every cost the grid uses is a measured cell."""
+    widths = sorted({c.width for c in grid.cases})
+    sizes = sorted({c.batch_size // c.microbatches for c in grid.cases})
+    return tuple(widths), tuple(sizes)
 
 
 def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
@@ -287,3 +297,50 @@ def summarize(results: list[CaseResult]) -> Summary:
         partition_rankings_total=len(groups),
         memory_max_abs_error=max(memory),
     )
+
+
+# --- the verdict ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The largest MAPE that passes: ``floor + noise_multiple x`` the run's own
+    median noise floor (the same case's round medians differ by that much), and
+    never more than ``cap``. With ``noise_multiple = 0`` it is a fixed MAPE.
+
+    Timings only compare within one run: a tolerance fixed in advance would be
+    a timed test in disguise on a machine noisier than the one it was set on."""
+
+    floor: float
+    noise_multiple: float = 0.0
+    cap: float = math.inf
+
+    def limit(self, summary: Summary) -> float:
+        return min(self.floor + self.noise_multiple * summary.noise_floor_median, self.cap)
+
+    def describe(self, summary: Summary) -> str:
+        if not self.noise_multiple:
+            return f"{self.limit(summary):.1%}"
+        text = (f"{self.limit(summary):.1%} = {self.floor:.1%} + {self.noise_multiple:g} x noise floor "
+                f"{summary.noise_floor_median:.2%}")
+        return text + (f", capped at {self.cap:.1%}" if math.isfinite(self.cap) else "")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    text: str  # one line: PASS/FAIL, the MAPE, the tolerance and how it was made
+
+
+def verdict(summary: Summary, tolerance: Tolerance) -> Verdict:
+    passed = summary.mape <= tolerance.limit(summary)
+    return Verdict(passed, f"{'PASS' if passed else 'FAIL'}: MAPE {summary.mape:.2%} "
+                           f"{'<=' if passed else '>'} tolerance {tolerance.describe(summary)}")
+
+
+def summary_line(results: list[CaseResult], summary: Summary) -> str:
+    return (f"{len(results)} cases: MAPE {summary.mape:.2%}, max |error| {summary.max_abs_error:.2%}, "
+            f"speedup rank correlation {summary.speedup_rank_correlation:.3f}, noise floor "
+            f"{summary.noise_floor_median:.2%} (max {summary.noise_floor_max:.2%}), partition rankings "
+            f"{summary.partition_rankings_match}/{summary.partition_rankings_total}, memory max |error| "
+            f"{summary.memory_max_abs_error:.2%}")

@@ -85,7 +85,7 @@ def plot_speedups(rows, path: str, title: str) -> None:
 
 
 def validation_markdown(grid, profile, results, summary, breakdowns, command: str,
-                        figures: dict[str, str], tolerance: float) -> str:
+                        figures: dict[str, str], verdict: str) -> str:
     from .validate import partition_groups, ranking_matches, speedups
 
     lines = [
@@ -116,7 +116,7 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
         f"| partition rankings that match (groups of cases differing only in partition) | "
         f"{summary.partition_rankings_match} / {summary.partition_rankings_total} |",
         f"| peak memory per rank, max abs error | {summary.memory_max_abs_error:.2%} |",
-        f"| tolerance (MAPE) | {tolerance:.1%} |",
+        f"| verdict | {verdict} |",
         "",
         "## Cases",
         "",
@@ -163,7 +163,7 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid, profile, results, summary, out: Path, command: str, tolerance: float) -> Path:
+def write_report(grid, profile, results, summary, out: Path, command: str, verdict: str) -> Path:
     """Write reports/validation-<profile>[-<grid>].md, its CSV and PNGs; returns the .md path."""
     from .validate import breakdown_difference, speedups
 
@@ -183,6 +183,6 @@ def write_report(grid, profile, results, summary, out: Path, command: str, toler
     breakdowns = [breakdown_difference(r, profile) for r in results]
     path = out / f"{stem}.md"
     path.write_text(validation_markdown(grid, profile, results, summary, breakdowns, command, figures,
-                                        tolerance))
+                                        verdict))
     (out / f"{stem}.csv").write_text(validation_csv(results))
     return path

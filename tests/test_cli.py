@@ -217,3 +217,18 @@ def test_ranks_per_node_puts_slow_links_between_nodes(tmp_path, capsys):
     _, four_nodes, _ = run_main(capsys, *args, "--ranks-per-node", "1")
     times = [json.loads(out)["iteration_time_s"] for out in (one_node, two_nodes, four_nodes)]
     assert times[0] < times[1] < times[2]
+
+
+def test_predict_names_the_machine_its_profile_was_measured_on(capsys, tmp_path):
+    meta = json.loads((REPO / "pipesim/data/default.json").read_text())["metadata"]
+    _, out, _ = run_main(capsys, "predict", "--stages", "2")
+    assert f"measured on {meta['host']} ({meta['cpu_model']}, {meta['cores']} cores)" in out
+    assert "pipesim calibrate" in out
+    _, out, _ = run_main(capsys, "predict", "--stages", "2", "--json")
+    assert json.loads(out)["profile_measured_on"].startswith(meta["host"])
+    bare = tmp_path / "bare.json"  # a hand-written profile has no metadata: say so
+    data = json.loads((REPO / "pipesim/data/default.json").read_text())
+    del data["metadata"]
+    bare.write_text(json.dumps(data))
+    _, out, _ = run_main(capsys, "predict", "--stages", "2", "--profile", str(bare))
+    assert "no machine recorded" in out

@@ -113,7 +113,7 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
     started = time.monotonic()
     with pytest.raises(RunFailed):
         launch("run", config.to_dict(), 2, log=lambda _: None)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 120  # a hang guard, not a speed test: unaborted, it never ends
     err = capfd.readouterr().err
     assert "[rank 1]" in err and "injected fault" in err
     time.sleep(0.5)

@@ -151,18 +151,116 @@ def test_cli_exits_1_above_tolerance_and_writes_the_report(tmp_path, monkeypatch
     assert code == 0 and "PASS" in capsys.readouterr().out
 
 
-# --- the quick grid, for real -------------------------------------------------------
+def test_tolerance_grows_with_the_measured_noise_up_to_its_cap():
+    rule = V.Tolerance(floor=0.04, noise_multiple=2.0, cap=0.10)
 
-# The quick grid's MAPE on the reference machine was 2.8% and 3.0% in two runs, its noise floor
-# (the same case's two round medians) 1.8-2.4%: MAPE + 2.5 x noise floor, rounded up.
-QUICK_TOLERANCE = 0.08
+    def summary(mape, noise):
+        return V.Summary(mape, mape, 1.0, noise, noise, 0, 0, 0.0)
+
+    assert rule.limit(summary(0.0, 0.02)) == pytest.approx(0.08)
+    assert rule.limit(summary(0.0, 0.05)) == pytest.approx(0.10)  # capped
+    judged = V.verdict(summary(0.079, 0.02), rule)
+    assert judged.passed and "8.0% = 4.0% + 2 x noise floor 2.00%" in judged.text
+    judged = V.verdict(summary(0.081, 0.02), rule)
+    assert not judged.passed and judged.text.startswith("FAIL: MAPE 8.10% > tolerance 8.0%")
+    assert not V.verdict(summary(0.11, 0.2), rule).passed  # noise never buys more than the cap
+    assert V.verdict(summary(0.05, 0.2), V.Tolerance(0.05)).text == "PASS: MAPE 5.00% <= tolerance 5.0%"
 
 
-def test_quick_grid_predicts_real_runs(tmp_path, capsys):
+def test_noise_multiple_on_the_command_line(tmp_path, monkeypatch, capsys):
+    grid_path = write_grid(tmp_path)
+    real = V.run_validation
+    # 10% slow, rounds 4% apart: noise floor 3.9%; 0.02 + 3 x 3.9% = 13.8% passes, 2 x fails
+    monkeypatch.setattr(V, "run_validation", lambda grid, profile, log: real(
+        grid, profile, log, measure=fake_measure(lambda plan, r: 1.1 * (1.04 if r else 1.0))))
+    out = tmp_path / "reports"
+    args = ["validate", "--grid", str(grid_path), "--tolerance", "0.02", "--out", str(out)]
+    assert cli.main([*args, "--noise-multiple", "3"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert cli.main([*args, "--noise-multiple", "3", "--max-tolerance", "0.1"]) == 1
+    assert "capped at 10.0%" in capsys.readouterr().out
+
+
+# --- the quick grid, for real, calibrated on this machine ---------------------------
+
+# The check: MAPE <= 4% + 2 x the run's own median noise floor, and never above 10%, which
+# stays below the smallest effect it exists to catch (the bubble of the m = 8 case, 11% of
+# its step). Costs are measured here first: a profile from another VM of the same kind
+# mispredicts this one by 8-20% (issue 9), so comparing with it would be a timed test.
+QUICK = V.Tolerance(floor=0.04, noise_multiple=2.0, cap=0.10)
+
+
+@pytest.fixture(scope="module")
+def measured_here(tmp_path_factory):
+    """Calibrate the quick grid's cells on this machine, then measure the grid (about 1.5 min)."""
     pytest.importorskip("torch", reason="the runner extra is not installed")
-    code = cli.main(["validate", "--grid", str(REPO / "validation/quick.toml"),
-                     "--tolerance", str(QUICK_TOLERANCE), "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-    print(printed, file=sys.stderr)
-    assert code == 0, printed
-    assert "PASS" in printed and "partition rankings 2/2" in printed
+    grid = V.load_grid(REPO / "validation/quick.toml")
+    widths, sizes = V.calibration_cells(grid)
+    path = tmp_path_factory.mktemp("quick") / "here.json"
+    code = cli.main(["calibrate", "--widths", ",".join(map(str, widths)), "--microbatch-sizes",
+                     ",".join(map(str, sizes)), "--repeats", "10", "--out", str(path)])
+    assert code == 0
+    profile = load_profile(path)
+    results = V.run_validation(grid, profile, log=lambda line: print(line, file=sys.stderr))
+    return profile, results
+
+
+def judge(results) -> V.Verdict:
+    summary = V.summarize(results)
+    judged = V.verdict(summary, QUICK)
+    print(V.summary_line(results, summary), judged.text, sep="\n", file=sys.stderr)
+    return judged
+
+
+def test_quick_grid_predicts_real_runs(measured_here):
+    _, results = measured_here
+    judged = judge(results)
+    assert judged.passed, judged.text
+    assert V.summarize(results).partition_rankings_match == 1
+
+
+def repredicted(results, profile, *, links=1.0, optimizer=1.0):
+    """The same measured cases, predicted again with a broken profile."""
+    from pipesim.costs import ProfileCostModel
+    from pipesim.predict import predict
+
+    def slower(link):
+        return dataclasses.replace(link, latency_s=link.latency_s * links,
+                                   bandwidth_Bps=link.bandwidth_Bps / links)
+
+    params, seconds = profile.optimizer_table
+    broken = dataclasses.replace(profile, intra_node=slower(profile.intra_node),
+                                 inter_node=slower(profile.inter_node),
+                                 optimizer_table=(params, tuple(t * optimizer for t in seconds)))
+    costs = ProfileCostModel(broken)
+    return [dataclasses.replace(r, prediction=predict(r.prediction.plan, costs, "broken")) for r in results]
+
+
+def without_bubbles(results, profile):
+    """The schedule made ideal: every case takes only its busiest rank's work."""
+    out = []
+    for r in results:
+        metrics = r.prediction.metrics
+        ideal = dataclasses.replace(metrics, iteration_time_s=max(rank.busy_s for rank in metrics.ranks))
+        out.append(dataclasses.replace(r, prediction=dataclasses.replace(r.prediction, metrics=ideal)))
+    return out
+
+
+# Each fault moves the predictions by more than the check's cap on average (asserted, with no
+# timing involved), so a check that passes the true model must fail it. A smaller fault (say the
+# optimizer step 10x too *fast*: 2% of a step) hides in the noise and cannot be caught by timing.
+FAULTS = {
+    "bubble removed": without_bubbles,
+    "links 1000x slower": lambda results, profile: repredicted(results, profile, links=1000.0),
+    "optimizer step 10x slower": lambda results, profile: repredicted(results, profile, optimizer=10.0),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_check_fails_a_broken_model(measured_here, fault):
+    profile, results = measured_here
+    broken = FAULTS[fault](results, profile)
+    shift = sum(abs(b.predicted_s / r.predicted_s - 1) for b, r in zip(broken, results)) / len(results)
+    assert shift > QUICK.cap, f"{fault}: moves predictions by only {shift:.1%}"
+    judged = judge(broken)
+    assert not judged.passed, f"{fault} was not caught: {judged.text}"
