@@ -205,16 +205,20 @@ def measured_here(tmp_path_factory):
     return profile, results
 
 
-def judge(results) -> V.Verdict:
+def judge(results, report, label: str) -> V.Verdict:
     summary = V.summarize(results)
     judged = V.verdict(summary, QUICK)
-    print(V.summary_line(results, summary), judged.text, sep="\n", file=sys.stderr)
+    report(f"{label}: {V.summary_line(results, summary)}")
+    report(f"{label}: {judged.text}")
     return judged
 
 
-def test_quick_grid_predicts_real_runs(measured_here):
-    _, results = measured_here
-    judged = judge(results)
+def test_quick_grid_predicts_real_runs(measured_here, report_accuracy):
+    profile, results = measured_here
+    noise = profile.extra["noise"]
+    report_accuracy(f"calibration here: compute noise CV forward {noise['forward_cv_median']:.1%}, "
+                    f"backward {noise['backward_cv_median']:.1%} (a busy machine shows here first)")
+    judged = judge(results, report_accuracy, "quick grid, calibrated here")
     assert judged.passed, judged.text
     assert V.summarize(results).partition_rankings_match == 1
 
@@ -257,10 +261,10 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_the_check_fails_a_broken_model(measured_here, fault):
+def test_the_check_fails_a_broken_model(measured_here, fault, report_accuracy):
     profile, results = measured_here
     broken = FAULTS[fault](results, profile)
     shift = sum(abs(b.predicted_s / r.predicted_s - 1) for b, r in zip(broken, results)) / len(results)
     assert shift > QUICK.cap, f"{fault}: moves predictions by only {shift:.1%}"
-    judged = judge(broken)
+    judged = judge(broken, report_accuracy, f"fault '{fault}' (moves predictions {shift:.1%})")
     assert not judged.passed, f"{fault} was not caught: {judged.text}"
