@@ -38,6 +38,7 @@ from .bounds import (
     peak_memory_bytes,
 )
 from .engine import simulate
+from .errors import UserError
 from .partition import Partition, check_stage_count, even_split, min_max_partition
 from .plan import Plan
 from .predict import Prediction, predict, prediction_json
@@ -51,7 +52,7 @@ MAX_SIMULATIONS = 200
 MAX_EXPANSIONS = 20_000
 
 
-class OptimizeError(ValueError):
+class OptimizeError(UserError):
     """A search that cannot run or has no answer; the message is one line for the user."""
 
 

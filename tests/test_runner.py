@@ -124,5 +124,5 @@ def test_missing_runner_packages_say_how_to_install(monkeypatch):
     real = launch_module.importlib.util.find_spec
     monkeypatch.setattr(launch_module.importlib.util, "find_spec",
                         lambda name: None if name == "mpi4py" else real(name))
-    with pytest.raises(RunnerUnavailable, match=r"pipesim\[runner\]"):
-        launch_module.check_runner_available()
+    with pytest.raises(RunnerUnavailable, match=r"^pipesim calibrate needs mpi4py.*-c \S*constraints.txt '\S*\[runner\]'"):
+        launch_module.check_runner_available("pipesim calibrate")
