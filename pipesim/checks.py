@@ -23,6 +23,8 @@ def output_file(text: str, option: str, make_parents: bool = False) -> Path:
     parent = path.parent
     while make_parents and not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {text}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise UserError(f"{option} {text}: folder {path.parent} does not exist")
     return path

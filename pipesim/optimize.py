@@ -82,8 +82,8 @@ def parse_bytes(text: str) -> int:
         value = float(match[1]) * _BYTE_UNITS[match[2]]
     except ValueError:
         raise OptimizeError(f"bad memory size {text!r}: {match[1]!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise OptimizeError(f"bad memory size {text!r}: must be > 0")
+    if not value >= 1 or math.isinf(value):
+        raise OptimizeError(f"bad memory size {text!r}: must be a finite number of at least 1 byte")
     return int(value)
 
 
