@@ -168,7 +168,7 @@ def _ranges(data: dict) -> dict:
     ranges = _table(data, "ranges", "") if "ranges" in data else {}
     for key, value in ranges.items():
         values = value.values() if isinstance(value, dict) else [value]
-        if not all(_is_range(v) and all(math.isfinite(x) for x in v) for v in values):
+        if not all(_is_range(v) and all(abs(x) <= 1e300 for x in v) for v in values):  # NaN fails too
             raise ProfileError(f"profile field ranges.{key} must hold [low, high] pairs of finite numbers")
     return ranges
 
@@ -179,8 +179,9 @@ def _table_law(table: dict, where: str) -> Table:
         raise ProfileError(f"profile field {where} needs exactly {sorted(_TABLE_KEYS)}")
     widths, sizes, seconds = table["widths"], table["microbatch_sizes"], table["seconds"]
     for key, values in (("widths", widths), ("microbatch_sizes", sizes)):
-        if (not isinstance(values, list) or not values or values != sorted(set(values))
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 40 for v in values)):
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 40 for v in values)
+                or values != sorted(set(values))):
             raise ProfileError(f"profile field {where}.{key} must be increasing integers in 1..2**40")
     if (not isinstance(seconds, list) or len(seconds) != len(widths)
             or any(not isinstance(row, list) or len(row) != len(sizes) for row in seconds)
@@ -196,8 +197,9 @@ def _optimizer_table(table: dict) -> tuple[tuple[int, ...], tuple[float, ...]]:
     _check_keys(table, {"params", "seconds"}, "optimizer")
     params, seconds = table.get("params"), table.get("seconds")
     if (not isinstance(params, list) or not isinstance(seconds, list) or len(params) != len(seconds)
-            or not params or params != sorted(set(params))
-            or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 60 for v in params)):
+            or not params
+            or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 60 for v in params)
+            or params != sorted(set(params))):
         raise ProfileError("profile field optimizer needs increasing 'params' and as many 'seconds' >= 0")
     return tuple(params), tuple(_finite(v, f"optimizer.seconds[{i}]", 0.0, MAX_SECONDS)
                                 for i, v in enumerate(seconds))

@@ -147,8 +147,8 @@ def test_usage_errors_name_the_command(capsys):
     (b'name = "x"\n[fc]\nnum_layers = 100000000\nwidth = 8\n', "'num_layers' must be an integer in 1..100000"),
     (b'name = "x"\n[[layers]]\nkind = "fc"\nin_features = 8\nout_features = 8\nrepeat = 100000000\n',
      "'repeat' must be an integer in 1..100000"),
-    (b'name = "x"\n[[layers]]\nkind = "fc"\nin_features = 8\nout_features = 8\nrepeat = 60000\n'
-     b'[[layers]]\nkind = "fc"\nin_features = 8\nout_features = 8\nrepeat = 60000\n', "beyond the limit of 100,000"),
+    ((b'name = "x"\n[[layers]]\nkind = "fc"\nin_features = 8\nout_features = 8\nrepeat = 60000\n'
+     b'[[layers]]\nkind = "fc"\nin_features = 8\nout_features = 8\nrepeat = 60000\n'), "beyond the limit of 100,000"),
 ])
 def test_bad_model_files_are_one_line(tmp_path, capsys, content, expected):
     path = tmp_path / "m.toml"
@@ -168,13 +168,13 @@ def test_a_folder_or_a_missing_file_is_one_line(tmp_path, capsys, option):
 @pytest.mark.parametrize("text, expected", [
     ('[[groups]]\nlayers = ["a"]\n', "layers must hold integers"),
     ('[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [0]\n', "stages must hold integers"),
-    ('iterations = "many"\n[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\n'
-     'microbatches = [2]\npartitions = ["balanced"]\nschedules = ["gpipe"]\n', "iterations must be an integer"),
+    (('iterations = "many"\n[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\n'
+     'microbatches = [2]\npartitions = ["balanced"]\nschedules = ["gpipe"]\n'), "iterations must be an integer"),
     ('groups = 3\n', "groups must be tables"),
-    ('[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\nmicrobatches = [2]\n'
-     'partitions = [3]\nschedules = ["gpipe"]\n', "partitions must hold strings"),
-    ('[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\nmicrobatches = [2]\n'
-     'partitions = ["balanced"]\nschedules = ["zb"]\n', "schedules must hold gpipe, 1f1b"),
+    (('[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\nmicrobatches = [2]\n'
+     'partitions = [3]\nschedules = ["gpipe"]\n'), "partitions must hold strings"),
+    (('[[groups]]\nlayers = [4]\nwidths = [8]\nbatch_sizes = [8]\nstages = [2]\nmicrobatches = [2]\n'
+     'partitions = ["balanced"]\nschedules = ["zb"]\n'), "schedules must hold gpipe, 1f1b"),
 ])
 def test_bad_grids_are_grid_errors(tmp_path, text, expected):
     path = tmp_path / "g.toml"
@@ -255,7 +255,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
 
 def pipesim(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "pipesim", *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, **kwargs)
+                          timeout=120, cwd=REPO, check=False, **kwargs)
 
 
 @pytest.mark.parametrize("args", [
@@ -313,5 +313,5 @@ def test_sigint_leaves_no_rank_running(tmp_path):
 def _ranks_of(session: int) -> list[str]:
     """Worker processes in the session of the pipesim process we started."""
     found = subprocess.run(["pgrep", "-s", str(session), "-f", "pipesim.runner.worker"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     return found.stdout.split()
