@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,8 @@ def check_outcome(argv: list[str], expect_json: bool = True) -> int:
         if expect_json:
             data = json.loads(out, parse_constant=_reject_constant)  # NaN, Infinity: not JSON
             assert _finite_numbers(data), out
+        else:  # the human-readable tables
+            assert out and not re.search(r"\b(nan|inf)\b", out, re.IGNORECASE), out
         assert not any(line.startswith("pipesim: error") or "Traceback" in line for line in lines), err
     else:
         assert code == 2, (argv, err)
@@ -133,29 +136,30 @@ PLAN = dict(**{"--layers": INT_TEXT, "--width": mostly(st.sampled_from(["8", "25
 
 @fuzz(1000)
 @given(argv=options(**PLAN, **{"--stages": LIST_TEXT, "--microbatches": LIST_TEXT, "--partition": PARTITION}),
-       trace=st.sampled_from([None, "ok", "folder", "missing"]))
-def test_predict(work, argv, trace):
+       trace=st.sampled_from([None, "ok", "folder", "missing"]), as_json=mostly(st.just(True), st.just(False)))
+def test_predict(work, argv, trace, as_json):
     where = {"ok": str(work / "t.json"), "folder": str(work), "missing": str(work / "no" / "t.json")}
     extra = ["--trace", where[trace]] if trace else []
-    check_outcome(["predict", *argv, *extra, "--json"])
+    check_outcome(["predict", *argv, *extra, *(["--json"] if as_json else [])], expect_json=as_json)
 
 
 @fuzz(500)
 @given(argv=options(**PLAN, **{"--stages": st.one_of(st.integers(0, 6).map(str), EDGE_NUMBER_TEXT),
                                "--microbatches": INT_TEXT, "--memory-cap": MEMORY_CAP,
                                "--max-simulations": st.one_of(st.integers(-1, 20).map(str), EDGE_NUMBER_TEXT)}),
-       layers=st.integers(1, 16))
-def test_optimize(argv, layers):
-    check_outcome(["optimize", "--layers", str(layers), *argv, "--json"])
+       layers=st.integers(1, 16), as_json=mostly(st.just(True), st.just(False)))
+def test_optimize(argv, layers, as_json):
+    check_outcome(["optimize", "--layers", str(layers), *argv, *(["--json"] if as_json else [])], as_json)
 
 
 @fuzz(300)
 @given(argv=options(**{**PLAN, "--stages": LIST_TEXT, "--microbatches": LIST_TEXT, "--memory-cap": MEMORY_CAP,
                        "--schedule": st.sampled_from(["gpipe", "1f1b", "gpipe,1f1b", "zb", ""]),
                        "--partition": st.sampled_from(["balanced", "even", "optimized", "x"])}),
-       layers=st.integers(1, 12))
-def test_sweep(argv, layers):
-    check_outcome(["sweep", "--layers", str(layers), *argv, "--jobs", "1", "--quiet", "--json"])
+       layers=st.integers(1, 12), as_json=mostly(st.just(True), st.just(False)))
+def test_sweep(argv, layers, as_json):
+    check_outcome(["sweep", "--layers", str(layers), *argv, "--jobs", "1", "--quiet",
+                   *(["--json"] if as_json else [])], as_json)
 
 
 # --- the loaders ---------------------------------------------------------------------
