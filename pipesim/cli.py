@@ -1,35 +1,50 @@
 """The command line: the only module that touches argparse.
 
 Each sub-command maps to one function that composes the library's workflows.
-Errors meant for the user print one line and exit with code 2.
+Exit codes: 0 success; 1 a real run or a validation that failed; 2 anything the
+user got wrong (one line, ``pipesim: error: ...``); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .costs import ProfileCostModel, WhatIfError, parse_link_override, parse_rank_speed
-from .model import ModelError, ModelSpec, fc, load_model
-from .optimize import OptimizeError
-from .partition import PartitionError
+from . import limits as lim
+from .checks import (
+    check_finite_time,
+    figure_file,
+    finite_json,
+    output_file,
+    output_folder,
+    warn_no_effect,
+    warn_unused_what_ifs,
+)
+from .costs import ProfileCostModel, parse_link_override, parse_rank_speed
+from .errors import UserError
+from .model import ModelSpec, fc, load_model
 from .predict import Prediction, predict, prediction_json
-from .profile import ProfileError, load_profile
-from .runner.launch import RunFailed, RunnerUnavailable
-from .schedule import SCHEDULES, ScheduleError
+from .profile import load_profile
+from .runner.launch import RunFailed
+from .schedule import SCHEDULES
 from .show import print_measurement, print_prediction, print_profile, print_sweep
 from .timeline import to_chrome_trace
-from .validate import GridError
-
-USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError, GridError, WhatIfError,
-               OptimizeError)
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input found after argparse."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"pipesim: error: {message} (see '{self.prog} --help')\n")
 
 
 def log(text: str) -> None:
@@ -37,14 +52,47 @@ def log(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 4 or 1,2,4,8, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
+def int_in(low: int, high: int):
+    """An argparse type: one integer in low..high (the limits and their reasons: limits.py)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def ints_in(low: int, high: int):
+    """An argparse type: integers like 4 or 1,2,4,8, each in low..high."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like 4 or 1,2,4,8, got {text!r}") from None
+        if any(not low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"values must be in {low}..{high}, got {text!r}")
+        return values
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = True):
+    """An argparse type: a finite number in (low, high] ([low, high] unless `low_open`)."""
+    def parse(text: str) -> float:
+        try:
+            return lim.check_number("the value", float(text), low, high, low_open=low_open)
+        except (ValueError, UserError):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}"
+                                             f"{low:g}, {high:g}], got {text!r}") from None
+    return parse
+
+
+int_list = ints_in(1, lim.MAX_BATCH_SIZE)
+STAGES, STAGE_LIST = int_in(1, lim.MAX_STAGES), ints_in(1, lim.MAX_STAGES)
+MICROBATCHES, MICROBATCH_LIST = int_in(1, lim.MAX_BATCH_SIZE), ints_in(1, lim.MAX_BATCH_SIZE)
+LAYERS, WIDTH, BATCH = int_in(1, lim.MAX_LAYERS), int_in(1, lim.MAX_WIDTH), int_in(1, lim.MAX_BATCH_SIZE)
 
 
 # --- shared options -----------------------------------------------------------
@@ -53,15 +101,15 @@ def int_list(text: str) -> list[int]:
 def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_ifs: bool = False) -> None:
     """Options that describe a pipeline; shared by predict and run (what-ifs: predict only)."""
     g = parser.add_argument_group("model and pipeline")
-    g.add_argument("--layers", type=int, default=32, help="number of fc layers (default: 32)")
-    g.add_argument("--width", type=int, default=512, help="fc layer width (default: 512)")
+    g.add_argument("--layers", type=LAYERS, default=None, help="number of fc layers (default: 32)")
+    g.add_argument("--width", type=WIDTH, default=None, help="fc layer width (default: 512)")
     g.add_argument("--model", metavar="FILE", help="model spec TOML (models/*.toml); overrides --layers/--width")
     stages_help = "pipeline stages, one rank each" + (" (a list like 1,2,4,8 predicts each)" if lists else "")
-    g.add_argument("--stages", type=int_list if lists else int, default=None,
+    g.add_argument("--stages", type=STAGE_LIST if lists else STAGES, default=None,
                    help=stages_help + " (default: 4, or the partition's stage count)")
-    g.add_argument("--microbatches", type=int_list if lists else int, default=[8] if lists else 8,
+    g.add_argument("--microbatches", type=MICROBATCH_LIST if lists else MICROBATCHES, default=[8] if lists else 8,
                    help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
-    g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
+    g.add_argument("--batch-size", type=BATCH, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
     g.add_argument("--partition", default="balanced",
                    help="layers per stage: counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
@@ -76,7 +124,7 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_
 
 def add_what_if_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what-ifs for heterogeneous clusters")
-    g.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+    g.add_argument("--ranks-per-node", type=int_in(1, lim.MAX_RANKS_PER_NODE), default=None, metavar="N",
                    help="rank r sits on node r // N: links between nodes use the profile's inter_node "
                         "costs (default: all ranks on one node)")
     g.add_argument("--rank-speed", action="append", default=[], metavar="RANK:FACTOR",
@@ -98,7 +146,12 @@ def costs_from_args(args):
 
 
 def model_from_args(args) -> ModelSpec:
-    return load_model(args.model) if args.model else fc(args.layers, args.width)
+    if not args.model:
+        return fc(args.layers or 32, args.width or 512)
+    for option in ("layers", "width"):
+        if getattr(args, option, None) is not None:
+            warn_no_effect(f"--{option} is ignored: --model {args.model} gives the layers")
+    return load_model(args.model)
 
 
 def _explicit_stage_count(partition: str) -> int | None:
@@ -116,25 +169,34 @@ def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Pred
 
 
 def cmd_predict(args) -> int:
-    model = model_from_args(args)
-    profile, costs = costs_from_args(args)
     explicit = _explicit_stage_count(args.partition)
     stage_list = args.stages or [explicit or 4]
-    costs.check_ranks(max(stage_list))
     if explicit is not None and len(stage_list) > 1:
         raise UsageError("an explicit --partition fits one stage count; use 'balanced' with a --stages list")
+    single = len(stage_list) * len(args.microbatches) == 1
+    if (args.trace or args.gantt) and not single:
+        raise UsageError("--trace and --gantt need a single configuration")
+    trace = output_file(args.trace, "--trace") if args.trace else None
+    gantt = figure_file(args.gantt, "--gantt") if args.gantt else None
+    model = model_from_args(args)
+    profile, costs = costs_from_args(args)
+    costs.check_ranks(max(stage_list))
+    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stage_list))
+    for stages in stage_list:
+        lim.check_size(model.num_layers, stages, max(args.microbatches))
+    lim.check_work(sum(lim.work_s(model.num_layers, p, m) for p in stage_list for m in args.microbatches),
+                   f"predicting {len(stage_list) * len(args.microbatches)} configuration(s)")
     predictions = [
         _predict_one(args, model, stages, mbs, costs, profile.name)
         for stages in stage_list for mbs in args.microbatches
     ]
-    single = len(predictions) == 1
-    if args.trace or args.gantt:
-        if not single:
-            raise UsageError("--trace and --gantt need a single configuration")
-        write_outputs(predictions[0], args.trace, args.gantt)
+    for prediction in predictions:
+        check_finite(prediction)
+    if trace or gantt:
+        write_outputs(predictions[0], trace, gantt)
     if args.json:
         data = [{**prediction_json(p), "profile_measured_on": profile.measured_on} for p in predictions]
-        print(json.dumps(data[0] if single else data, indent=2))
+        print(finite_json(data[0] if single else data))
     elif single:
         print_prediction(predictions[0], profile.measured_on)
     else:
@@ -142,14 +204,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def write_outputs(prediction: Prediction, trace: str | None, gantt: str | None) -> None:
+def check_finite(prediction: Prediction) -> None:
+    check_finite_time(prediction.metrics.iteration_time_s, "the predicted iteration time")
+    check_finite_time(prediction.baseline_time_s, "the one-rank baseline time")
+
+
+def write_outputs(prediction: Prediction, trace: Path | None, gantt: Path | None) -> None:
     if trace:
-        Path(trace).write_text(json.dumps(to_chrome_trace(prediction.timeline)))
+        trace.write_text(json.dumps(to_chrome_trace(prediction.timeline)))
         print(f"wrote {trace} (Chrome trace; open in https://ui.perfetto.dev)", file=sys.stderr)
     if gantt:
         from .report import gantt_png
 
-        gantt_png(prediction.timeline, gantt, title=f"{prediction.plan.schedule.name}, "
+        gantt_png(prediction.timeline, str(gantt), title=f"{prediction.plan.schedule.name}, "
                   f"{prediction.plan.num_stages} stages, {prediction.plan.num_microbatches} micro-batches "
                   f"(simulated, profile {prediction.profile})")
         print(f"wrote {gantt}", file=sys.stderr)
@@ -169,13 +236,13 @@ def schedule_list(text: str) -> list[str]:
 def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
     """Model, pipeline, costs and cap for optimize (one configuration) and sweep (`grid`: lists)."""
     g = parser.add_argument_group("model and pipeline")
-    g.add_argument("--layers", type=int, default=32, help="number of fc layers (default: 32)")
-    g.add_argument("--width", type=int, default=512, help="fc layer width (default: 512)")
+    g.add_argument("--layers", type=LAYERS, default=None, help="number of fc layers (default: 32)")
+    g.add_argument("--width", type=WIDTH, default=None, help="fc layer width (default: 512)")
     g.add_argument("--model", metavar="FILE", help="model spec TOML (models/*.toml); overrides --layers/--width")
     if grid:
-        g.add_argument("--stages", type=int_list, default=[1, 2, 4, 8, 16],
+        g.add_argument("--stages", type=STAGE_LIST, default=[1, 2, 4, 8, 16],
                        help="stage counts (default: 1,2,4,8,16)")
-        g.add_argument("--microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
+        g.add_argument("--microbatches", type=MICROBATCH_LIST, default=[1, 2, 4, 8, 16, 32],
                        help="micro-batch counts (default: 1,2,4,8,16,32)")
         g.add_argument("--schedule", type=schedule_list, default=list(SCHEDULES),
                        help="schedules (default: gpipe,1f1b)")
@@ -183,10 +250,11 @@ def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "
                             "`optimize`'s search (slower) (default: balanced)")
     else:
-        g.add_argument("--stages", type=int, default=4, help="pipeline stages, one rank each (default: 4)")
-        g.add_argument("--microbatches", type=int, default=8, help="micro-batches (default: 8)")
+        g.add_argument("--stages", type=int_in(1, lim.MAX_OPTIMIZE_STAGES), default=4,
+                       help="pipeline stages, one rank each (default: 4)")
+        g.add_argument("--microbatches", type=MICROBATCHES, default=8, help="micro-batches (default: 8)")
         g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule (default: 1f1b)")
-    g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
+    g.add_argument("--batch-size", type=BATCH, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer (default: sgd)")
     g.add_argument("--memory-cap", metavar="BYTES", default=None,
@@ -201,25 +269,41 @@ def _memory_cap(args) -> int | None:
 
 
 def _optimum(args):
-    from .optimize import Problem, optimize
+    from .optimize import MAX_EXPANSIONS, Problem, optimize
 
     model = model_from_args(args)
     profile, costs = costs_from_args(args)
     costs.check_ranks(args.stages)
+    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, args.stages)
+    lim.check_size(model.num_layers, args.stages, args.microbatches)
+    lim.check_work(lim.optimize_work_s(model.num_layers, args.stages, args.microbatches, args.max_simulations,
+                                       MAX_EXPANSIONS), "optimize's search (at most --max-simulations runs)")
     problem = Problem(model, args.schedule, args.stages, args.microbatches, args.batch_size, costs,
                       _memory_cap(args), profile.name)
-    return optimize(problem, max_simulations=args.max_simulations)
+    optimum = optimize(problem, max_simulations=args.max_simulations)
+    check_finite(optimum.best)
+    return optimum
 
 
 def _sweep(args, progress: bool = True):
-    from .sweep import ProgressBar, grid, run_sweep
+    from .sweep import ProgressBar, grid, run_sweep, sweep_work_s
 
     model = model_from_args(args)
     _, costs = costs_from_args(args)
     costs.check_ranks(max(args.stages))
+    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(args.stages))
     points = grid(args.stages, args.microbatches, args.schedule)
+    jobs = min(args.jobs or os.cpu_count() or 1, len(points))
+    lim.check_work(sweep_work_s(model.num_layers, points, args.partition) / jobs,
+                   f"the sweep of {len(points)} points on {jobs} processes")
     bar = ProgressBar(len(points)) if progress else None
-    return run_sweep(model, costs, points, args.batch_size, args.partition, _memory_cap(args), args.jobs, bar)
+    sweep = run_sweep(model, costs, points, args.batch_size, args.partition, _memory_cap(args), args.jobs, bar)
+    if not any(result.ok for result in sweep.results):
+        raise UsageError(f"every point of the sweep was skipped, e.g. {sweep.results[0].point.num_stages} "
+                         f"stages x {sweep.results[0].point.num_microbatches} micro-batches: "
+                         f"{sweep.results[0].skipped}")
+    check_finite_time(sweep.baseline_time_s, "the one-rank baseline time")
+    return sweep
 
 
 def _log_figures(out: Path, figures: dict[str, str]) -> None:
@@ -230,7 +314,7 @@ def _log_figures(out: Path, figures: dict[str, str]) -> None:
 def _plots(args, draw) -> None:
     """With --plots DIR, draw(DIR) writes the figures there."""
     if args.plots:
-        out = Path(args.plots)
+        out = output_folder(args.plots, "--plots")
         out.mkdir(parents=True, exist_ok=True)
         _log_figures(out, draw(out))
 
@@ -239,9 +323,11 @@ def cmd_optimize(args) -> int:
     from . import report
     from .optimize import optimum_json
 
+    if args.plots:
+        output_folder(args.plots, "--plots")
     optimum = _optimum(args)
     _plots(args, lambda out: report.optimize_figures(optimum, out))
-    print(json.dumps(optimum_json(optimum), indent=2) if args.json else report.optimum_text(optimum))
+    print(finite_json(optimum_json(optimum)) if args.json else report.optimum_text(optimum))
     return 0
 
 
@@ -249,15 +335,18 @@ def cmd_sweep(args) -> int:
     from . import report
     from .sweep import sweep_json
 
+    if args.plots:
+        output_folder(args.plots, "--plots")
     sweep = _sweep(args, progress=not args.quiet)
     _plots(args, lambda out: report.sweep_figures(sweep, out))
-    print(json.dumps(sweep_json(sweep), indent=2) if args.json else report.sweep_text(sweep))
+    print(finite_json(sweep_json(sweep)) if args.json else report.sweep_text(sweep))
     return 0
 
 
 def cmd_report(args) -> int:
     from . import report
 
+    output_folder(args.out, "--out")
     optimum = _optimum(args)
     grid_args = argparse.Namespace(**{**vars(args), "stages": args.sweep_stages, "schedule": args.sweep_schedules,
                                       "microbatches": args.sweep_microbatches, "partition": "balanced"})
@@ -280,7 +369,7 @@ def add_optimize_parsers(sub) -> None:
                                    "predicted iteration time whose every rank fits --memory-cap, and "
                                    "compare it with the even split by layer count.")
     add_search_options(o, grid=False)
-    o.add_argument("--max-simulations", type=int, default=200,
+    o.add_argument("--max-simulations", type=int_in(1, lim.MAX_SIMULATIONS), default=200,
                    help="simulate at most this many candidates (default: 200)")
     out = o.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
@@ -291,25 +380,29 @@ def add_optimize_parsers(sub) -> None:
                        description="Predict every configuration of the grid in parallel processes; print "
                                    "speedup and peak memory, and recommend the fastest that fits --memory-cap.")
     add_search_options(s, grid=True)
-    s.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
+    s.add_argument("--jobs", type=int_in(1, lim.MAX_JOBS), default=None, help="processes (default: one per core)")
     out = s.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
     out.add_argument("--plots", metavar="DIR", help="write sweep-*.png (speedup curves, heatmap) into DIR")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sweep)
 
-    r = sub.add_parser("report", help="optimize + sweep, figures and one markdown page in reports/",
+    r = sub.add_parser("report", help="optimize + sweep, figures and one markdown page (default: in reports/)",
                        description="Optimize one configuration and sweep a grid, then write the Gantt "
                                    "charts, memory bars, speedup curves, heatmap and a markdown page.")
     add_search_options(r, grid=False)
-    r.add_argument("--max-simulations", type=int, default=200, help="as in optimize (default: 200)")
-    r.add_argument("--sweep-stages", type=int_list, default=[1, 2, 4, 8, 16], help="(default: 1,2,4,8,16)")
-    r.add_argument("--sweep-microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
+    r.add_argument("--max-simulations", type=int_in(1, lim.MAX_SIMULATIONS), default=200,
+                   help="as in optimize (default: 200)")
+    r.add_argument("--sweep-stages", type=STAGE_LIST, default=[1, 2, 4, 8, 16], help="(default: 1,2,4,8,16)")
+    r.add_argument("--sweep-microbatches", type=MICROBATCH_LIST, default=[1, 2, 4, 8, 16, 32],
                    help="(default: 1,2,4,8,16,32)")
     r.add_argument("--sweep-schedules", type=schedule_list, default=list(SCHEDULES),
                    help="(default: gpipe,1f1b)")
-    r.add_argument("--jobs", type=int, default=None, help="sweep processes (default: one per core)")
-    r.add_argument("--out", default="reports", help="where the page and figures go (default: reports/)")
+    r.add_argument("--jobs", type=int_in(1, lim.MAX_JOBS), default=None,
+                   help="sweep processes (default: one per core)")
+    r.add_argument("--out", default="reports",
+                   help="where the page and figures go (default: reports/, which is tracked by git: "
+                        "running this there changes the committed reports)")
     r.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_report)
 
@@ -325,15 +418,15 @@ def cmd_run(args) -> int:
     )
     from .runner.results import measure, measurement_json
 
-    if args.iterations < 1 or args.warmup < 0 or args.threads_per_rank < 1:
-        raise UsageError("--iterations and --threads-per-rank must be >= 1, --warmup >= 0")
+    trace = output_file(args.trace, "--trace") if args.trace else None  # all checked before launching
+    gantt = figure_file(args.gantt, "--gantt") if args.gantt else None
     model = model_from_args(args)
     costs = ProfileCostModel(load_profile(args.profile), optimizer=args.optimizer)
     stages = args.stages or _explicit_stage_count(args.partition) or 4
     plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
-    check_runner_available()
+    check_runner_available("pipesim run")
     baseline = None
     if args.baseline and not inside_mpi_world():
         log(f"baseline: 1 rank, whole model, batch {plan.batch_size}")
@@ -347,17 +440,17 @@ def cmd_run(args) -> int:
     extra = {}
     if baseline is not None:
         extra = {"baseline_time_s": baseline.median_s, "speedup": baseline.median_s / measured.median_s}
-    if args.trace:
-        Path(args.trace).write_text(json.dumps(to_chrome_trace(measured.representative)))
-        log(f"wrote {args.trace} (Chrome trace of the median iteration)")
-    if args.gantt:
+    if trace:
+        trace.write_text(json.dumps(to_chrome_trace(measured.representative)))
+        log(f"wrote {trace} (Chrome trace of the median iteration)")
+    if gantt:
         from .report import gantt_png
 
-        gantt_png(measured.representative, args.gantt, title=f"{plan.schedule.name}, {plan.num_stages} "
+        gantt_png(measured.representative, str(gantt), title=f"{plan.schedule.name}, {plan.num_stages} "
                   f"stages, {plan.num_microbatches} micro-batches (measured, median iteration)")
-        log(f"wrote {args.gantt}")
+        log(f"wrote {gantt}")
     if args.json:
-        print(json.dumps(measurement_json(measured, **extra), indent=2))
+        print(finite_json(measurement_json(measured, **extra)))
     else:
         print_measurement(measured, baseline)
     return 0
@@ -368,7 +461,11 @@ def cmd_run(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import DEFAULT_WIDTHS, CalibrationSettings, calibrate
+    from .runner.launch import check_runner_available
 
+    out = output_file(args.out or f"calibration/{_host_name()}.json", "--out", make_parents=True)
+    if args.layers is not None:
+        warn_no_effect(f"--layers {args.layers}: calibration depends only on the layer width")
     if args.model:
         widths = tuple(sorted({layer.out_features for layer in load_model(args.model).layers}))
     else:
@@ -381,8 +478,8 @@ def cmd_calibrate(args) -> int:
         extra_metadata={"command": "pipesim " + " ".join(sys.argv[1:])},
         **{key: value for key, value in given.items() if value},
     )
-    out = Path(args.out or f"calibration/{_host_name()}.json")
     name = args.name or out.stem
+    check_runner_available("pipesim calibrate")
     log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
         f"{list(settings.microbatch_sizes)}")
     profile = calibrate(settings, name, log)
@@ -407,17 +504,30 @@ def _host_name() -> str:
 
 def cmd_validate(args) -> int:
     from .runner.launch import check_runner_available
-    from .validate import Tolerance, load_grid, run_validation, summarize, summary_line, verdict
+    from .validate import (
+        Tolerance,
+        load_grid,
+        plan_case,
+        run_validation,
+        summarize,
+        summary_line,
+        verdict,
+    )
     from .validation_report import write_report
 
     grid = load_grid(args.grid)
     profile = load_profile(args.profile)
+    costs = ProfileCostModel(profile)
+    for case in grid.cases:  # every case plans (partition, sizes) before anything launches
+        plan_case(case, costs)
+    output_folder(args.out, "--out")
+    check_runner_available("pipesim validate")
     log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
         f"against profile {profile.name!r}")
-    check_runner_available()
     results = run_validation(grid, profile, log)
     summary = summarize(results)
-    judged = verdict(summary, Tolerance(args.tolerance, args.noise_multiple, args.max_tolerance))
+    cap = math.inf if args.max_tolerance is None else args.max_tolerance
+    judged = verdict(summary, Tolerance(args.tolerance, args.noise_multiple, cap))
     command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     path = write_report(grid, profile, results, summary, Path(args.out), command, judged.text)
     print(summary_line(results, summary))
@@ -429,7 +539,7 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pipesim",
         description="Predict, and prove, how fast pipeline-parallel training runs.",
     )
@@ -461,11 +571,12 @@ def _add_run_parser(sub) -> None:
                                    "was started in (mpiexec, srun).")
     add_plan_options(r)
     m = r.add_argument_group("measurement")
-    m.add_argument("--iterations", type=int, default=20, help="measured iterations (default: 20)")
-    m.add_argument("--warmup", type=int, default=5, help="iterations run first and discarded (default: 5)")
-    m.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
+    m.add_argument("--iterations", type=int_in(1, 100_000), default=20, help="measured iterations (default: 20)")
+    m.add_argument("--warmup", type=int_in(0, 100_000), default=5,
+                   help="iterations run first and discarded (default: 5)")
+    m.add_argument("--threads-per-rank", type=int_in(1, 1024), default=1, help="torch threads per rank (default: 1)")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where stages compute")
-    m.add_argument("--seed", type=int, default=0, help="seed of parameters and synthetic data")
+    m.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of parameters and synthetic data")
     m.add_argument("--baseline", action="store_true",
                    help="also measure one rank running the whole model on the whole mini-batch")
     out = r.add_argument_group("output")
@@ -480,21 +591,25 @@ def _add_calibrate_parser(sub) -> None:
                        description="Measure costs with the runner's own code (all ranks at once) and fit "
                                    "them with scipy. Launches mpiexec itself, or runs inside an existing "
                                    "mpiexec/srun allocation.")
-    c.add_argument("--ranks", type=int, default=2, help="ranks to measure with (default: 2)")
+    c.add_argument("--ranks", type=int_in(2, lim.MAX_STAGES), default=2,
+                   help="ranks to measure with, at least 2 for the links (default: 2)")
     c.add_argument("--model", metavar="FILE", help="calibrate the layer widths of this model spec")
-    c.add_argument("--width", type=int, default=None, help="calibrate this one fc width")
-    c.add_argument("--widths", type=int_list, help="fc widths to measure (default: 256,384,512,768,1024)")
-    c.add_argument("--layers", type=int, default=None,
+    c.add_argument("--width", type=WIDTH, default=None, help="calibrate this one fc width")
+    c.add_argument("--widths", type=ints_in(1, lim.MAX_WIDTH),
+                   help="fc widths to measure (default: 256,384,512,768,1024)")
+    c.add_argument("--layers", type=LAYERS, default=None,
                    help="accepted like predict's; calibration depends only on the layer width")
-    c.add_argument("--microbatch-sizes", type=int_list,
+    c.add_argument("--microbatch-sizes", type=MICROBATCH_LIST,
                    help="micro-batch sizes to measure (default: 4,8,...,512)")
-    c.add_argument("--repeats", type=int, help="timed rounds over all points (default: 30)")
-    c.add_argument("--stack-mib", type=int,
+    c.add_argument("--repeats", type=int_in(1, 10_000), help="timed rounds over all points (default: 30)")
+    c.add_argument("--stack-mib", type=int_in(1, 1 << 20),
                    help="weights per timed layer stack, MiB: like one of your stages (default: 16)")
-    c.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1)")
+    c.add_argument("--threads-per-rank", type=int_in(1, 1024), default=1,
+                   help="torch threads per rank (default: 1)")
     c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     c.add_argument("--name", help="profile name (default: the output file's stem)")
-    c.add_argument("--out", metavar="FILE", help="where to write (default: calibration/HOST.json)")
+    c.add_argument("--out", metavar="FILE",
+                   help="where to write (default: calibration/HOST.json, in the tracked calibration/ folder)")
     c.add_argument("--json", action="store_true", help="also print the profile JSON")
     c.set_defaults(func=cmd_calibrate)
 
@@ -506,13 +621,15 @@ def _add_validate_parser(sub) -> None:
                                    ".csv and PNGs. Exits 1 when MAPE exceeds --tolerance.")
     v.add_argument("--grid", default="validation/default.toml", help="grid TOML (default: %(default)s)")
     v.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
-    v.add_argument("--tolerance", type=float, default=0.05,
+    v.add_argument("--tolerance", type=float_in(0.0, 10.0), default=0.05,
                    help="largest MAPE that passes, or its floor with --noise-multiple (default: 0.05)")
-    v.add_argument("--noise-multiple", type=float, default=0.0, metavar="K",
+    v.add_argument("--noise-multiple", type=float_in(0.0, 100.0, low_open=False), default=0.0, metavar="K",
                    help="add K x this run's median noise floor to --tolerance (default: 0)")
-    v.add_argument("--max-tolerance", type=float, default=float("inf"), metavar="CAP",
+    v.add_argument("--max-tolerance", type=float_in(0.0, 10.0), default=None, metavar="CAP",
                    help="never let the tolerance exceed CAP (default: no cap)")
-    v.add_argument("--out", default="reports", help="where the report goes (default: reports/)")
+    v.add_argument("--out", default="reports",
+                   help="where the report goes (default: reports/, which is tracked by git: running this "
+                        "there changes the committed reports)")
     v.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
 
@@ -522,22 +639,43 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success, 1 a failed run or validation, 2 a user error, 130 interrupted."""
     import warnings
 
-    warnings.showwarning = _show_warning
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", UserWarning)  # every command says its warnings, not only the first
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or a usage error already printed
+            return exc.code if isinstance(exc.code, int) else 2
+        try:
+            return _run(args)
+        except KeyboardInterrupt:  # the launcher has already stopped mpiexec and its ranks
+            print("pipesim: interrupted", file=sys.stderr)
+            return 130
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
-    except (*USER_ERRORS, UsageError, RunnerUnavailable) as exc:
-        print(f"pipesim: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return _error(str(exc))
     except RunFailed as exc:  # a rank's traceback is already on stderr
         print(f"pipesim: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file the user named could not be written (reads are checked where they happen)
+        if exc.filename is None:
+            raise
+        return _error(f"cannot write {exc.filename}: {exc.strerror or exc}")
+
+
+def _error(message: str) -> int:
+    print(f"pipesim: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
 
+from .errors import UserError
+from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
 from .model import FLOAT32_BYTES, LayerSpec
 from .profile import Affine, Link, Profile, ProfileError, Table, piecewise
 
@@ -42,7 +44,7 @@ class CostModel(Protocol):
     def static_bytes(self, params: int) -> int: ...
 
 
-class WhatIfError(ValueError):
+class WhatIfError(UserError):
     """A rank-speed or link override that cannot be used; one line for the user."""
 
 
@@ -87,6 +89,8 @@ class ProfileCostModel:
         for rank, factor in self.rank_speed:
             if rank < 0 or not factor > 0 or math.isinf(factor):
                 raise WhatIfError(f"rank speed {rank}:{factor} needs a rank >= 0 and a finite factor > 0")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise WhatIfError(f"--ranks-per-node must be >= 1, got {self.ranks_per_node}")
         ranks = [rank for rank, _ in self.rank_speed]
         if len(set(ranks)) != len(ranks):
             raise WhatIfError(f"--rank-speed names a rank twice: {sorted(ranks)}")
@@ -161,11 +165,20 @@ class ProfileCostModel:
 # --- what-if text forms (the command line's --rank-speed and --link) -----------
 
 
-def _float(token: str, what: str, allowed: str) -> float:
+def _float(token: str, what: str, allowed: str, low: float, high: float, low_open: bool = False) -> float:
     try:
-        return float(token)
+        value = float(token)
     except ValueError:
         raise WhatIfError(f"bad {what}: {token!r} is not a number (allowed: {allowed})") from None
+    try:
+        return check_number(what, value, low, high, low_open)
+    except UserError as exc:
+        raise WhatIfError(f"bad {exc}") from None
+
+
+def _rank(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) <= 9 and int(text) < MAX_STAGES else None
 
 
 _RANK_SPEED_FORM = "RANK:FACTOR like 3:0.5, several as 2:0.5,3:0.8"
@@ -177,12 +190,10 @@ def parse_rank_speed(text: str) -> tuple[tuple[int, float], ...]:
     pairs = []
     for item in text.split(","):
         rank_text, colon, factor_text = item.strip().partition(":")
-        if not colon or not rank_text.strip().isdigit():
-            raise WhatIfError(f"bad --rank-speed {text!r} (allowed: {_RANK_SPEED_FORM})")
-        factor = _float(factor_text, f"--rank-speed {text!r}", _RANK_SPEED_FORM)
-        if not factor > 0 or math.isinf(factor):
-            raise WhatIfError(f"bad --rank-speed {text!r}: the factor must be finite and > 0")
-        pairs.append((int(rank_text), factor))
+        if not colon or _rank(rank_text) is None:
+            raise WhatIfError(f"bad --rank-speed {text!r} (allowed: {_RANK_SPEED_FORM}, ranks 0-{MAX_STAGES - 1})")
+        factor = _float(factor_text, f"--rank-speed {text!r}: the factor", _RANK_SPEED_FORM, *RANK_SPEED)
+        pairs.append((_rank(rank_text), factor))
     return tuple(pairs)
 
 
@@ -190,9 +201,9 @@ def parse_link_override(text: str) -> tuple[tuple[int, int], LinkOverride]:
     """``1-2:1.25e9Bps``, ``1-2:5e-6s`` or ``1-2:1.25e9Bps,5e-6s``: the link between ranks 1 and 2."""
     pair_text, colon, values_text = text.strip().partition(":")
     a_text, dash, b_text = pair_text.partition("-")
-    if not colon or not dash or not a_text.strip().isdigit() or not b_text.strip().isdigit():
-        raise WhatIfError(f"bad --link {text!r} (allowed: {_LINK_FORM})")
-    a, b = int(a_text), int(b_text)
+    a, b = _rank(a_text), _rank(b_text)
+    if not colon or not dash or a is None or b is None:
+        raise WhatIfError(f"bad --link {text!r} (allowed: {_LINK_FORM}, ranks 0-{MAX_STAGES - 1})")
     if a == b:
         raise WhatIfError(f"bad --link {text!r}: a link joins two different ranks")
     values: dict[str, float] = {}
@@ -201,8 +212,9 @@ def parse_link_override(text: str) -> tuple[tuple[int, int], LinkOverride]:
         unit = "bandwidth_Bps" if token.endswith("Bps") else "latency_s" if token.endswith("s") else None
         if unit is None or unit in values:
             raise WhatIfError(f"bad --link {text!r}: {token!r} (allowed: {_LINK_FORM})")
-        number = _float(token[:-3] if unit == "bandwidth_Bps" else token[:-1], f"--link {text!r}", _LINK_FORM)
-        if number < 0 or (unit == "bandwidth_Bps" and number == 0) or math.isinf(number):
-            raise WhatIfError(f"bad --link {text!r}: bandwidth must be > 0 and latency >= 0")
+        if unit == "bandwidth_Bps":
+            number = _float(token[:-3], f"--link {text!r}: the bandwidth (Bps)", _LINK_FORM, *BANDWIDTH_BPS)
+        else:
+            number = _float(token[:-1], f"--link {text!r}: the latency (s)", _LINK_FORM, 0.0, MAX_SECONDS)
         values[unit] = number
     return (min(a, b), max(a, b)), LinkOverride(**values)

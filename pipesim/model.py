@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+from .limits import MAX_LAYERS, MAX_WIDTH
 from .tomlfile import read_toml
 
 FLOAT32_BYTES = 4
 LAYER_KINDS = ("fc",)  # fc = Linear + ReLU
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model spec that cannot be used; the message is one line for the user."""
 
 
@@ -48,8 +50,8 @@ def fc_layer(in_features: int, out_features: int) -> LayerSpec:
     Linear saves its input (counted as the previous layer's output) and ReLU
     saves its result, so each layer adds one output's worth of saved bytes.
     """
-    if in_features < 1 or out_features < 1:
-        raise ModelError(f"fc layer features must be >= 1, got {in_features}x{out_features}")
+    if not (1 <= in_features <= MAX_WIDTH and 1 <= out_features <= MAX_WIDTH):
+        raise ModelError(f"fc layer features must be in 1..{MAX_WIDTH}, got {in_features}x{out_features}")
     out_bytes = out_features * FLOAT32_BYTES
     return LayerSpec(
         kind="fc",
@@ -96,10 +98,10 @@ class ModelSpec:
 
 def fc(num_layers: int = 32, width: int = 512, name: str | None = None) -> ModelSpec:
     """The network the project grew from: N equal fully connected layers."""
-    if num_layers < 1:
-        raise ModelError(f"--layers must be >= 1, got {num_layers}")
-    if width < 1:
-        raise ModelError(f"--width must be >= 1, got {width}")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ModelError(f"--layers must be in 1..{MAX_LAYERS}, got {num_layers}")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ModelError(f"--width must be in 1..{MAX_WIDTH}, got {width}")
     layers = tuple(fc_layer(width, width) for _ in range(num_layers))
     return ModelSpec(name or f"fc{num_layers}x{width}", layers)
 
@@ -119,12 +121,15 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ModelError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+_INT_LIMITS = {"num_layers": MAX_LAYERS, "repeat": MAX_LAYERS}  # others are features: MAX_WIDTH
+
+
 def _require_int(table: dict, key: str, where: str) -> int:
     if key not in table:
         raise ModelError(f"{where}: missing field {key!r}")
-    value = table[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ModelError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    value, high = table[key], _INT_LIMITS.get(key, MAX_WIDTH)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+        raise ModelError(f"{where}: {key!r} must be an integer in 1..{high}, got {value!r}")
     return value
 
 
@@ -143,6 +148,9 @@ def _layers_from_table(entries: list, where: str) -> tuple[LayerSpec, ...]:
         repeat = _require_int(entry, "repeat", at) if "repeat" in entry else 1
         if repeat > 1 and in_f != out_f:
             raise ModelError(f"{at}: repeat needs in_features == out_features")
+        if len(layers) + repeat > MAX_LAYERS:
+            raise ModelError(f"{at}: the model would have {len(layers) + repeat:,} layers, beyond the "
+                             f"limit of {MAX_LAYERS:,}")
         if layers and layers[-1].out_features != in_f:
             raise ModelError(
                 f"{at}: in_features {in_f} does not match the previous layer's "
@@ -155,9 +163,11 @@ def _layers_from_table(entries: list, where: str) -> tuple[LayerSpec, ...]:
 def parse_model(data: dict, where: str = "model") -> ModelSpec:
     """Build a ModelSpec from a parsed TOML table (see models/*.toml)."""
     _check_keys(data, _TOP_KEYS, where)
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
+    if "name" not in data:
         raise ModelError(f"{where}: missing field 'name'")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"{where}: 'name' must be a non-empty string, got {name!r}")
     if ("fc" in data) == ("layers" in data):
         raise ModelError(f"{where}: give exactly one of [fc] or [[layers]]")
     if "fc" in data:

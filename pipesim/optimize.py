@@ -38,6 +38,7 @@ from .bounds import (
     peak_memory_bytes,
 )
 from .engine import simulate
+from .errors import UserError
 from .partition import Partition, check_stage_count, even_split, min_max_partition
 from .plan import Plan
 from .predict import Prediction, predict, prediction_json
@@ -51,7 +52,7 @@ MAX_SIMULATIONS = 200
 MAX_EXPANSIONS = 20_000
 
 
-class OptimizeError(ValueError):
+class OptimizeError(UserError):
     """A search that cannot run or has no answer; the message is one line for the user."""
 
 
@@ -81,8 +82,8 @@ def parse_bytes(text: str) -> int:
         value = float(match[1]) * _BYTE_UNITS[match[2]]
     except ValueError:
         raise OptimizeError(f"bad memory size {text!r}: {match[1]!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise OptimizeError(f"bad memory size {text!r}: must be > 0")
+    if not value >= 1 or math.isinf(value):
+        raise OptimizeError(f"bad memory size {text!r}: must be a finite number of at least 1 byte")
     return int(value)
 
 

@@ -9,12 +9,14 @@ Three ways to say it:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+
+from .errors import UserError
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError):
     """A partition that cannot be used; the message is one line for the user."""
 
 
@@ -122,6 +124,10 @@ def parse_partition(
     if not text or any(not t for t in tokens):
         raise PartitionError(f"bad partition {text!r}: empty stage (allowed: 8,8,8,8 or 0-9,10-31)")
     _check_stage_count(len(tokens), num_layers, num_stages, text)
+    negative = [t for t in tokens if t.startswith("-")]
+    if negative:
+        raise PartitionError(f"partition {text!r}: {negative[0]!r} is negative; every stage needs at "
+                             "least one layer (allowed: counts like 8,8,8,8 or ranges like 0-9,10-31)")
     if any("-" in t for t in tokens):
         return _from_range_text(tokens, text, num_layers)
     return _from_count_text(tokens, text, num_layers)
@@ -169,21 +175,26 @@ def min_max_partition(
     Ties go to the smallest first stage whose remaining stages do as well.
     """
     check_stage_count(num_layers, num_stages)
-    n = num_layers
-
-    @cache
-    def best(start: int, stage: int) -> tuple[float, tuple[int, ...]]:
-        """Cheapest max-stage-cost for layers start..n-1 in stages stage..num_stages-1."""
-        if stage == num_stages - 1:
-            return stage_cost(stage, start, n - 1), (n - start,)
-        options = []
-        for count in range(1, n - start - (num_stages - stage) + 2):
-            head = stage_cost(stage, start, start + count - 1)
-            tail_cost, tail = best(start + count, stage + 1)
-            options.append((max(head, tail_cost), (count, *tail)))
-        return min(options, key=lambda option: option[0])
-
-    return Partition.from_counts(best(0, 0)[1])
+    n, p = num_layers, num_stages
+    # Bottom-up over stages (no recursion: thousands of stages are fine). `tail[start]` is the
+    # cheapest max-stage-cost of layers start..n-1 in the stages after this one.
+    tail = {start: stage_cost(p - 1, start, n - 1) for start in range(p - 1, n)}
+    choices: list[dict[int, int]] = [{} for _ in range(p - 1)]
+    for stage in range(p - 2, -1, -1):
+        here: dict[int, float] = {}
+        for start in ([0] if stage == 0 else range(stage, n - (p - stage) + 1)):
+            best_cost, best_count = math.inf, 1
+            for count in range(1, n - start - (p - stage) + 2):
+                cost = max(stage_cost(stage, start, start + count - 1), tail[start + count])
+                if cost < best_cost:  # ties: the smallest count found first wins
+                    best_cost, best_count = cost, count
+            here[start], choices[stage][start] = best_cost, best_count
+        tail = here
+    counts, start = [], 0
+    for stage in range(p - 1):
+        counts.append(choices[stage][start])
+        start += counts[-1]
+    return Partition.from_counts([*counts, n - start])
 
 
 def even_split(num_layers: int, num_stages: int) -> Partition:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .costs import CostModel
+from .limits import check_size, check_work, work_s
 from .model import ModelSpec
-from .partition import Partition, parse_partition
+from .partition import Partition, check_stage_count, parse_partition
 from .schedule import Schedule, ScheduleError, build_schedule
 
 
@@ -67,8 +68,14 @@ def make_plan(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
     microbatch_size = batch_size // num_microbatches
+    check_size(model.num_layers, num_stages, num_microbatches)
+    balanced = partition.strip() == "balanced"
+    if balanced:  # before costing every rank
+        check_stage_count(model.num_layers, num_stages)
+    check_work(work_s(model.num_layers, num_stages, num_microbatches, balanced),
+               f"planning and simulating {model.num_layers} layers on {num_stages} stages")
     weights = None
-    if costs is not None and partition.strip() == "balanced":
+    if costs is not None and balanced:
         weights = [layer_costs(model, costs, microbatch_size, rank) for rank in range(max(num_stages, 1))]
     cut = parse_partition(partition, model.num_layers, num_stages, stage_layer_costs=weights)
     return Plan(model, cut, build_schedule(schedule, cut.num_stages, num_microbatches), batch_size)

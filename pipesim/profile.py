@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .errors import UserError, read_user_text
+from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
+
 SCHEMA = "pipesim-profile"
 VERSION = 1
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
@@ -50,7 +53,7 @@ _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """A malformed profile; the message names the field."""
 
 
@@ -146,10 +149,15 @@ def _number(table: dict, key: str, where: str, default: float | None = None) -> 
         if default is None:
             raise ProfileError(f"profile field {_field(where, key)} is missing")
         return default
-    value = table[key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ProfileError(f"profile field {_field(where, key)} must be a number >= 0, got {value!r}")
-    return float(value)
+    return _finite(table[key], _field(where, key), 0.0, MAX_SECONDS)
+
+
+def _finite(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number in range, or a ProfileError naming the field (NaN and Infinity included)."""
+    try:
+        return check_number(f"profile field {name}", value, low, high, low_open)
+    except UserError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -169,8 +177,8 @@ def _ranges(data: dict) -> dict:
     ranges = _table(data, "ranges", "") if "ranges" in data else {}
     for key, value in ranges.items():
         values = value.values() if isinstance(value, dict) else [value]
-        if not all(_is_range(v) for v in values):
-            raise ProfileError(f"profile field ranges.{key} must hold [low, high] pairs")
+        if not all(_is_range(v) and all(abs(x) <= 1e300 for x in v) for v in values):  # NaN fails too
+            raise ProfileError(f"profile field ranges.{key} must hold [low, high] pairs of finite numbers")
     return ranges
 
 
@@ -180,26 +188,30 @@ def _table_law(table: dict, where: str) -> Table:
         raise ProfileError(f"profile field {where} needs exactly {sorted(_TABLE_KEYS)}")
     widths, sizes, seconds = table["widths"], table["microbatch_sizes"], table["seconds"]
     for key, values in (("widths", widths), ("microbatch_sizes", sizes)):
-        if (not isinstance(values, list) or not values or values != sorted(set(values))
-                or not all(isinstance(v, int) and v > 0 for v in values)):
-            raise ProfileError(f"profile field {where}.{key} must be increasing positive integers")
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 40 for v in values)
+                or values != sorted(set(values))):
+            raise ProfileError(f"profile field {where}.{key} must be increasing integers in 1..2**40")
     if (not isinstance(seconds, list) or len(seconds) != len(widths)
             or any(not isinstance(row, list) or len(row) != len(sizes) for row in seconds)
-            or any(not isinstance(v, (int, float)) or v < 0 for row in seconds for v in row)):
+            or any(not isinstance(v, (int, float)) for row in seconds for v in row)):
         raise ProfileError(f"profile field {where}.seconds must be a widths x microbatch_sizes "
                            "array of numbers >= 0")
-    return Table(tuple(widths), tuple(sizes), tuple(tuple(float(v) for v in row) for row in seconds))
+    rows = tuple(tuple(_finite(v, f"{where}.seconds[{i}][{j}]", 0.0, MAX_SECONDS) for j, v in enumerate(row))
+                 for i, row in enumerate(seconds))
+    return Table(tuple(widths), tuple(sizes), rows)
 
 
 def _optimizer_table(table: dict) -> tuple[tuple[int, ...], tuple[float, ...]]:
     _check_keys(table, {"params", "seconds"}, "optimizer")
     params, seconds = table.get("params"), table.get("seconds")
     if (not isinstance(params, list) or not isinstance(seconds, list) or len(params) != len(seconds)
-            or not params or params != sorted(set(params))
-            or any(not isinstance(v, int) or v < 1 for v in params)
-            or any(not isinstance(v, (int, float)) or v < 0 for v in seconds)):
+            or not params
+            or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 60 for v in params)
+            or params != sorted(set(params))):
         raise ProfileError("profile field optimizer needs increasing 'params' and as many 'seconds' >= 0")
-    return tuple(params), tuple(float(v) for v in seconds)
+    return tuple(params), tuple(_finite(v, f"optimizer.seconds[{i}]", 0.0, MAX_SECONDS)
+                                for i, v in enumerate(seconds))
 
 
 def _law(table: dict, where: str) -> Affine | Table:
@@ -214,8 +226,8 @@ def _affine(table: dict, where: str) -> Affine:
 def _link(table: dict, where: str) -> Link:
     _check_keys(table, {"latency_s", "bandwidth_Bps", "duplex"}, where)
     bandwidth = table.get("bandwidth_Bps")
-    if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or bandwidth <= 0):
-        raise ProfileError(f"profile field {where}.bandwidth_Bps must be > 0 or null, got {bandwidth!r}")
+    if bandwidth is not None:
+        bandwidth = _finite(bandwidth, f"{where}.bandwidth_Bps (or null: free)", *BANDWIDTH_BPS)
     duplex = table.get("duplex", True)
     if not isinstance(duplex, bool):
         raise ProfileError(f"profile field {where}.duplex must be true or false, got {duplex!r}")
@@ -267,10 +279,7 @@ def load_profile(source: str | Path | None = None) -> Profile:
         text = resources.files("pipesim").joinpath("data/default.json").read_text()
         where = "default profile"
     else:
-        try:
-            text = Path(source).read_text()
-        except FileNotFoundError:
-            raise ProfileError(f"profile file not found: {source}") from None
+        text = read_user_text(source, ProfileError, "profile")
         where = str(source)
     try:
         data = json.loads(text)

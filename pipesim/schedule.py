@@ -15,13 +15,15 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .errors import UserError
+
 FORWARD = "F"
 BACKWARD = "B"
 SCHEDULES = ("gpipe", "1f1b")
 _ACTION_RE = re.compile(r"^(\d+)([FB])(\d+)$")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     """An invalid schedule; the message may hold a multi-line grid."""
 
 

@@ -25,6 +25,7 @@ from .predict import baseline_time_s, predict
 from .schedule import SCHEDULES, ScheduleError
 
 PARTITION_MODES = ("balanced", "even", "optimized")
+OPTIMIZED_SIMULATIONS, OPTIMIZED_EXPANSIONS = 40, 2_000  # optimize's budget per point ("optimized")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def evaluate(point: SweepPoint, model: ModelSpec, costs: CostModel, batch_size: 
         if partition_mode == "optimized":
             problem = Problem(model, point.schedule, point.num_stages, point.num_microbatches,
                               batch_size, costs, memory_cap_bytes)
-            prediction = optimize(problem, max_simulations=40, max_expansions=2_000).best
+            prediction = optimize(problem, max_simulations=OPTIMIZED_SIMULATIONS,
+                                  max_expansions=OPTIMIZED_EXPANSIONS).best
         else:
             text = "balanced" if partition_mode == "balanced" else _even_text(model, point.num_stages)
             plan = make_plan(model, point.num_stages, point.num_microbatches, batch_size, point.schedule,
@@ -126,6 +128,23 @@ def evaluate(point: SweepPoint, model: ModelSpec, costs: CostModel, batch_size: 
     metrics = prediction.metrics
     return PointResult(point, prediction.plan.partition.counts, metrics.iteration_time_s,
                        metrics.bubble_fraction, tuple(r.peak_memory_bytes for r in metrics.ranks))
+
+
+def sweep_work_s(num_layers: int, points: Sequence[SweepPoint], partition_mode: str = "balanced") -> float:
+    """Estimated single-core seconds of the whole sweep (limits.py); points with more
+    stages than layers are skipped before any work."""
+    from .limits import optimize_work_s, work_s
+
+    total = 0.0
+    for point in points:
+        p, m = point.num_stages, point.num_microbatches
+        if p > num_layers:
+            continue
+        if partition_mode == "optimized":
+            total += optimize_work_s(num_layers, p, m, OPTIMIZED_SIMULATIONS, OPTIMIZED_EXPANSIONS)
+        else:
+            total += work_s(num_layers, p, m, balanced=partition_mode == "balanced")
+    return total
 
 
 def _even_text(model: ModelSpec, num_stages: int) -> str:
@@ -173,6 +192,8 @@ def run_sweep(
     """Predict every point, in `jobs` processes (default: one per core; 1: in this process)."""
     if partition_mode not in PARTITION_MODES:
         raise PartitionError(f"unknown sweep partition {partition_mode!r} (allowed: {', '.join(PARTITION_MODES)})")
+    if jobs is not None and jobs < 1:
+        raise PartitionError(f"--jobs must be >= 1, got {jobs}")
     started = time.perf_counter()
     baseline = _baseline_s(model, costs, batch_size)
     args = (model, costs, batch_size, partition_mode, memory_cap_bytes)
@@ -195,12 +216,22 @@ def _parallel(points: Sequence[SweepPoint], args: tuple, jobs: int, advance: Cal
     """Biggest points first (they take longest), results back in grid order."""
     order = sorted(range(len(points)), key=lambda i: -points[i].num_stages * points[i].num_microbatches)
     results: list[PointResult | None] = [None] * len(points)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(points)), initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(evaluate, points[i], *args): i for i in order}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             advance()
+    finally:  # on Ctrl-C or an error, drop the points not started instead of running them all
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool (no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _baseline_s(model: ModelSpec, costs: CostModel, batch_size: int) -> float:

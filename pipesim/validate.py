@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .costs import ProfileCostModel
+from .errors import UserError
+from .limits import MAX_BATCH_SIZE, MAX_LAYERS, MAX_STAGES, MAX_WIDTH
 from .model import fc
 from .plan import Plan, make_plan
 from .predict import Prediction, predict
 from .profile import Profile
+from .schedule import SCHEDULES
 from .timeline import Timeline, compute_metrics
 from .tomlfile import read_toml
 
@@ -42,7 +45,7 @@ _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups"}
 _GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules"}
 
 
-class GridError(ValueError):
+class GridError(UserError):
     """A grid file that cannot be used; one line for the user."""
 
 
@@ -80,10 +83,35 @@ class Grid:
     cases: tuple[Case, ...]
 
 
+_INT_RANGES = {"layers": (1, MAX_LAYERS), "widths": (1, MAX_WIDTH), "batch_sizes": (1, MAX_BATCH_SIZE),
+               "stages": (1, MAX_STAGES), "microbatches": (1, MAX_BATCH_SIZE)}
+
+
 def _list(group: dict, key: str, where: str) -> list:
     value = group.get(key)
     if not isinstance(value, list) or not value:
         raise GridError(f"{where}: {key} must be a non-empty list")
+    for item in value:
+        if key in _INT_RANGES:
+            low, high = _INT_RANGES[key]
+            if not isinstance(item, int) or isinstance(item, bool) or not low <= item <= high:
+                raise GridError(f"{where}: {key} must hold integers in {low}..{high}, got {item!r}")
+        elif key == "schedules" and item not in SCHEDULES:
+            raise GridError(f"{where}: schedules must hold {', '.join(SCHEDULES)}, got {item!r}")
+        elif not isinstance(item, str):
+            raise GridError(f"{where}: {key} must hold strings like \"balanced\" or \"8,24\", got {item!r}")
+    return value
+
+
+def _setting(data: dict, key: str, default, low: int, path: Path):
+    """A top-level grid setting: an integer >= low (iterations, warmup, rounds) or a string."""
+    value = data.get(key, default)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise GridError(f"{path}: {key} must be a string, got {value!r}")
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 100_000:
+        raise GridError(f"{path}: {key} must be an integer in {low}..100000, got {value!r}")
     return value
 
 
@@ -94,7 +122,10 @@ def load_grid(path: str | Path) -> Grid:
     if unknown:
         raise GridError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_GRID_KEYS))})")
     cases: list[Case] = []
-    for index, group in enumerate(data.get("groups", [])):
+    groups = data.get("groups", [])
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise GridError(f"{path}: groups must be tables, written [[groups]]")
+    for index, group in enumerate(groups):
         where = f"{path} groups[{index}]"
         unknown = sorted(set(group) - _GROUP_KEYS)
         if unknown:
@@ -111,8 +142,9 @@ def load_grid(path: str | Path) -> Grid:
         baseline = Case(layers, width, batch, 1, 1, str(layers), "gpipe")
         if baseline not in cases:
             cases.insert(0, baseline)
-    return Grid(data.get("name", path.stem), int(data.get("iterations", 20)), int(data.get("warmup", 5)),
-                int(data.get("rounds", 2)), str(data.get("network", "loopback")), tuple(cases))
+    return Grid(_setting(data, "name", path.stem, 0, path), _setting(data, "iterations", 20, 1, path),
+                _setting(data, "warmup", 5, 0, path), _setting(data, "rounds", 2, 1, path),
+                _setting(data, "network", "loopback", 0, path), tuple(cases))
 
 
 def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:

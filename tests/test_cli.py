@@ -168,7 +168,7 @@ def test_bad_profile_content_exits_2(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--microbatches", "3", "--batch-size", "128"], "--batch-size 128 must be a positive multiple of --microbatches 3"),
-    (["--layers", "0"], "--layers must be >= 1"),
+    (["--layers", "0"], "argument --layers: must be in 1..100000, got 0"),
     (["--stages", "8", "--layers", "4"], "cannot cut 4 layers into 8 stages"),
     (["--stages", "2,4", "--partition", "8,8,8,8"], "explicit --partition"),
 ])

@@ -141,13 +141,13 @@ LAYER = '[[layers]]\nkind = "fc"\nin_features = 4\nout_features = 4\n'
         # bad values
         ('name = "m"\n' + FC_OK + LAYER, "exactly one of [fc] or [[layers]]"),
         ('name = "m"\n[[layers]]\nkind = "conv"\nin_features = 4\nout_features = 4\n', "'conv'"),
-        ('name = "m"\n[fc]\nnum_layers = 0\nwidth = 4\n', "'num_layers' must be a positive integer"),
-        ('name = "m"\n[fc]\nnum_layers = 2\nwidth = 4.5\n', "'width' must be a positive integer"),
-        ('name = "m"\n[fc]\nnum_layers = true\nwidth = 4\n', "'num_layers' must be a positive integer"),
+        ('name = "m"\n[fc]\nnum_layers = 0\nwidth = 4\n', "'num_layers' must be an integer in 1.."),
+        ('name = "m"\n[fc]\nnum_layers = 2\nwidth = 4.5\n', "'width' must be an integer in 1.."),
+        ('name = "m"\n[fc]\nnum_layers = true\nwidth = 4\n', "'num_layers' must be an integer in 1.."),
         ('name = "m"\nlayers = []\n', "[[layers]] is empty"),
         ('name = "m"\n[[layers]]\nkind = "fc"\nin_features = 4\nout_features = 8\nrepeat = 2\n',
          "repeat needs in_features == out_features"),
-        ('name = "m"\n' + LAYER + "repeat = 0\n", "'repeat' must be a positive integer"),
+        ('name = "m"\n' + LAYER + "repeat = 0\n", "'repeat' must be an integer in 1.."),
         ('name = "m\n', "not valid TOML"),
     ],
 )

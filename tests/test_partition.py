@@ -130,7 +130,7 @@ def test_balanced_matches_brute_force_float_costs(data):
         ("8,8,", 16, None, "empty stage"),
         ("", 16, None, "empty stage"),
         ("0,16,16", 32, None, "at least one layer"),
-        ("-8,20,20", 32, None, "not a number"),
+        ("-8,20,20", 32, None, "is negative"),
         ("0-9,5-31", 32, None, "overlaps the previous range"),
         ("0-9,9-31", 32, None, "overlaps the previous range"),
         ("0-9,20-31", 32, None, "skips layer 10"),

@@ -6,6 +6,7 @@ correctness)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -102,8 +103,9 @@ def test_measured_timeline_has_every_action_once_and_memory(tmp_path):
 
 
 def _worker_processes() -> str:
+    """Workers started by this interpreter's launcher (not another checkout's runs)."""
     found = subprocess.run(["pgrep", "-af", "pipesim.runner.worker"], capture_output=True, text=True)
-    return found.stdout.strip()
+    return "\n".join(line for line in found.stdout.splitlines() if f"{sys.executable} -m" in line)
 
 
 def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
@@ -124,5 +126,5 @@ def test_missing_runner_packages_say_how_to_install(monkeypatch):
     real = launch_module.importlib.util.find_spec
     monkeypatch.setattr(launch_module.importlib.util, "find_spec",
                         lambda name: None if name == "mpi4py" else real(name))
-    with pytest.raises(RunnerUnavailable, match=r"pipesim\[runner\]"):
-        launch_module.check_runner_available()
+    with pytest.raises(RunnerUnavailable, match=r"^pipesim calibrate needs mpi4py.*-c \S*constraints.txt '\S*\[runner\]'"):
+        launch_module.check_runner_available("pipesim calibrate")

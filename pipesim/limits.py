@@ -1,0 +1,128 @@
+"""What pipesim accepts, in one place, with the reason for each limit.
+
+Every number read from the command line, a model, a profile or a grid is
+checked where it enters against these ranges, so that nothing that is not a
+finite number reaches the simulator. Sizes are checked before any work starts,
+so that anything accepted finishes in about a minute within a few GiB on the
+reference machine (2-core VM); tests/test_limits.py tests each limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import UserError
+
+# --- sizes ---------------------------------------------------------------------
+
+MAX_LAYERS = 100_000
+"""Layers in a model, `repeat` included: building and costing 1e5 layers takes about a second."""
+
+MAX_WIDTH = 1 << 20
+"""fc features: 2^40 parameters (4 TiB) in one layer is beyond any real layer, and keeps
+every byte count and time a finite float."""
+
+MAX_BATCH_SIZE = 1 << 24
+"""Samples per mini-batch; also the most micro-batches (each holds at least one sample)."""
+
+MAX_STAGES = 1024
+"""Pipeline stages (one rank each); the schedule validator's grid grows as stages squared."""
+
+MAX_OPTIMIZE_STAGES = 128
+"""Stages `optimize` searches: its bounds are dynamic programmes whose recursion is a few
+frames deep per stage, and Python allows about 1000 frames."""
+
+MAX_COMPUTE_ACTIONS = 500_000
+"""F and B actions of one step, 2 x stages x micro-batches: the simulator takes about
+50 us and 2 KiB per action, so 25 s and 1 GiB at this ceiling."""
+
+MAX_WORK_S = 60.0
+"""Estimated single-core seconds of one command's planning and simulation (`work_s`);
+sweeps divide theirs by the processes they use."""
+
+MAX_SIMULATIONS = 100_000
+"""optimize --max-simulations (the work estimate usually binds first)."""
+
+MAX_JOBS = 256
+"""sweep --jobs: processes to start."""
+
+MAX_RANKS_PER_NODE = MAX_STAGES
+
+# --- values --------------------------------------------------------------------
+
+RANK_SPEED = (1e-6, 1e6)
+"""--rank-speed factors: a rank a million times slower or faster; beyond that times overflow."""
+
+BANDWIDTH_BPS = (1.0, 1e18)
+"""Link bandwidth, bytes per second (--link, profiles): 1 B/s to an exabyte per second."""
+
+MAX_SECONDS = 1e6
+"""Any time in a profile or a --link latency (seconds; also each per-parameter, per-sample
+and per-FLOP coefficient): about 11 days, so that every product stays finite."""
+
+# Seconds per unit of work, measured on the reference machine (see `work_s`).
+_S_PER_ACTION = 50e-6      # simulate one F or B action and its message (simpy), metrics included
+_S_PER_GRID_CELL = 0.75e-6  # one cell of the schedule validator's lock-step rank x step grid
+_S_PER_LAYER_COST = 10e-6  # cost one layer's F and B on one rank (balanced partitions)
+_S_PER_DP_STEP = 0.6e-6    # one option of the balanced partition's dynamic programme
+_S_PER_CHILD_LAYER = 2.2e-6  # optimize: bound one child of a heap expansion, per layer of a stage
+
+
+def check_number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """`value` as a float if it is a finite number in [low, high] ((low, high] with
+    `low_open`); otherwise a UserError that names `name`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:
+        number = math.inf
+    if not (low < number if low_open else low <= number) or not number <= high:
+        bracket = "(" if low_open else "["
+        raise UserError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def dp_steps(num_layers: int, num_stages: int) -> int:
+    """Options the balanced partition's dynamic programme examines."""
+    free = max(num_layers - num_stages + 1, 1)
+    return free + max(num_stages - 2, 0) * free * free // 2
+
+
+def work_s(num_layers: int, num_stages: int, num_microbatches: int, balanced: bool = True) -> float:
+    """Estimated seconds to plan (cost every rank, cut, validate the schedule) and simulate one step."""
+    p, m = num_stages, num_microbatches
+    seconds = 2 * p * m * _S_PER_ACTION + p * 2 * (m + p - 1) * _S_PER_GRID_CELL
+    if balanced:
+        seconds += p * num_layers * _S_PER_LAYER_COST + dp_steps(num_layers, p) * _S_PER_DP_STEP
+    return seconds
+
+
+def optimize_work_s(num_layers: int, num_stages: int, num_microbatches: int,
+                    max_simulations: int, max_expansions: int) -> float:
+    """Estimated seconds of optimize's search at its budgets: every expansion bounds up to
+    (layers - stages + 1) children, each costing its stage's layers (measured: 34 s for 128
+    layers on 16 stages, 100 s for 200 layers, both at 20,000 expansions); every simulation
+    runs the step."""
+    p, n = num_stages, num_layers
+    partials = math.comb(n - 1, p - 1) * p if n >= p else 0
+    expansions = min(max_expansions, partials)
+    child_s = _S_PER_CHILD_LAYER * max(n / p, 4)
+    return (work_s(n, p, num_microbatches) + 3 * dp_steps(n, p) * _S_PER_DP_STEP
+            + expansions * max(n - p + 1, 1) * child_s
+            + max_simulations * 2 * p * num_microbatches * _S_PER_ACTION)
+
+
+def check_size(num_layers: int, num_stages: int, num_microbatches: int) -> None:
+    """Stages and actions within their ceilings (stages <= layers is the partition's check)."""
+    if num_stages > MAX_STAGES:
+        raise UserError(f"--stages {num_stages} is beyond the limit of {MAX_STAGES} stages")
+    actions = 2 * num_stages * num_microbatches
+    if actions > MAX_COMPUTE_ACTIONS:
+        raise UserError(f"{num_stages} stages x {num_microbatches} micro-batches is {actions:,} F and B "
+                        f"actions, beyond the limit of {MAX_COMPUTE_ACTIONS:,} (2 x stages x micro-batches)")
+
+
+def check_work(seconds: float, what: str, ceiling: float = MAX_WORK_S) -> None:
+    if seconds > ceiling:
+        raise UserError(f"{what} would take about {seconds:.0f} s (estimated), beyond the limit of "
+                        f"{ceiling:.0f} s; use fewer layers, stages or micro-batches")

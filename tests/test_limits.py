@@ -1,0 +1,118 @@
+"""Each limit of limits.py is enforced where the value enters, before any work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipesim import limits
+from pipesim.cli import main
+from pipesim.costs import ProfileCostModel
+from pipesim.errors import UserError
+from pipesim.model import ModelError, fc, fc_layer
+from pipesim.partition import PartitionError, balanced
+from pipesim.plan import make_plan
+from pipesim.profile import constant_profile
+
+
+def one_error(capsys, *argv) -> str:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith("pipesim: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_layers_and_width_limits():
+    fc(limits.MAX_LAYERS, 1)
+    with pytest.raises(ModelError, match="1..100000"):
+        fc(limits.MAX_LAYERS + 1, 1)
+    fc_layer(limits.MAX_WIDTH, 1)
+    with pytest.raises(ModelError, match=f"1..{limits.MAX_WIDTH}"):
+        fc(1, limits.MAX_WIDTH + 1)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["predict", "--layers", str(limits.MAX_LAYERS + 1)], "--layers: must be in 1..100000"),
+    (["predict", "--width", str(limits.MAX_WIDTH + 1)], "--width: must be in 1..1048576"),
+    (["predict", "--batch-size", str(limits.MAX_BATCH_SIZE + 1)], "--batch-size: must be in 1..16777216"),
+    (["predict", "--stages", str(limits.MAX_STAGES + 1)], "--stages: values must be in 1..1024"),
+    (["optimize", "--stages", str(limits.MAX_OPTIMIZE_STAGES + 1)], "--stages: must be in 1..128"),
+    (["optimize", "--max-simulations", str(limits.MAX_SIMULATIONS + 1)], "--max-simulations"),
+    (["sweep", "--jobs", str(limits.MAX_JOBS + 1)], "--jobs: must be in 1..256"),
+    (["predict", "--rank-speed", "0:1e7"], "[1e-06, 1e+06]"),
+    (["predict", "--link", "0-1:2e18Bps"], "[1, 1e+18]"),
+    (["predict", "--link", "0-1:2e6s"], "[0, 1e+06]"),
+])
+def test_command_line_limits(capsys, argv, expected):
+    assert expected in one_error(capsys, *argv)
+
+
+def test_compute_action_limit_is_checked_before_any_work(capsys):
+    stages, microbatches = 2, limits.MAX_COMPUTE_ACTIONS // 4 + 1
+    assert 2 * stages * microbatches > limits.MAX_COMPUTE_ACTIONS
+    err = one_error(capsys, "predict", "--layers", "4", "--stages", str(stages), "--microbatches",
+                    str(microbatches), "--batch-size", str(microbatches))
+    assert "beyond the limit of 500,000" in err
+
+
+def test_stages_beyond_layers_fail_before_costing_every_rank():
+    calls = []
+
+    class Counting(ProfileCostModel):
+        def compute_s(self, *args, **kwargs):
+            calls.append(args)
+            return super().compute_s(*args, **kwargs)
+
+    costs = Counting(constant_profile(1e-3, 2e-3))
+    with pytest.raises(PartitionError, match="cannot cut 4 layers into 1000 stages"):
+        make_plan(fc(4, 8), 1000, 1, 8, "1f1b", "balanced", costs)
+    assert calls == []
+
+
+def test_work_limit_refuses_a_dynamic_programme_of_hours(capsys):
+    assert limits.work_s(3000, 1000, 1) > limits.MAX_WORK_S
+    assert "would take about" in one_error(capsys, "predict", "--layers", "3000", "--width", "8",
+                                           "--stages", "1000", "--microbatches", "1", "--batch-size", "1")
+
+
+def test_optimize_and_sweep_refuse_searches_beyond_the_work_limit(capsys):
+    assert "optimize's search" in one_error(capsys, "optimize", "--layers", "256", "--stages", "16")
+    err = one_error(capsys, "sweep", "--layers", "3000", "--width", "8", "--stages", "500,1000",
+                    "--microbatches", "1", "--batch-size", "1", "--jobs", "1", "--schedule", "1f1b", "--quiet")
+    assert "the sweep of 2 points on 1 processes would take about" in err
+
+
+def test_defaults_are_far_within_the_limits():
+    from pipesim.optimize import MAX_EXPANSIONS, MAX_SIMULATIONS
+    from pipesim.sweep import grid, sweep_work_s
+
+    assert limits.work_s(32, 4, 8) < 1
+    assert limits.optimize_work_s(32, 4, 8, MAX_SIMULATIONS, MAX_EXPANSIONS) < limits.MAX_WORK_S / 2
+    points = grid([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32], ["gpipe", "1f1b"])
+    assert sweep_work_s(32, points) < 5
+
+
+def test_balanced_cut_of_thousands_of_stages_has_no_recursion_limit():
+    cut = balanced([1.0] * 2005, 2000)  # the recursive programme died beyond ~1000 stages
+    assert cut.num_stages == 2000 and sum(cut.counts) == 2005 and max(cut.counts) == 2
+
+
+def test_optimize_at_its_stage_limit_runs(capsys):
+    code = main(["optimize", "--layers", "140", "--width", "256", "--stages", str(limits.MAX_OPTIMIZE_STAGES),
+                 "--microbatches", "1", "--batch-size", "4", "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and '"num_stages": 128' in out
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400, "1", True, None, -1e-9, 2.0])
+def test_check_number_refuses_what_is_not_a_finite_number_in_range(value):
+    with pytest.raises(UserError, match="field x must be a finite number in"):
+        limits.check_number("field x", value, 0.0, 1.0)
+
+
+def test_check_number_bounds():
+    assert limits.check_number("x", 0, 0.0, 1.0) == 0.0
+    assert limits.check_number("x", 1, 0.0, 1.0) == 1.0
+    with pytest.raises(UserError, match=r"\(0, 1\]"):
+        limits.check_number("x", 0, 0.0, 1.0, low_open=True)
