@@ -24,6 +24,7 @@ from .show import print_measurement, print_prediction, print_profile, print_swee
 from .timeline import to_chrome_trace
 from .validate import GridError
 
+SWEEP_SCHEDULES = ("gpipe", "1f1b")
 USER_ERRORS = (ModelError, PartitionError, ScheduleError, ProfileError, GridError, WhatIfError,
                OptimizeError)
 
@@ -63,15 +64,42 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_
                    help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
     g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
+    add_chunk_options(g)
     g.add_argument("--partition", default="balanced",
-                   help="layers per stage: counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
-                        "(default: the cut minimising the slowest stage)")
+                   help="layers per piece (P x V pieces): counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
+                        "(default: the cut minimising the slowest piece)")
     g.add_argument("--profile", default="default",
                    help="cost profile JSON (default: the measured profile shipped with pipesim)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="optimizer: SGD with momentum or Adam (default: sgd)")
     if what_ifs:
         add_what_if_options(parser)
+
+
+def add_chunk_options(g) -> None:
+    g.add_argument("--chunks", type=int, default=None, metavar="V",
+                   help="model chunks per rank: the model is cut into stages x chunks pieces (default: 1; "
+                        "2 for interleaved-1f1b, zb-v and dualpipev)")
+    g.add_argument("--schedule-file", metavar="FILE", default=None,
+                   help="a schedule to use instead of --schedule: pipesim's text form (`pipesim schedule`) "
+                        "or torch's compute-only CSV")
+
+
+def schedule_from_args(args, stages: int | None, microbatches: int | None):
+    """The --schedule name, or the Schedule read from --schedule-file (validated,
+    checked against --stages, --chunks and --microbatches when given)."""
+    if not getattr(args, "schedule_file", None):
+        return args.schedule
+    from .plan import check_schedule_shape
+    from .schedule import validate
+    from .torchcsv import read_schedule_file
+
+    schedule, notes = read_schedule_file(args.schedule_file)
+    for note in notes:
+        log(f"note: {args.schedule_file}: {note}")
+    check_schedule_shape(schedule, stages, args.chunks, microbatches, f"--schedule-file {args.schedule_file}")
+    validate(schedule)
+    return schedule
 
 
 def add_what_if_options(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +129,9 @@ def model_from_args(args) -> ModelSpec:
     return load_model(args.model) if args.model else fc(args.layers, args.width)
 
 
-def _explicit_stage_count(partition: str) -> int | None:
-    return None if partition.strip() == "balanced" else len(partition.split(","))
+def _explicit_stage_count(partition: str, chunks: int | None = None) -> int | None:
+    """The ranks an explicit partition of P x V pieces implies (V from --chunks, default 1)."""
+    return None if partition.strip() == "balanced" else max(1, len(partition.split(",")) // (chunks or 1))
 
 
 # --- predict ------------------------------------------------------------------
@@ -111,14 +140,17 @@ def _explicit_stage_count(partition: str) -> int | None:
 def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Prediction:
     from .plan import make_plan
 
-    plan = make_plan(model, stages, microbatches, args.batch_size, args.schedule, args.partition, costs)
+    schedule = schedule_from_args(args, stages if args.stages else None, microbatches)
+    if not isinstance(schedule, str):
+        stages = schedule.num_stages
+    plan = make_plan(model, stages, microbatches, args.batch_size, schedule, args.partition, costs, args.chunks)
     return predict(plan, costs, profile_name)
 
 
 def cmd_predict(args) -> int:
     model = model_from_args(args)
     profile, costs = costs_from_args(args)
-    explicit = _explicit_stage_count(args.partition)
+    explicit = _explicit_stage_count(args.partition, args.chunks)
     stage_list = args.stages or [explicit or 4]
     costs.check_ranks(max(stage_list))
     if explicit is not None and len(stage_list) > 1:
@@ -177,7 +209,7 @@ def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
                        help="stage counts (default: 1,2,4,8,16)")
         g.add_argument("--microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
                        help="micro-batch counts (default: 1,2,4,8,16,32)")
-        g.add_argument("--schedule", type=schedule_list, default=list(SCHEDULES),
+        g.add_argument("--schedule", type=schedule_list, default=list(SWEEP_SCHEDULES),
                        help="schedules (default: gpipe,1f1b)")
         g.add_argument("--partition", choices=("balanced", "even", "optimized"), default="balanced",
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "
@@ -185,7 +217,10 @@ def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
     else:
         g.add_argument("--stages", type=int, default=4, help="pipeline stages, one rank each (default: 4)")
         g.add_argument("--microbatches", type=int, default=8, help="micro-batches (default: 8)")
-        g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule (default: 1f1b)")
+        g.add_argument("--schedule", type=schedule_list, default=["1f1b"],
+                       help="schedule, or a list like 1f1b,zb-h1,zb-v searched over too (default: 1f1b)")
+        g.add_argument("--chunks", type=int_list, default=None, metavar="V[,V]",
+                       help="chunks per rank, or a list searched over (default: each schedule's own)")
     g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer (default: sgd)")
@@ -200,15 +235,34 @@ def _memory_cap(args) -> int | None:
     return None if args.memory_cap is None else parse_bytes(args.memory_cap)
 
 
-def _optimum(args):
+def _optima(args) -> list:
+    """The optimum of every (schedule, chunks) of the lists that can be built, fastest first."""
     from .optimize import Problem, optimize
 
     model = model_from_args(args)
     profile, costs = costs_from_args(args)
     costs.check_ranks(args.stages)
-    problem = Problem(model, args.schedule, args.stages, args.microbatches, args.batch_size, costs,
-                      _memory_cap(args), profile.name)
-    return optimize(problem, max_simulations=args.max_simulations)
+    combos = [(name, chunks) for name in args.schedule for chunks in (args.chunks or [None])]
+    optima, skipped = [], []
+    for name, chunks in combos:
+        try:
+            problem = Problem(model, name, args.stages, args.microbatches, args.batch_size, costs,
+                              _memory_cap(args), profile.name, chunks)
+        except ScheduleError as exc:
+            if len(combos) == 1:
+                raise
+            skipped.append(f"{name} with --chunks {chunks}: {exc}")
+            continue
+        optima.append(optimize(problem, max_simulations=args.max_simulations))
+    for line in skipped:
+        log(f"note: skipped {line}")
+    if not optima:
+        raise UsageError("no schedule and chunk count of the lists can be built (see the notes above)")
+    return sorted(optima, key=lambda o: o.best.metrics.iteration_time_s)
+
+
+def _optimum(args):
+    return _optima(args)[0]
 
 
 def _sweep(args, progress: bool = True):
@@ -237,11 +291,16 @@ def _plots(args, draw) -> None:
 
 def cmd_optimize(args) -> int:
     from . import report
-    from .optimize import optimum_json
+    from .optimize import optimum_json, searched_json, searched_text
 
-    optimum = _optimum(args)
+    optima = _optima(args)
+    optimum = optima[0]
     _plots(args, lambda out: report.optimize_figures(optimum, out))
-    print(json.dumps(optimum_json(optimum), indent=2) if args.json else report.optimum_text(optimum))
+    if args.json:
+        data = optimum_json(optimum)
+        print(json.dumps(data if len(optima) == 1 else {**data, "searched": searched_json(optima)}, indent=2))
+    else:
+        print((searched_text(optima) + "\n\n" if len(optima) > 1 else "") + report.optimum_text(optimum))
     return 0
 
 
@@ -306,7 +365,7 @@ def add_optimize_parsers(sub) -> None:
     r.add_argument("--sweep-stages", type=int_list, default=[1, 2, 4, 8, 16], help="(default: 1,2,4,8,16)")
     r.add_argument("--sweep-microbatches", type=int_list, default=[1, 2, 4, 8, 16, 32],
                    help="(default: 1,2,4,8,16,32)")
-    r.add_argument("--sweep-schedules", type=schedule_list, default=list(SCHEDULES),
+    r.add_argument("--sweep-schedules", type=schedule_list, default=list(SWEEP_SCHEDULES),
                    help="(default: gpipe,1f1b)")
     r.add_argument("--jobs", type=int, default=None, help="sweep processes (default: one per core)")
     r.add_argument("--out", default="reports", help="where the page and figures go (default: reports/)")
@@ -329,8 +388,11 @@ def cmd_run(args) -> int:
         raise UsageError("--iterations and --threads-per-rank must be >= 1, --warmup >= 0")
     model = model_from_args(args)
     costs = ProfileCostModel(load_profile(args.profile), optimizer=args.optimizer)
-    stages = args.stages or _explicit_stage_count(args.partition) or 4
-    plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
+    schedule = schedule_from_args(args, args.stages, args.microbatches)
+    stages = (args.stages or _explicit_stage_count(args.partition, args.chunks) or 4 if isinstance(schedule, str)
+              else schedule.num_stages)
+    plan = make_plan(model, stages, args.microbatches, args.batch_size, schedule, args.partition, costs,
+                     args.chunks)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
     check_runner_available()
@@ -361,6 +423,44 @@ def cmd_run(args) -> int:
     else:
         print_measurement(measured, baseline)
     return 0
+
+
+# --- schedule -----------------------------------------------------------------
+
+
+def cmd_schedule(args) -> int:
+    from .lowering import lower
+    from .schedule import build_schedule
+    from .torchcsv import render
+
+    schedule = build_schedule(args.schedule, args.stages, args.microbatches, args.chunks)
+    if args.lowered and args.format != "text":
+        raise UsageError("--lowered prints pipesim's text form only (torch's CSV holds compute actions)")
+    text = lower(schedule).to_text() + "\n" if args.lowered else render(schedule, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        log(f"wrote {args.out} ({args.format})")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_schedule_parser(sub) -> None:
+    from .torchcsv import FORMATS
+
+    s = sub.add_parser("schedule", help="print or write a schedule's per-rank compute actions",
+                       description="Build a schedule and print its per-rank actions as pipesim's text form "
+                                   "or as the compute-only CSV torch's PipelineScheduleMulti._load_csv reads. "
+                                   "predict and run read either back with --schedule-file.")
+    s.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="(default: 1f1b)")
+    s.add_argument("--stages", type=int, default=4, help="pipeline depth in ranks (default: 4)")
+    s.add_argument("--chunks", type=int, default=None, metavar="V",
+                   help="chunks per rank (default: 1; 2 for interleaved-1f1b, zb-v and dualpipev)")
+    s.add_argument("--microbatches", type=int, default=8, help="(default: 8)")
+    s.add_argument("--format", choices=FORMATS, default="text", help="(default: text)")
+    s.add_argument("--lowered", action="store_true", help="text form with the SEND/RECV actions lowering adds")
+    s.add_argument("--out", metavar="FILE", help="write to FILE instead of printing")
+    s.set_defaults(func=cmd_schedule)
 
 
 # --- calibrate ----------------------------------------------------------------
@@ -441,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pipesim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict_parser(sub)
+    _add_schedule_parser(sub)
     add_optimize_parsers(sub)
     _add_run_parser(sub)
     _add_calibrate_parser(sub)

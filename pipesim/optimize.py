@@ -45,7 +45,8 @@ from .schedule import Schedule, ScheduleError
 from .timeline import compute_metrics
 
 __all__ = ["Candidate", "InfeasibleError", "OptimizeError", "Optimum", "Problem", "StageCosts",
-           "lower_bound_s", "optimize", "optimum_json", "parse_bytes", "peak_memory_bytes", "search"]
+           "lower_bound_s", "optimize", "optimum_json", "parse_bytes", "peak_memory_bytes", "search",
+           "searched_json", "searched_text"]
 
 MAX_SIMULATIONS = 200
 MAX_EXPANSIONS = 20_000
@@ -122,7 +123,7 @@ def count_partitions(num_layers: int, num_stages: int) -> int:
 
 
 def _check(problem: Problem) -> None:
-    check_stage_count(problem.model.num_layers, problem.num_stages)
+    check_stage_count(problem.model.num_layers, problem.num_pieces)
     b, m = problem.batch_size, problem.num_microbatches
     if b < 1 or m < 1 or b % m:
         raise ScheduleError(f"--batch-size {b} must be a positive multiple of --microbatches {m}")
@@ -130,7 +131,7 @@ def _check(problem: Problem) -> None:
 
 def smallest_cap(problem: Problem, table: StageCosts) -> tuple[int, Partition]:
     """The partition with the smallest peak memory on its largest rank (exact DP)."""
-    partition = min_max_partition(problem.model.num_layers, problem.num_stages, table.memory_bytes)
+    partition = min_max_partition(problem.model.num_layers, problem.num_pieces, table.memory_bytes)
     return max(peak_memory_bytes(partition, table)), partition
 
 
@@ -155,7 +156,7 @@ def _fits(problem: Problem, memory: tuple[int, ...]) -> bool:
 def _seeds(problem: Problem, table: StageCosts) -> list[Partition]:
     """Good guesses simulated first so that pruning starts early: the even split
     and the cut minimising the slowest stage (each if it fits the cap)."""
-    n, p = problem.model.num_layers, problem.num_stages
+    n, p = problem.model.num_layers, problem.num_pieces
     seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s)]
     fitting = [s for s in seeds if all(table.fits(i, a, b) for i, (a, b) in enumerate(s.bounds))]
     return list({s.counts: s for s in fitting}.values())
@@ -203,7 +204,7 @@ class _Search:
                 return True, priority
             if self.expansions >= max_expansions or len(self.simulated) >= max_simulations:
                 return False, priority
-            if node.stage == self.problem.num_stages:
+            if node.stage == self.problem.num_pieces:
                 self.confirm(Partition.from_counts(node.counts))
             else:
                 self.expand(priority, node)
@@ -240,7 +241,7 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
         raise RuntimeError("no simulated candidate fits the memory cap the search enforced")
     schedule = problem.build_schedule()
     best = _prediction(problem, schedule, fitting[0].partition)
-    even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_stages))
+    even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_pieces))
     return Optimum(problem, best, even, _fits(problem, tuple(r.peak_memory_bytes for r in even.metrics.ranks)),
                    tuple(candidates), proven, remaining)
 
@@ -257,7 +258,7 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
         "memory_cap_bytes": problem.memory_cap_bytes,
         "proven_optimal": optimum.proven,
         "remaining_lower_bound_s": None if math.isinf(optimum.remaining_bound_s) else optimum.remaining_bound_s,
-        "partitions_total": count_partitions(problem.model.num_layers, problem.num_stages),
+        "partitions_total": count_partitions(problem.model.num_layers, problem.num_pieces),
         "partitions_simulated": len(optimum.candidates),
         "gain_over_even": optimum.gain_over_even,
         "even_split": {**prediction_json(optimum.even), "fits_memory_cap": optimum.even_fits},
@@ -268,3 +269,19 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
             for c in optimum.candidates[:top]
         ],
     }
+
+
+def searched_json(optima: list[Optimum]) -> list[dict]:
+    """One entry per (schedule, chunks) searched, fastest first."""
+    return [{"schedule": o.problem.schedule.name, "num_chunks": o.problem.schedule.num_chunks,
+             "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
+             "proven_optimal": o.proven} for o in optima]
+
+
+def searched_text(optima: list[Optimum]) -> str:
+    lines = [f"{'schedule':<18} {'chunks':>6} {'iteration':>12}  proven  partition"]
+    for o in optima:
+        lines.append(f"{o.problem.schedule.name:<18} {o.problem.schedule.num_chunks:>6} "
+                     f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
+                     f"{o.best.plan.partition}")
+    return "\n".join(lines)

@@ -17,12 +17,17 @@ def fmt_bytes(nbytes: float) -> str:
     return f"{nbytes:.1f} GiB"
 
 
+def layer_text(plan, rank: int) -> str:
+    """The layer ranges of the pieces a rank holds: ``0-3`` or ``0-3,16-19``."""
+    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(rank))
+
+
 def print_prediction(p: Prediction) -> None:
     plan, m = p.plan, p.metrics
     print(f"model      {plan.model.describe()}")
     print(f"profile    {p.profile}")
-    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages, {plan.num_microbatches} "
-          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
+    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
+          f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
           f"partition {plan.partition}")
     print()
     print(f"iteration time   {fmt_s(m.iteration_time_s)}   "
@@ -32,8 +37,8 @@ def print_prediction(p: Prediction) -> None:
     print(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
     print()
     print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+    for r in m.ranks:
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
 
 
@@ -70,8 +75,8 @@ def print_measurement(measured, baseline) -> None:
     print()
     print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'activations':>12} "
           f"{'peak memory':>12} {'peak RSS':>10}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+    for r in m.ranks:
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{fmt_bytes(r.peak_activation_bytes):>12} {fmt_bytes(r.peak_memory_bytes):>12} "
               f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
 
