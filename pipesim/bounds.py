@@ -321,4 +321,18 @@ def lower_bound_s(partition: Partition, table: StageCosts) -> float:
 
 
 def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...]:
-    return tuple(table.memory_bytes(s, first, last) for s, (first, last) in enumerate(partition.bounds))
+    """Per rank: static bytes of its pieces plus the peak of their activations along
+    its action order, exactly what the engine's ledger counts."""
+    schedule, model, mbs = table.schedule, table.model, table.mbs
+    saved = [model.stage_saved_bytes(*b) * mbs for b in partition.bounds]
+    weight = [model.stage_weight_bytes(*b) * mbs for b in partition.bounds]
+    peaks = []
+    for rank, actions in enumerate(schedule.ranks):
+        held = peak = 0
+        for action in actions:
+            s = action.piece
+            held += {Kind.F: saved[s], Kind.B: -saved[s], Kind.I: weight[s] - saved[s], Kind.W: -weight[s]}[action.kind]
+            peak = max(peak, held)
+        static = sum(table.costs.static_bytes(table._params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
+        peaks.append(static + peak)
+    return tuple(peaks)

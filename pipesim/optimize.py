@@ -130,16 +130,19 @@ def _check(problem: Problem) -> None:
 
 
 def smallest_cap(problem: Problem, table: StageCosts) -> tuple[int, Partition]:
-    """The partition with the smallest peak memory on its largest rank (exact DP)."""
+    """The partition with the smallest peak memory on its largest rank (exact DP with one
+    piece per rank; with several, the DP bounds each piece alone)."""
     partition = min_max_partition(problem.model.num_layers, problem.num_pieces, table.memory_bytes)
     return max(peak_memory_bytes(partition, table)), partition
 
 
 def _infeasible(problem: Problem, table: StageCosts) -> InfeasibleError:
     cap_bytes, partition = smallest_cap(problem, table)
+    which = ("the smallest cap that works" if problem.schedule.num_chunks == 1
+             else "a cap that works (with several chunks per rank, not proven the smallest)")
     return InfeasibleError(
         f"no partition of {problem.describe()} fits --memory-cap {format_bytes(problem.memory_cap_bytes)} "
-        f"({problem.memory_cap_bytes} bytes); the smallest cap that works is {format_bytes(cap_bytes)} "
+        f"({problem.memory_cap_bytes} bytes); {which} is {format_bytes(cap_bytes)} "
         f"(--memory-cap {cap_bytes}, partition {partition})", cap_bytes, partition)
 
 
@@ -237,8 +240,8 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
     and the even split by layer count for comparison."""
     candidates, proven, remaining = search(problem, max_simulations, max_expansions)
     fitting = [c for c in candidates if _fits(problem, c.peak_memory_bytes)]
-    if not fitting:  # the cost model's memory and the engine's disagree: a bug
-        raise RuntimeError("no simulated candidate fits the memory cap the search enforced")
+    if not fitting:  # several chunks per rank: per-piece memory bounds let through ranks over the cap
+        raise _infeasible(problem, StageCosts(problem))
     schedule = problem.build_schedule()
     best = _prediction(problem, schedule, fitting[0].partition)
     even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_pieces))
