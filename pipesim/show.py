@@ -93,7 +93,7 @@ def print_profile(profile: dict) -> None:
     for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
                                table["backward"]["seconds"]):
         print(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
-    for direction in ("forward", "backward"):
+    for direction in [d for d in ("forward", "backward", "input", "weight") if d in samples["affine_fit"]]:
         c = samples["affine_fit"][direction]
         print(f"  affine {direction:<8} {c['fixed_s'] * 1e6:6.2f} us + {c['s_per_param'] * 1e12:6.1f} ps/param"
               f" + b x {c['s_per_flop'] * 1e12:5.2f} ps/flop (summary only; worst error "
