@@ -60,8 +60,9 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_
     stages_help = "pipeline stages, one rank each" + (" (a list like 1,2,4,8 predicts each)" if lists else "")
     g.add_argument("--stages", type=int_list if lists else int, default=None,
                    help=stages_help + " (default: 4, or the partition's stage count)")
-    g.add_argument("--microbatches", type=int_list if lists else int, default=[8] if lists else 8,
-                   help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
+    g.add_argument("--microbatches", type=int_list if lists else int, default=None,
+                   help="micro-batches per mini-batch" + (" (list allowed)" if lists else "")
+                        + " (default: 8, or the --schedule-file's)")
     g.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
     add_chunk_options(g)
@@ -129,35 +130,46 @@ def model_from_args(args) -> ModelSpec:
     return load_model(args.model) if args.model else fc(args.layers, args.width)
 
 
-def _explicit_stage_count(partition: str, chunks: int | None = None) -> int | None:
-    """The ranks an explicit partition of P x V pieces implies (V from --chunks, default 1)."""
-    return None if partition.strip() == "balanced" else max(1, len(partition.split(",")) // (chunks or 1))
+def _explicit_stage_count(partition: str, chunks: int | None = None, schedule: str = "1f1b") -> int | None:
+    """The ranks an explicit partition of P x V pieces implies (V: --chunks, or the schedule's own)."""
+    from .builders import DEFAULT_CHUNKS
+
+    chunks = chunks or DEFAULT_CHUNKS.get(schedule, 1)
+    return None if partition.strip() == "balanced" else max(1, len(partition.split(",")) // chunks)
 
 
 # --- predict ------------------------------------------------------------------
 
 
-def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Prediction:
+def _predict_one(args, model, stages, microbatches, schedule, costs, profile_name) -> Prediction:
     from .plan import make_plan
 
-    schedule = schedule_from_args(args, stages if args.stages else None, microbatches)
-    if not isinstance(schedule, str):
-        stages = schedule.num_stages
     plan = make_plan(model, stages, microbatches, args.batch_size, schedule, args.partition, costs, args.chunks)
+    costs.check_ranks(plan.num_stages)
     return predict(plan, costs, profile_name)
+
+
+def _single(values: list[int] | None, flag: str) -> int | None:
+    if values and len(values) > 1:
+        raise UsageError(f"--schedule-file fixes the schedule: give one {flag}, not a list")
+    return values[0] if values else None
 
 
 def cmd_predict(args) -> int:
     model = model_from_args(args)
     profile, costs = costs_from_args(args)
-    explicit = _explicit_stage_count(args.partition, args.chunks)
+    schedule = args.schedule
+    if args.schedule_file:
+        schedule = schedule_from_args(args, _single(args.stages, "--stages"),
+                                      _single(args.microbatches, "--microbatches"))
+        args.stages, args.microbatches = [schedule.num_stages], [schedule.num_microbatches]
+    explicit = _explicit_stage_count(args.partition, args.chunks, args.schedule)
     stage_list = args.stages or [explicit or 4]
-    costs.check_ranks(max(stage_list))
     if explicit is not None and len(stage_list) > 1:
         raise UsageError("an explicit --partition fits one stage count; use 'balanced' with a --stages list")
     predictions = [
-        _predict_one(args, model, stages, mbs, costs, profile.name)
-        for stages in stage_list for mbs in args.microbatches
+        _predict_one(args, model, stages, mbs, schedule, costs, profile.name)
+        for stages in stage_list for mbs in args.microbatches or [8]
     ]
     single = len(predictions) == 1
     if args.trace or args.gantt:
@@ -389,10 +401,12 @@ def cmd_run(args) -> int:
     model = model_from_args(args)
     costs = ProfileCostModel(load_profile(args.profile), optimizer=args.optimizer)
     schedule = schedule_from_args(args, args.stages, args.microbatches)
-    stages = (args.stages or _explicit_stage_count(args.partition, args.chunks) or 4 if isinstance(schedule, str)
-              else schedule.num_stages)
-    plan = make_plan(model, stages, args.microbatches, args.batch_size, schedule, args.partition, costs,
-                     args.chunks)
+    if isinstance(schedule, str):
+        stages = args.stages or _explicit_stage_count(args.partition, args.chunks, args.schedule) or 4
+        microbatches = args.microbatches or 8
+    else:
+        stages, microbatches = schedule.num_stages, schedule.num_microbatches
+    plan = make_plan(model, stages, microbatches, args.batch_size, schedule, args.partition, costs, args.chunks)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
     check_runner_available()
