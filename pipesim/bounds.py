@@ -27,6 +27,7 @@ from functools import cache
 from .costs import CostModel
 from .model import ModelSpec
 from .partition import Partition
+from .lowering import lower
 from .schedule import Kind, Schedule, build_schedule
 
 
@@ -99,6 +100,9 @@ class StageCosts:
         self.costs = problem.costs
         self.mbs = problem.microbatch_size
         self.counts = [Counter(piece_actions(self.schedule, s)) for s in range(self.schedule.num_pieces)]
+        lowered = lower(self.schedule)  # which pieces hand their activation on by message
+        self.sends_forward = {a.piece for row in lowered.ranks for a in row
+                              if a.kind == Kind.SEND and a.direction == Kind.F}
         self.states = [ledger_states(self.schedule, s) for s in range(self.schedule.num_pieces)]
         self.compute_s = cache(self._compute_s)
         self.work_s = cache(self._work_s)
@@ -131,11 +135,9 @@ class StageCosts:
     def _link_s(self, stage: int, last: int) -> tuple[float, float]:
         """(activation to piece+1, gradient back from it) for a piece ending at `last`;
         nothing between pieces on one rank (the lowered schedule has no message there)."""
-        if stage == self.schedule.num_pieces - 1:
+        if stage not in self.sends_forward:  # the last piece, or a hand-off on one rank
             return 0.0, 0.0
         src, dst = self.schedule.rank_of(stage), self.schedule.rank_of(stage + 1)
-        if src == dst:
-            return 0.0, 0.0
         nbytes = self.model.layers[last].output_bytes_per_sample * self.mbs
         return self.costs.transfer_s(src, dst, nbytes), self.costs.transfer_s(dst, src, nbytes)
 

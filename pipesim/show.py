@@ -36,9 +36,9 @@ def print_prediction(p: Prediction) -> None:
     print(f"bubble fraction  {m.bubble_fraction:.1%}")
     print(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
     print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
+    print(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
     for r in m.ranks:
-        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
 
 
