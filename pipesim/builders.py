@@ -190,7 +190,10 @@ def _dualpipev_rank(rank: int, p: int, m: int) -> list[Action]:
     for _ in range(p - rank - 1):  # 3: I1 W F1 (zero bubble)
         act(s1, I), weight(), act(s1, F)
     for i in range(m - 2 * p + rank + 1):  # 4, main: F0B1 F1B0
-        overlapped(s0, s1) if i or rank != p - 1 else (act(s0, F), act(s1, B))
+        if i == 0 and rank == p - 1:  # not overlapped, to shrink the bubble (as torch does)
+            act(s0, F), act(s1, B)
+        else:
+            overlapped(s0, s1)
         overlapped(s1, s0)
     for _ in range(p - rank - 1):  # 5: B1 F1B0
         act(s1, B), overlapped(s1, s0)
