@@ -73,10 +73,10 @@ def print_measurement(measured, baseline) -> None:
     print(f"throughput       {plan.batch_size / measured.median_s:,.0f} samples/s")
     print(f"bubble fraction  {m.bubble_fraction:.1%} (median iteration)")
     print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'activations':>12} "
+    print(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'activations':>12} "
           f"{'peak memory':>12} {'peak RSS':>10}")
     for r in m.ranks:
-        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{fmt_bytes(r.peak_activation_bytes):>12} {fmt_bytes(r.peak_memory_bytes):>12} "
               f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
 
