@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from functools import cache
 
 from .costs import CostModel
+from .lowering import lower
 from .model import ModelSpec
 from .partition import Partition
-from .lowering import lower
 from .schedule import Kind, Schedule, build_schedule
 
 

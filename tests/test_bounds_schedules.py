@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from pipesim.bounds import Bounds, PartialPartition, bound_form
 from pipesim.costs import ProfileCostModel
 from pipesim.model import ModelSpec, fc_layer
-from pipesim.optimize import Problem, StageCosts, lower_bound_s, optimize, peak_memory_bytes, simulate_partition
+from pipesim.optimize import (
+    Problem,
+    StageCosts,
+    lower_bound_s,
+    optimize,
+    peak_memory_bytes,
+    simulate_partition,
+)
 from pipesim.partition import Partition
 from pipesim.profile import Affine, Link, Profile
 from pipesim.schedule import SCHEDULES, ScheduleError, build_schedule, from_rows
@@ -24,11 +31,11 @@ REL = 1e-9
 def all_partitions(num_layers: int, num_pieces: int):
     for cuts in itertools.combinations(range(1, num_layers), num_pieces - 1):
         edges = (0, *cuts, num_layers)
-        yield Partition.from_counts([b - a for a, b in zip(edges, edges[1:])])
+        yield Partition.from_counts([b - a for a, b in itertools.pairwise(edges)])
 
 
 def profile(latency_s: float, bandwidth_Bps: float, optimizer_s_per_param: float) -> Profile:
-    law = lambda k: Affine(1e-5 * k, 1e-7 * k, 0.0, 1e-9 * k)  # noqa: E731
+    law = lambda k: Affine(1e-5 * k, 1e-7 * k, 0.0, 1e-9 * k)
     return Profile("iw", {"*": (law(1), law(2))}, split_backward={"*": (law(1.2), law(0.8))},
                    optimizer_s_per_param=optimizer_s_per_param,
                    intra_node=Link(latency_s, bandwidth_Bps), inter_node=Link(latency_s, bandwidth_Bps))
@@ -43,7 +50,7 @@ def problems(draw):
     num_layers = draw(st.integers(pieces, pieces + 3))
     m = draw(st.integers(2 * p if name == "dualpipev" else 1, 6))
     widths = draw(st.lists(st.sampled_from([2, 8, 32, 96]), min_size=num_layers + 1, max_size=num_layers + 1))
-    model = ModelSpec("chain", tuple(fc_layer(a, b) for a, b in zip(widths, widths[1:])))
+    model = ModelSpec("chain", tuple(fc_layer(a, b) for a, b in itertools.pairwise(widths)))
     costs = ProfileCostModel(profile(draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([math.inf, 1e5])),
                                      draw(st.sampled_from([0.0, 1e-6]))),
                              rank_speed=tuple((r, 0.5) for r in range(p) if draw(st.booleans())))

@@ -11,11 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the runner extra is not installed")
 
-from pipesim.model import ModelSpec, fc_layer  # noqa: E402
-from pipesim.plan import make_plan  # noqa: E402
-from pipesim.runner.config import RunConfig  # noqa: E402
-from pipesim.runner.launch import launch  # noqa: E402
-from pipesim.runner.stage import make_layer, synthetic_batch  # noqa: E402
+import itertools
+
+from pipesim.model import ModelSpec, fc_layer
+from pipesim.plan import make_plan
+from pipesim.runner.config import RunConfig
+from pipesim.runner.launch import launch
+from pipesim.runner.stage import make_layer, synthetic_batch
 
 STEPS, BATCH, SEED = 3, 8, 5
 
@@ -45,7 +47,7 @@ CASES = [  # (schedule, ranks, chunks, micro-batches, partition of P x V pieces,
 
 def model12() -> ModelSpec:
     widths = [12, 16, 16, 8, 24, 12, 12, 20, 6, 10, 14, 8, 9]
-    return ModelSpec("uneven12", tuple(fc_layer(a, b) for a, b in zip(widths, widths[1:])))
+    return ModelSpec("uneven12", tuple(fc_layer(a, b) for a, b in itertools.pairwise(widths)))
 
 
 def reference_parameters(model: ModelSpec, steps: int, optimizer: str) -> dict[str, np.ndarray]:
@@ -81,7 +83,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-p{c[1]}-v{c[2]}-m{c[3]}-{c[4]}"
                                                             for c in CASES])
 def test_pipeline_training_equals_single_process(results, index):
-    out, runs = results
+    out, _runs = results
     got = dict(np.load(out / f"{index}.npz"))
     want = reference_parameters(model12(), STEPS, CASES[index][5])
     assert sorted(got) == sorted(want)

@@ -61,7 +61,7 @@ costs_st = st.floats(1e-4, 1e-2)
 def test_interleaved_1f1b_makespan_and_in_flight(p, v, rounds, f, i, w):
     """Narayanan et al. SC21 §2.2.2: m(F+Bf) + (p-1)(F+Bf)/v when m is a multiple of p."""
     m = p * rounds
-    schedule, timeline, metrics, share = simulate_even("interleaved-1f1b", p, m, v, f, i, w)
+    _schedule, timeline, metrics, share = simulate_even("interleaved-1f1b", p, m, v, f, i, w)
     F, Bf = share * f, share * (i + w)
     assert metrics.iteration_time_s == pytest.approx(m * (F + Bf) + (p - 1) * (F + Bf) / v, rel=REL)
     for r, peak in enumerate(in_flight_peaks(timeline, p)):
@@ -76,7 +76,7 @@ def test_zb_h1_makespan_and_in_flight(p, extra, f, i, w):
     m = p + extra
     if m % max(1, m // p):
         m = p * max(1, m // p)
-    schedule, timeline, metrics, share = simulate_even("zb-h1", p, m, 1, f, i, w)
+    _schedule, timeline, metrics, share = simulate_even("zb-h1", p, m, 1, f, i, w)
     F, I, W = share * f, share * i, share * w
     assert metrics.iteration_time_s == pytest.approx(m * (F + I + W) + (p - 1) * (F + I - W), rel=REL)
     assert max(in_flight_peaks(timeline, p)) <= p
@@ -117,7 +117,7 @@ def any_build(draw):
 @given(any_build(), costs_st, costs_st, costs_st)
 def test_every_builder_simulates_each_action_once_and_no_faster_than_its_busiest_rank(build, f, i, w):
     name, p, m, v = build
-    schedule, timeline, metrics, share = simulate_even(name, p, m, v, f, i, w)
+    schedule, timeline, metrics, _share = simulate_even(name, p, m, v, f, i, w)
     ran = sorted(s.name for s in timeline.spans if s.kind in ("F", "B", "I", "W"))
     assert ran == sorted(str(a) for actions in schedule.ranks for a in actions)
     busiest = max(r.busy_s for r in metrics.ranks)
