@@ -22,6 +22,7 @@ from .plan import make_plan
 from .profile import SCHEMA, VERSION, parse_profile
 
 KiB, MiB = 1 << 10, 1 << 20
+DIRECTIONS = ("forward", "backward", "input", "weight")  # F, B, and B split into I and W
 LARGE_MESSAGE = 64 * KiB
 DUPLEX_RATIO = 1.5  # both-ways / one-way time below this: each direction has its own channel
 DEFAULT_WIDTHS = (256, 384, 512, 768, 1024)
@@ -158,8 +159,8 @@ def _fit_links(ranks: list[dict]) -> tuple[dict, dict, dict]:
 
 def _summaries(compute: list[dict]) -> list[dict]:
     return [{"width": s["width"], "microbatch_size": s["microbatch_size"], "rank": s["rank"],
-             "forward_median_s": statistics.median(s["forward_s"]), "forward_cv": cv(s["forward_s"]),
-             "backward_median_s": statistics.median(s["backward_s"]), "backward_cv": cv(s["backward_s"])}
+             **{key: value for d in DIRECTIONS for key, value in (
+                 (f"{d}_median_s", statistics.median(s[f"{d}_s"])), (f"{d}_cv", cv(s[f"{d}_s"])))}}
             for s in compute]
 
 
@@ -236,8 +237,7 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
     optimizer_samples = [s for r in ranks for s in r["optimizer"]]
     links, links_worst, links_noise = _fit_links(ranks)
     overhead, per_action = measure_overhead(settings, log)
-    affine = {"forward": fit_compute(compute, "forward"), "backward": fit_compute(compute, "backward"),
-              "optimizer": fit_optimizer(optimizer_samples)}
+    affine = {**{d: fit_compute(compute, d) for d in DIRECTIONS}, "optimizer": fit_optimizer(optimizer_samples)}
     profile = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -245,16 +245,14 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
         "description": f"Measured by `pipesim calibrate` on {socket.gethostname()} "
                        f"({_cpu_model()}, {os.cpu_count()} cores), {settings.ranks} ranks x "
                        f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
-        "compute": {"fc": {"forward": compute_table(compute, "forward"),
-                           "backward": compute_table(compute, "backward")}},
+        "compute": {"fc": {direction: compute_table(compute, direction) for direction in DIRECTIONS}},
         "action_overhead_s": overhead,
         "optimizer": optimizer_table(optimizer_samples),
         "links": links,
         "metadata": _metadata(settings, ranks, raw),
         "ranges": _ranges(settings),
         "noise": {
-            "forward_cv_median": statistics.median(cv(s["forward_s"]) for s in compute),
-            "backward_cv_median": statistics.median(cv(s["backward_s"]) for s in compute),
+            **{f"{d}_cv_median": statistics.median(cv(s[f"{d}_s"]) for s in compute) for d in DIRECTIONS},
             "optimizer_cv_median": statistics.median(cv(s["times_s"]) for s in optimizer_samples),
             "links_cv_median": links_noise,
             "action_overhead_spread_s": [float(np.percentile(per_action, q)) for q in (10, 90)],

@@ -31,9 +31,11 @@ from .model import ModelSpec, fc, load_model
 from .predict import Prediction, predict, prediction_json
 from .profile import load_profile
 from .runner.launch import RunFailed
-from .schedule import SCHEDULES
+from .schedule import SCHEDULES, ScheduleError
 from .show import print_measurement, print_prediction, print_profile, print_sweep
 from .timeline import to_chrome_trace
+
+SWEEP_SCHEDULES = ("gpipe", "1f1b")
 
 
 class UsageError(UserError):
@@ -107,19 +109,47 @@ def add_plan_options(parser: argparse.ArgumentParser, lists: bool = False, what_
     stages_help = "pipeline stages, one rank each" + (" (a list like 1,2,4,8 predicts each)" if lists else "")
     g.add_argument("--stages", type=STAGE_LIST if lists else STAGES, default=None,
                    help=stages_help + " (default: 4, or the partition's stage count)")
-    g.add_argument("--microbatches", type=MICROBATCH_LIST if lists else MICROBATCHES, default=[8] if lists else 8,
-                   help="micro-batches per mini-batch" + (" (list allowed)" if lists else "") + " (default: 8)")
+    g.add_argument("--microbatches", type=MICROBATCH_LIST if lists else MICROBATCHES, default=None,
+                   help="micro-batches per mini-batch" + (" (list allowed)" if lists else "")
+                        + " (default: 8, or the --schedule-file's)")
     g.add_argument("--batch-size", type=BATCH, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
+    add_chunk_options(g)
     g.add_argument("--partition", default="balanced",
-                   help="layers per stage: counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
-                        "(default: the cut minimising the slowest stage)")
+                   help="layers per piece (P x V pieces): counts '8,8,8,8', ranges '0-9,10-31', or 'balanced' "
+                        "(default: the cut minimising the slowest piece)")
     g.add_argument("--profile", default="default",
                    help="cost profile JSON (default: the measured profile shipped with pipesim)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="optimizer: SGD with momentum or Adam (default: sgd)")
     if what_ifs:
         add_what_if_options(parser)
+
+
+def add_chunk_options(g) -> None:
+    g.add_argument("--chunks", type=int_in(1, lim.MAX_STAGES), default=None, metavar="V",
+                   help="model chunks per rank: the model is cut into stages x chunks pieces (default: 1; "
+                        "2 for interleaved-1f1b, zb-v and dualpipev)")
+    g.add_argument("--schedule-file", metavar="FILE", default=None,
+                   help="a schedule to use instead of --schedule: pipesim's text form (`pipesim schedule`) "
+                        "or torch's compute-only CSV")
+
+
+def schedule_from_args(args, stages: int | None, microbatches: int | None):
+    """The --schedule name, or the Schedule read from --schedule-file (validated,
+    checked against --stages, --chunks and --microbatches when given)."""
+    if not getattr(args, "schedule_file", None):
+        return args.schedule
+    from .plan import check_schedule_shape
+    from .schedule import validate
+    from .torchcsv import read_schedule_file
+
+    schedule, notes = read_schedule_file(args.schedule_file)
+    for note in notes:
+        log(f"note: {args.schedule_file}: {note}")
+    check_schedule_shape(schedule, stages, args.chunks, microbatches, f"--schedule-file {args.schedule_file}")
+    validate(schedule)
+    return schedule
 
 
 def add_what_if_options(parser: argparse.ArgumentParser) -> None:
@@ -154,22 +184,39 @@ def model_from_args(args) -> ModelSpec:
     return load_model(args.model)
 
 
-def _explicit_stage_count(partition: str) -> int | None:
-    return None if partition.strip() == "balanced" else len(partition.split(","))
+def _explicit_stage_count(partition: str, chunks: int | None = None, schedule: str = "1f1b") -> int | None:
+    """The ranks an explicit partition of P x V pieces implies (V: --chunks, or the schedule's own)."""
+    from .builders import DEFAULT_CHUNKS
+
+    chunks = chunks or DEFAULT_CHUNKS.get(schedule, 1)
+    return None if partition.strip() == "balanced" else max(1, len(partition.split(",")) // chunks)
 
 
 # --- predict ------------------------------------------------------------------
 
 
-def _predict_one(args, model, stages, microbatches, costs, profile_name) -> Prediction:
+def _predict_one(args, model, stages, microbatches, schedule, costs, profile_name) -> Prediction:
     from .plan import make_plan
 
-    plan = make_plan(model, stages, microbatches, args.batch_size, args.schedule, args.partition, costs)
+    plan = make_plan(model, stages, microbatches, args.batch_size, schedule, args.partition, costs, args.chunks)
+    costs.check_ranks(plan.num_stages)
     return predict(plan, costs, profile_name)
 
 
+def _single(values: list[int] | None, flag: str) -> int | None:
+    if values and len(values) > 1:
+        raise UsageError(f"--schedule-file fixes the schedule: give one {flag}, not a list")
+    return values[0] if values else None
+
+
 def cmd_predict(args) -> int:
-    explicit = _explicit_stage_count(args.partition)
+    schedule = args.schedule
+    if args.schedule_file:
+        schedule = schedule_from_args(args, _single(args.stages, "--stages"),
+                                      _single(args.microbatches, "--microbatches"))
+        args.stages, args.microbatches = [schedule.num_stages], [schedule.num_microbatches]
+    args.microbatches = args.microbatches or [8]
+    explicit = _explicit_stage_count(args.partition, args.chunks, args.schedule)
     stage_list = args.stages or [explicit or 4]
     if explicit is not None and len(stage_list) > 1:
         raise UsageError("an explicit --partition fits one stage count; use 'balanced' with a --stages list")
@@ -183,11 +230,11 @@ def cmd_predict(args) -> int:
     costs.check_ranks(max(stage_list))
     warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stage_list))
     for stages in stage_list:
-        lim.check_size(model.num_layers, stages, max(args.microbatches))
+        lim.check_size(model.num_layers, stages, max(args.microbatches), args.chunks or 1)
     lim.check_work(sum(lim.work_s(model.num_layers, p, m) for p in stage_list for m in args.microbatches),
                    f"predicting {len(stage_list) * len(args.microbatches)} configuration(s)")
     predictions = [
-        _predict_one(args, model, stages, mbs, costs, profile.name)
+        _predict_one(args, model, stages, mbs, schedule, costs, profile.name)
         for stages in stage_list for mbs in args.microbatches
     ]
     for prediction in predictions:
@@ -244,7 +291,7 @@ def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
                        help="stage counts (default: 1,2,4,8,16)")
         g.add_argument("--microbatches", type=MICROBATCH_LIST, default=[1, 2, 4, 8, 16, 32],
                        help="micro-batch counts (default: 1,2,4,8,16,32)")
-        g.add_argument("--schedule", type=schedule_list, default=list(SCHEDULES),
+        g.add_argument("--schedule", type=schedule_list, default=list(SWEEP_SCHEDULES),
                        help="schedules (default: gpipe,1f1b)")
         g.add_argument("--partition", choices=("balanced", "even", "optimized"), default="balanced",
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "
@@ -253,7 +300,10 @@ def add_search_options(parser: argparse.ArgumentParser, grid: bool) -> None:
         g.add_argument("--stages", type=int_in(1, lim.MAX_OPTIMIZE_STAGES), default=4,
                        help="pipeline stages, one rank each (default: 4)")
         g.add_argument("--microbatches", type=MICROBATCHES, default=8, help="micro-batches (default: 8)")
-        g.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule (default: 1f1b)")
+        g.add_argument("--schedule", type=schedule_list, default=["1f1b"],
+                       help="schedule, or a list like 1f1b,zb-h1,zb-v searched over too (default: 1f1b)")
+        g.add_argument("--chunks", type=ints_in(1, lim.MAX_STAGES), default=None, metavar="V[,V]",
+                       help="chunks per rank, or a list searched over (default: each schedule's own)")
     g.add_argument("--batch-size", type=BATCH, default=512, help="samples per mini-batch (default: 512)")
     g.add_argument("--profile", default="default", help="cost profile JSON (default: the shipped one)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer (default: sgd)")
@@ -268,21 +318,42 @@ def _memory_cap(args) -> int | None:
     return None if args.memory_cap is None else parse_bytes(args.memory_cap)
 
 
-def _optimum(args):
+def _optima(args) -> list:
+    """The optimum of every (schedule, chunks) of the lists that can be built, fastest first."""
     from .optimize import MAX_EXPANSIONS, Problem, optimize
 
     model = model_from_args(args)
     profile, costs = costs_from_args(args)
     costs.check_ranks(args.stages)
     warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, args.stages)
-    lim.check_size(model.num_layers, args.stages, args.microbatches)
-    lim.check_work(lim.optimize_work_s(model.num_layers, args.stages, args.microbatches, args.max_simulations,
-                                       MAX_EXPANSIONS), "optimize's search (at most --max-simulations runs)")
-    problem = Problem(model, args.schedule, args.stages, args.microbatches, args.batch_size, costs,
-                      _memory_cap(args), profile.name)
-    optimum = optimize(problem, max_simulations=args.max_simulations)
-    check_finite(optimum.best)
-    return optimum
+    combos = [(name, chunks) for name in args.schedule for chunks in (args.chunks or [None])]
+    for _, chunks in combos:
+        lim.check_size(model.num_layers, args.stages, args.microbatches, chunks or 1)
+    lim.check_work(len(combos) * lim.optimize_work_s(model.num_layers, args.stages, args.microbatches,
+                                                     args.max_simulations, MAX_EXPANSIONS),
+                   "optimize's search (at most --max-simulations runs per schedule and chunk count)")
+    optima, skipped = [], []
+    for name, chunks in combos:
+        try:
+            problem = Problem(model, name, args.stages, args.microbatches, args.batch_size, costs,
+                              _memory_cap(args), profile.name, chunks)
+        except ScheduleError as exc:
+            if len(combos) == 1:
+                raise
+            skipped.append(f"{name} with --chunks {chunks}: {exc}")
+            continue
+        optimum = optimize(problem, max_simulations=args.max_simulations)
+        check_finite(optimum.best)
+        optima.append(optimum)
+    for line in skipped:
+        log(f"note: skipped {line}")
+    if not optima:
+        raise UsageError("no schedule and chunk count of the lists can be built (see the notes above)")
+    return sorted(optima, key=lambda o: o.best.metrics.iteration_time_s)
+
+
+def _optimum(args):
+    return _optima(args)[0]
 
 
 def _sweep(args, progress: bool = True):
@@ -321,13 +392,18 @@ def _plots(args, draw) -> None:
 
 def cmd_optimize(args) -> int:
     from . import report
-    from .optimize import optimum_json
+    from .optimize import optimum_json, searched_json, searched_text
 
     if args.plots:
         output_folder(args.plots, "--plots")
-    optimum = _optimum(args)
+    optima = _optima(args)
+    optimum = optima[0]
     _plots(args, lambda out: report.optimize_figures(optimum, out))
-    print(finite_json(optimum_json(optimum)) if args.json else report.optimum_text(optimum))
+    if args.json:
+        data = optimum_json(optimum)
+        print(finite_json(data if len(optima) == 1 else {**data, "searched": searched_json(optima)}))
+    else:
+        print((searched_text(optima) + "\n\n" if len(optima) > 1 else "") + report.optimum_text(optimum))
     return 0
 
 
@@ -396,7 +472,7 @@ def add_optimize_parsers(sub) -> None:
     r.add_argument("--sweep-stages", type=STAGE_LIST, default=[1, 2, 4, 8, 16], help="(default: 1,2,4,8,16)")
     r.add_argument("--sweep-microbatches", type=MICROBATCH_LIST, default=[1, 2, 4, 8, 16, 32],
                    help="(default: 1,2,4,8,16,32)")
-    r.add_argument("--sweep-schedules", type=schedule_list, default=list(SCHEDULES),
+    r.add_argument("--sweep-schedules", type=schedule_list, default=list(SWEEP_SCHEDULES),
                    help="(default: gpipe,1f1b)")
     r.add_argument("--jobs", type=int_in(1, lim.MAX_JOBS), default=None,
                    help="sweep processes (default: one per core)")
@@ -422,8 +498,13 @@ def cmd_run(args) -> int:
     gantt = figure_file(args.gantt, "--gantt") if args.gantt else None
     model = model_from_args(args)
     costs = ProfileCostModel(load_profile(args.profile), optimizer=args.optimizer)
-    stages = args.stages or _explicit_stage_count(args.partition) or 4
-    plan = make_plan(model, stages, args.microbatches, args.batch_size, args.schedule, args.partition, costs)
+    schedule = schedule_from_args(args, args.stages, args.microbatches)
+    if isinstance(schedule, str):
+        stages = args.stages or _explicit_stage_count(args.partition, args.chunks, args.schedule) or 4
+        microbatches = args.microbatches or 8
+    else:
+        stages, microbatches = schedule.num_stages, schedule.num_microbatches
+    plan = make_plan(model, stages, microbatches, args.batch_size, schedule, args.partition, costs, args.chunks)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    optimizer=args.optimizer, seed=args.seed, device=args.device)
     check_runner_available("pipesim run")
@@ -454,6 +535,46 @@ def cmd_run(args) -> int:
     else:
         print_measurement(measured, baseline)
     return 0
+
+
+# --- schedule -----------------------------------------------------------------
+
+
+def cmd_schedule(args) -> int:
+    from .lowering import lower
+    from .schedule import build_schedule
+    from .torchcsv import render
+
+    if args.lowered and args.format != "text":
+        raise UsageError("--lowered prints pipesim's text form only (torch's CSV holds compute actions)")
+    out = output_file(args.out, "--out") if args.out else None
+    lim.check_size(0, args.stages, args.microbatches, args.chunks or 1)
+    schedule = build_schedule(args.schedule, args.stages, args.microbatches, args.chunks)
+    text = lower(schedule).to_text() + "\n" if args.lowered else render(schedule, args.format)
+    if out:
+        out.write_text(text)
+        log(f"wrote {out} ({args.format})")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_schedule_parser(sub) -> None:
+    from .torchcsv import FORMATS
+
+    s = sub.add_parser("schedule", help="print or write a schedule's per-rank compute actions",
+                       description="Build a schedule and print its per-rank actions as pipesim's text form "
+                                   "or as the compute-only CSV torch's PipelineScheduleMulti._load_csv reads. "
+                                   "predict and run read either back with --schedule-file.")
+    s.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="(default: 1f1b)")
+    s.add_argument("--stages", type=STAGES, default=4, help="pipeline depth in ranks (default: 4)")
+    s.add_argument("--chunks", type=int_in(1, lim.MAX_STAGES), default=None, metavar="V",
+                   help="chunks per rank (default: 1; 2 for interleaved-1f1b, zb-v and dualpipev)")
+    s.add_argument("--microbatches", type=MICROBATCHES, default=8, help="(default: 8)")
+    s.add_argument("--format", choices=FORMATS, default="text", help="(default: text)")
+    s.add_argument("--lowered", action="store_true", help="text form with the SEND/RECV actions lowering adds")
+    s.add_argument("--out", metavar="FILE", help="write to FILE instead of printing")
+    s.set_defaults(func=cmd_schedule)
 
 
 # --- calibrate ----------------------------------------------------------------
@@ -546,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pipesim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict_parser(sub)
+    _add_schedule_parser(sub)
     add_optimize_parsers(sub)
     _add_run_parser(sub)
     _add_calibrate_parser(sub)

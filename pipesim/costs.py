@@ -10,12 +10,13 @@ import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
+from typing import Protocol, assert_never
 
 from .errors import UserError
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
 from .model import FLOAT32_BYTES, LayerSpec
-from .profile import Affine, Link, Profile, ProfileError, Table, piecewise
+from .profile import CALIBRATE_HINT, Affine, Link, Profile, ProfileError, Table, piecewise
+from .schedule import Kind
 
 # Optimizer state in parameter-sized tensors.
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2}  # SGD with momentum: 1 buffer; Adam: 2
@@ -36,7 +37,7 @@ def _warn_once(message: str) -> None:
 
 
 class CostModel(Protocol):
-    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int,
+    def compute_s(self, layers: Sequence[LayerSpec], kind: Kind, microbatch_size: int,
                   rank: int | None = None) -> float: ...
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float: ...
     def link_id(self, src: int, dst: int) -> Hashable: ...
@@ -70,8 +71,8 @@ class ProfileCostModel:
     two ranks is its own link: transfers on it are serialised.
 
     What-ifs for heterogeneous clusters: ``rank_speed`` holds (rank, factor)
-    pairs, and compute on that rank (F, B and the optimizer step) takes
-    1/factor as long; ``link_overrides`` holds ((a, b), LinkOverride) pairs
+    pairs, and compute on that rank (F, B, I, W and the optimizer step) takes
+    1/factor as long (ranks are global ranks); ``link_overrides`` holds ((a, b), LinkOverride) pairs
     that replace the profile's link between ranks a and b, both directions.
     """
 
@@ -120,14 +121,38 @@ class ProfileCostModel:
             f"(it has: {', '.join(compute)})"
         )
 
-    def layer_s(self, layer: LayerSpec, kind: str, microbatch_size: int) -> float:
+    def _split(self, kind: str) -> tuple[Affine | Table, Affine | Table]:
+        split = self.profile.split_backward
+        for key in (kind, "*"):
+            if key in split:
+                return split[key]
+        raise ProfileError(
+            f"profile {self.profile.name!r} has no input/weight-gradient (I/W) costs for layer kind {kind!r}, "
+            f"which zero-bubble schedules need; {CALIBRATE_HINT} (or choose gpipe, 1f1b, interleaved-1f1b)")
+
+    def law(self, layer_kind: str, kind: Kind) -> Affine | Table:
+        """The cost law of one action kind for one layer kind."""
+        match kind:
+            case Kind.F:
+                return self._coefficients(layer_kind)[0]
+            case Kind.B:
+                return self._coefficients(layer_kind)[1]
+            case Kind.I:
+                return self._split(layer_kind)[0]
+            case Kind.W:
+                return self._split(layer_kind)[1]
+            case Kind.SEND | Kind.RECV:
+                raise ValueError(f"{kind} is a message, not compute: its cost is transfer_s")
+            case _:
+                assert_never(kind)
+
+    def layer_s(self, layer: LayerSpec, kind: Kind, microbatch_size: int) -> float:
         width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
         _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
-        forward, backward = self._coefficients(layer.kind)
-        affine = forward if kind == "F" else backward
-        return affine.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
+        law = self.law(layer.kind, Kind(kind))
+        return law.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
 
-    def compute_s(self, layers: Sequence[LayerSpec], kind: str, microbatch_size: int,
+    def compute_s(self, layers: Sequence[LayerSpec], kind: Kind, microbatch_size: int,
                   rank: int | None = None) -> float:
         work = sum(self.layer_s(layer, kind, microbatch_size) for layer in layers)
         return (work + self.profile.action_overhead_s) / self.speed(rank)

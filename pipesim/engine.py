@@ -1,10 +1,15 @@
 """The simpy simulation of one training step.
 
-One process per rank walks its action list; each input (activation or
-gradient) is an event that a transfer process triggers when the message has
-crossed its link. A link is a simpy Resource of capacity one: transfers that
-share it are serialised. Sending never blocks the sender. After its last
-action a rank runs its optimizer step.
+One process per rank walks its lowered action list (lowering.py): a RECV
+waits for its message, a compute action (F, B, I, W) takes its cost, a SEND
+starts a transfer process that triggers the receiver's event when the message
+has crossed its link. A link is a simpy Resource of capacity one: transfers
+that share it are serialised. Sending never blocks the sender. After its last
+action a rank waits for its sends and runs its optimizer step.
+
+Memory ledger per (piece, micro-batch): F holds what the piece saves for
+backward; B frees it; I swaps it for what W still needs (each layer's input
+and its output gradient, ModelSpec.stage_weight_bytes), which W frees.
 
 Knows nothing of FLOPs or torch: every duration comes from the CostModel.
 """
@@ -12,23 +17,26 @@ Knows nothing of FLOPs or torch: every duration comes from the CostModel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import assert_never
 
 import simpy
 
 from .costs import CostModel
+from .lowering import LoweredSchedule, lower
 from .model import LayerSpec, ModelSpec
 from .partition import Partition
-from .schedule import BACKWARD, FORWARD, Action, Schedule
+from .schedule import Action, Kind, MessageKey, Schedule
 from .timeline import SENDS, MemorySample, Span, Timeline
 
 
 @dataclass(frozen=True)
 class StageShape:
-    """What the engine needs to know of one stage's layers."""
+    """What the engine needs to know of one piece's layers."""
 
     layers: tuple[LayerSpec, ...]
     params: int
     saved_bytes_per_sample: int
+    weight_bytes_per_sample: int  # held from I until W
     input_bytes_per_sample: int
     output_bytes_per_sample: int
 
@@ -41,87 +49,123 @@ def stage_shapes(model: ModelSpec, partition: Partition) -> list[StageShape]:
             layers=layers,
             params=sum(layer.params for layer in layers),
             saved_bytes_per_sample=model.stage_saved_bytes(first, last),
+            weight_bytes_per_sample=model.stage_weight_bytes(first, last),
             input_bytes_per_sample=layers[0].input_bytes_per_sample,
             output_bytes_per_sample=layers[-1].output_bytes_per_sample,
         ))
     return shapes
 
 
-class _Step:
-    """State of one simulated step: the environment, inputs, links and records."""
+def ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
+    """Bytes per sample the ledger adds when `kind` starts and when it ends."""
+    match kind:
+        case Kind.F:
+            return shape.saved_bytes_per_sample, 0
+        case Kind.B:
+            return 0, -shape.saved_bytes_per_sample
+        case Kind.I:
+            return 0, shape.weight_bytes_per_sample - shape.saved_bytes_per_sample
+        case Kind.W:
+            return 0, -shape.weight_bytes_per_sample
+        case Kind.SEND | Kind.RECV:
+            return 0, 0
+        case _:
+            assert_never(kind)
 
-    def __init__(self, schedule, partition, model, costs, microbatch_size):
+
+def role(kind: Kind) -> str:
+    """What a rank process does with an action of this kind."""
+    match kind:
+        case Kind.RECV:
+            return "receive"
+        case Kind.SEND:
+            return "send"
+        case Kind.F | Kind.B | Kind.I | Kind.W:
+            return "compute"
+        case _:
+            assert_never(kind)
+
+
+def message_bytes_per_sample(key: MessageKey, shapes: list[StageShape]) -> int:
+    """An activation is the input of the receiving piece; a gradient its output's size."""
+    match key.direction:
+        case Kind.F:
+            return shapes[key.piece].input_bytes_per_sample
+        case Kind.B:
+            return shapes[key.piece].output_bytes_per_sample
+        case Kind.I | Kind.W | Kind.SEND | Kind.RECV:
+            raise ValueError(f"a message is an activation (F) or a gradient (B), not {key.direction}")
+        case _:
+            assert_never(key.direction)
+
+
+class _Step:
+    """State of one simulated step: the environment, messages, links and records."""
+
+    def __init__(self, lowered: LoweredSchedule, partition, model, costs, microbatch_size):
         self.env = simpy.Environment()
-        self.schedule = schedule
+        self.lowered = lowered
         self.costs = costs
         self.microbatch_size = microbatch_size
         self.shapes = stage_shapes(model, partition)
-        self.inputs: dict[Action, simpy.Event] = {}
+        self.messages: dict[MessageKey, simpy.Event] = {}
         self.links: dict[object, simpy.Resource] = {}
         self.spans: list[Span] = []
         self.memory: list[MemorySample] = []
-        self.finished = [False] * schedule.num_ranks
+        self.held = [0] * lowered.num_ranks
+        self.finished = [False] * lowered.num_ranks
 
-    def input_ready(self, action: Action) -> simpy.Event:
-        """The event of the message that `action` needs from another rank."""
-        if action not in self.inputs:
-            self.inputs[action] = self.env.event()
-        return self.inputs[action]
-
-    def needs_message(self, action: Action) -> bool:
-        last = self.schedule.num_stages - 1
-        return (action.kind == FORWARD and action.stage > 0) or (
-            action.kind == BACKWARD and action.stage < last)
+    def arrived(self, key: MessageKey) -> simpy.Event:
+        if key not in self.messages:
+            self.messages[key] = self.env.event()
+        return self.messages[key]
 
     def rank(self, rank: int):
-        """The process of one rank: its actions in order, then the optimizer step."""
-        env, mb_size = self.env, self.microbatch_size
-        held = 0
+        """The process of one rank: its lowered actions in order, then the optimizer step."""
         outgoing = []
-        for action in self.schedule.ranks[rank]:
-            stage, kind, mb = action
-            shape = self.shapes[stage]
-            if self.needs_message(action):
-                waited_from = env.now
-                yield self.input_ready(action)
-                if env.now > waited_from:
-                    peer = self.schedule.rank_of_stage(stage - 1 if kind == FORWARD else stage + 1)
-                    self.spans.append(Span(rank, "wait", waited_from, env.now, stage, mb, peer, kind))
-            start = env.now
-            if kind == FORWARD:
-                held += shape.saved_bytes_per_sample * mb_size
-                self.memory.append(MemorySample(rank, start, held))
-            yield env.timeout(self.costs.compute_s(shape.layers, kind, mb_size, rank=rank))
-            self.spans.append(Span(rank, kind, start, env.now, stage, mb))
-            if kind == BACKWARD:
-                held -= shape.saved_bytes_per_sample * mb_size
-                self.memory.append(MemorySample(rank, env.now, held))
-            outgoing += self.send_result(rank, action)
-        waited_from = env.now
-        yield simpy.AllOf(env, outgoing)  # like the runner: sends complete before the step
-        if env.now > waited_from:
-            self.spans.append(Span(rank, "wait", waited_from, env.now, direction=SENDS))
-        start = env.now
-        params = sum(self.shapes[s].params for s in range(self.schedule.num_stages)
-                     if self.schedule.rank_of_stage(s) == rank)
-        yield env.timeout(self.costs.optimizer_s(params, rank=rank))
-        self.spans.append(Span(rank, "optimizer", start, env.now))
+        for action in self.lowered.ranks[rank]:
+            match role(action.kind):
+                case "receive":
+                    yield from self.receive(rank, action)
+                case "send":
+                    outgoing.append(self.env.process(self.transfer(rank, action)))
+                case "compute":
+                    yield from self.compute(rank, action)
+        waited_from = self.env.now
+        yield simpy.AllOf(self.env, outgoing)  # like the runner: sends complete before the step
+        if self.env.now > waited_from:
+            self.spans.append(Span(rank, "wait", waited_from, self.env.now, direction=SENDS))
+        start = self.env.now
+        schedule = self.lowered.schedule
+        params = sum(self.shapes[s].params for s in schedule.pieces_of(rank))
+        yield self.env.timeout(self.costs.optimizer_s(params, rank=rank))
+        self.spans.append(Span(rank, "optimizer", start, self.env.now))
         self.finished[rank] = True
 
-    def send_result(self, rank: int, action: Action) -> list:
-        """Start the transfer of what `action` produced, if another rank needs it."""
-        stage, kind, mb = action
-        if kind == FORWARD and stage < self.schedule.num_stages - 1:
-            nbytes = self.shapes[stage].output_bytes_per_sample * self.microbatch_size
-            return [self.env.process(self.transfer(rank, Action(stage + 1, FORWARD, mb), nbytes))]
-        if kind == BACKWARD and stage > 0:
-            nbytes = self.shapes[stage].input_bytes_per_sample * self.microbatch_size
-            return [self.env.process(self.transfer(rank, Action(stage - 1, BACKWARD, mb), nbytes))]
-        return []
+    def receive(self, rank: int, action: Action):
+        waited_from = self.env.now
+        yield self.arrived(self.lowered.key(action))
+        if self.env.now > waited_from:
+            self.spans.append(Span(rank, "wait", waited_from, self.env.now, action.piece, action.microbatch,
+                                   action.peer, str(action.direction)))
 
-    def transfer(self, src: int, consumer: Action, nbytes: int):
-        """Carry a message over the (serialised) link to the rank of `consumer`."""
-        dst = self.schedule.rank_of_stage(consumer.stage)
+    def compute(self, rank: int, action: Action):
+        shape, env = self.shapes[action.piece], self.env
+        at_start, at_end = ledger_change(action.kind, shape)
+        start = env.now
+        if at_start:
+            self.held[rank] += at_start * self.microbatch_size
+            self.memory.append(MemorySample(rank, start, self.held[rank]))
+        yield env.timeout(self.costs.compute_s(shape.layers, action.kind, self.microbatch_size, rank=rank))
+        self.spans.append(Span(rank, str(action.kind), start, env.now, action.piece, action.microbatch))
+        if at_end:
+            self.held[rank] += at_end * self.microbatch_size
+            self.memory.append(MemorySample(rank, env.now, self.held[rank]))
+
+    def transfer(self, src: int, action: Action):
+        """Carry a message over the (serialised) link to its peer."""
+        key, dst = self.lowered.key(action), action.peer
+        nbytes = message_bytes_per_sample(key, self.shapes) * self.microbatch_size
         link_id = self.costs.link_id(src, dst)
         if link_id not in self.links:
             self.links[link_id] = simpy.Resource(self.env, capacity=1)
@@ -129,23 +173,24 @@ class _Step:
             yield turn
             start = self.env.now
             yield self.env.timeout(self.costs.transfer_s(src, dst, nbytes))
-        sending_stage = consumer.stage - 1 if consumer.kind == FORWARD else consumer.stage + 1
-        self.spans.append(Span(src, "send", start, self.env.now, sending_stage,
-                               consumer.microbatch, dst, consumer.kind))
-        self.input_ready(consumer).succeed()
+        self.spans.append(Span(src, "send", start, self.env.now, action.piece, action.microbatch, dst,
+                               str(action.direction)))
+        self.arrived(key).succeed()
 
 
 def simulate(
-    schedule: Schedule,
+    schedule: Schedule | LoweredSchedule,
     partition: Partition,
     model: ModelSpec,
     costs: CostModel,
     microbatch_size: int,
 ) -> Timeline:
-    """Simulate one training step of `schedule` and return its timeline."""
-    if partition.num_stages != schedule.num_stages:
-        raise ValueError(f"partition has {partition.num_stages} stages, schedule {schedule.num_stages}")
-    step = _Step(schedule, partition, model, costs, microbatch_size)
+    """Simulate one training step of `schedule` (lowered here unless it already is)."""
+    lowered = schedule if isinstance(schedule, LoweredSchedule) else lower(schedule)
+    schedule = lowered.schedule
+    if partition.num_stages != schedule.num_pieces:
+        raise ValueError(f"partition has {partition.num_stages} pieces, schedule {schedule.num_pieces}")
+    step = _Step(lowered, partition, model, costs, microbatch_size)
     for rank in range(schedule.num_ranks):
         step.memory.append(MemorySample(rank, 0.0, 0))
         step.env.process(step.rank(rank))
@@ -154,7 +199,7 @@ def simulate(
     if stuck:
         raise RuntimeError(f"simulation ended with ranks {stuck} blocked: schedule deadlocks")
     static = [0] * schedule.num_ranks
-    for stage, shape in enumerate(step.shapes):
-        static[schedule.rank_of_stage(stage)] += costs.static_bytes(shape.params)
+    for piece, shape in enumerate(step.shapes):
+        static[schedule.rank_of(piece)] += costs.static_bytes(shape.params)
     spans = sorted(step.spans, key=lambda s: (s.start_s, s.rank))
     return Timeline(schedule.num_ranks, tuple(spans), tuple(step.memory), tuple(static), "simulated")

@@ -112,14 +112,15 @@ def optimize_work_s(num_layers: int, num_stages: int, num_microbatches: int,
             + max_simulations * 2 * p * num_microbatches * _S_PER_ACTION)
 
 
-def check_size(num_layers: int, num_stages: int, num_microbatches: int) -> None:
-    """Stages and actions within their ceilings (stages <= layers is the partition's check)."""
+def check_size(num_layers: int, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> None:
+    """Stages and actions within their ceilings (pieces <= layers is the partition's check)."""
     if num_stages > MAX_STAGES:
         raise UserError(f"--stages {num_stages} is beyond the limit of {MAX_STAGES} stages")
-    actions = 2 * num_stages * num_microbatches
+    actions = 2 * num_stages * num_chunks * num_microbatches
     if actions > MAX_COMPUTE_ACTIONS:
-        raise UserError(f"{num_stages} stages x {num_microbatches} micro-batches is {actions:,} F and B "
-                        f"actions, beyond the limit of {MAX_COMPUTE_ACTIONS:,} (2 x stages x micro-batches)")
+        pieces = f"{num_stages} stages" + (f" x {num_chunks} chunks" if num_chunks > 1 else "")
+        raise UserError(f"{pieces} x {num_microbatches} micro-batches is {actions:,} F and B "
+                        f"actions, beyond the limit of {MAX_COMPUTE_ACTIONS:,} (2 x pieces x micro-batches)")
 
 
 def check_work(seconds: float, what: str, ceiling: float = MAX_WORK_S) -> None:

@@ -38,6 +38,7 @@ class LayerSpec:
     forward_flops_per_sample: float
     output_bytes_per_sample: int
     saved_bytes_per_sample: int
+    output_grad_bytes_per_sample: int = 0  # kept from the layer's I until its W (see stage_weight_bytes)
 
     @property
     def input_bytes_per_sample(self) -> int:
@@ -61,6 +62,7 @@ def fc_layer(in_features: int, out_features: int) -> LayerSpec:
         forward_flops_per_sample=2.0 * in_features * out_features + out_features,
         output_bytes_per_sample=out_bytes,
         saved_bytes_per_sample=out_bytes,
+        output_grad_bytes_per_sample=out_bytes,
     )
 
 
@@ -89,6 +91,16 @@ class ModelSpec:
         """Bytes per sample a stage of layers first..last keeps for backward."""
         layers = self.layers[first : last + 1]
         return layers[0].input_bytes_per_sample + sum(x.saved_bytes_per_sample for x in layers)
+
+    def stage_weight_bytes(self, first: int, last: int) -> int:
+        """Bytes per sample a piece keeps from its I (input gradient) until its W
+        (weight gradients): what the weight gradients need, each layer's input
+        and the gradient of its output, which I computes. What only I needed
+        (here the last ReLU's saved output) is freed at I; the rest at W.
+        For fc layers the ledger therefore grows at I: the output gradients
+        W needs outweigh the one saved output I frees."""
+        layers = self.layers[first : last + 1]
+        return sum(x.input_bytes_per_sample + x.output_grad_bytes_per_sample for x in layers)
 
     def describe(self) -> str:
         widths = sorted({layer.out_features for layer in self.layers})

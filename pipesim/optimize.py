@@ -46,7 +46,8 @@ from .schedule import Schedule, ScheduleError
 from .timeline import compute_metrics
 
 __all__ = ["Candidate", "InfeasibleError", "OptimizeError", "Optimum", "Problem", "StageCosts",
-           "lower_bound_s", "optimize", "optimum_json", "parse_bytes", "peak_memory_bytes", "search"]
+           "lower_bound_s", "optimize", "optimum_json", "parse_bytes", "peak_memory_bytes", "search",
+           "searched_json", "searched_text"]
 
 MAX_SIMULATIONS = 200
 MAX_EXPANSIONS = 20_000
@@ -123,23 +124,26 @@ def count_partitions(num_layers: int, num_stages: int) -> int:
 
 
 def _check(problem: Problem) -> None:
-    check_stage_count(problem.model.num_layers, problem.num_stages)
+    check_stage_count(problem.model.num_layers, problem.num_pieces)
     b, m = problem.batch_size, problem.num_microbatches
     if b < 1 or m < 1 or b % m:
         raise ScheduleError(f"--batch-size {b} must be a positive multiple of --microbatches {m}")
 
 
 def smallest_cap(problem: Problem, table: StageCosts) -> tuple[int, Partition]:
-    """The partition with the smallest peak memory on its largest rank (exact DP)."""
-    partition = min_max_partition(problem.model.num_layers, problem.num_stages, table.memory_bytes)
+    """The partition with the smallest peak memory on its largest rank (exact DP with one
+    piece per rank; with several, the DP bounds each piece alone)."""
+    partition = min_max_partition(problem.model.num_layers, problem.num_pieces, table.memory_bytes)
     return max(peak_memory_bytes(partition, table)), partition
 
 
 def _infeasible(problem: Problem, table: StageCosts) -> InfeasibleError:
     cap_bytes, partition = smallest_cap(problem, table)
+    which = ("the smallest cap that works" if problem.schedule.num_chunks == 1
+             else "a cap that works (with several chunks per rank, not proven the smallest)")
     return InfeasibleError(
         f"no partition of {problem.describe()} fits --memory-cap {format_bytes(problem.memory_cap_bytes)} "
-        f"({problem.memory_cap_bytes} bytes); the smallest cap that works is {format_bytes(cap_bytes)} "
+        f"({problem.memory_cap_bytes} bytes); {which} is {format_bytes(cap_bytes)} "
         f"(--memory-cap {cap_bytes}, partition {partition})", cap_bytes, partition)
 
 
@@ -156,7 +160,7 @@ def _fits(problem: Problem, memory: tuple[int, ...]) -> bool:
 def _seeds(problem: Problem, table: StageCosts) -> list[Partition]:
     """Good guesses simulated first so that pruning starts early: the even split
     and the cut minimising the slowest stage (each if it fits the cap)."""
-    n, p = problem.model.num_layers, problem.num_stages
+    n, p = problem.model.num_layers, problem.num_pieces
     seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s)]
     fitting = [s for s in seeds if all(table.fits(i, a, b) for i, (a, b) in enumerate(s.bounds))]
     return list({s.counts: s for s in fitting}.values())
@@ -204,7 +208,7 @@ class _Search:
                 return True, priority
             if self.expansions >= max_expansions or len(self.simulated) >= max_simulations:
                 return False, priority
-            if node.stage == self.problem.num_stages:
+            if node.stage == self.problem.num_pieces:
                 self.confirm(Partition.from_counts(node.counts))
             else:
                 self.expand(priority, node)
@@ -237,11 +241,11 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
     and the even split by layer count for comparison."""
     candidates, proven, remaining = search(problem, max_simulations, max_expansions)
     fitting = [c for c in candidates if _fits(problem, c.peak_memory_bytes)]
-    if not fitting:  # the cost model's memory and the engine's disagree: a bug
-        raise RuntimeError("no simulated candidate fits the memory cap the search enforced")
+    if not fitting:  # several chunks per rank: per-piece memory bounds let through ranks over the cap
+        raise _infeasible(problem, StageCosts(problem))
     schedule = problem.build_schedule()
     best = _prediction(problem, schedule, fitting[0].partition)
-    even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_stages))
+    even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_pieces))
     return Optimum(problem, best, even, _fits(problem, tuple(r.peak_memory_bytes for r in even.metrics.ranks)),
                    tuple(candidates), proven, remaining)
 
@@ -258,7 +262,7 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
         "memory_cap_bytes": problem.memory_cap_bytes,
         "proven_optimal": optimum.proven,
         "remaining_lower_bound_s": None if math.isinf(optimum.remaining_bound_s) else optimum.remaining_bound_s,
-        "partitions_total": count_partitions(problem.model.num_layers, problem.num_stages),
+        "partitions_total": count_partitions(problem.model.num_layers, problem.num_pieces),
         "partitions_simulated": len(optimum.candidates),
         "gain_over_even": optimum.gain_over_even,
         "even_split": {**prediction_json(optimum.even), "fits_memory_cap": optimum.even_fits},
@@ -269,3 +273,19 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
             for c in optimum.candidates[:top]
         ],
     }
+
+
+def searched_json(optima: list[Optimum]) -> list[dict]:
+    """One entry per (schedule, chunks) searched, fastest first."""
+    return [{"schedule": o.problem.schedule.name, "num_chunks": o.problem.schedule.num_chunks,
+             "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
+             "proven_optimal": o.proven} for o in optima]
+
+
+def searched_text(optima: list[Optimum]) -> str:
+    lines = [f"{'schedule':<18} {'chunks':>6} {'iteration':>12}  proven  partition"]
+    for o in optima:
+        lines.append(f"{o.problem.schedule.name:<18} {o.problem.schedule.num_chunks:>6} "
+                     f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
+                     f"{o.best.plan.partition}")
+    return "\n".join(lines)

@@ -60,9 +60,10 @@ def _int(token: str, text: str) -> int:
 
 def _check_stage_count(found: int, num_layers: int, num_stages: int | None, text: str) -> None:
     if num_stages is not None and found != num_stages:
-        raise PartitionError(f"partition {text!r} has {found} stages but --stages is {num_stages}")
+        raise PartitionError(f"partition {text!r} has {found} pieces but needs {num_stages} "
+                             "(--stages x --chunks)")
     if found > num_layers:
-        raise PartitionError(f"partition {text!r} has {found} stages for only {num_layers} layers")
+        raise PartitionError(f"partition {text!r} has {found} pieces for only {num_layers} layers")
 
 
 def _from_count_text(tokens: list[str], text: str, num_layers: int) -> Partition:
@@ -163,7 +164,8 @@ def check_stage_count(num_layers: int, num_stages: int) -> None:
     if num_stages < 1:
         raise PartitionError(f"--stages must be >= 1, got {num_stages}")
     if num_stages > num_layers:
-        raise PartitionError(f"cannot cut {num_layers} layers into {num_stages} stages (at most {num_layers})")
+        raise PartitionError(f"cannot cut {num_layers} layers into {num_stages} pieces "
+                             f"(--stages x --chunks; at most {num_layers})")
 
 
 def min_max_partition(

@@ -1,4 +1,4 @@
-"""A pipeline plan: the model, its partition and the schedule, resolved once.
+"""A pipeline plan: the model, its partition into P·V pieces and the schedule, resolved once.
 
 Both `pipesim predict` (the simulator) and `pipesim run` (the real runner)
 build their work from the same Plan.
@@ -7,24 +7,31 @@ build their work from the same Plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .costs import CostModel
 from .limits import check_size, check_work, work_s
+from .lowering import LoweredSchedule, lower
 from .model import ModelSpec
 from .partition import Partition, check_stage_count, parse_partition
-from .schedule import Schedule, ScheduleError, build_schedule
+from .schedule import Kind, Schedule, ScheduleError, build_schedule
 
 
 @dataclass(frozen=True)
 class Plan:
     model: ModelSpec
-    partition: Partition
+    partition: Partition  # one entry per piece
     schedule: Schedule
     batch_size: int
 
     @property
     def num_stages(self) -> int:
+        """P: the ranks."""
         return self.schedule.num_stages
+
+    @property
+    def num_chunks(self) -> int:
+        return self.schedule.num_chunks
 
     @property
     def num_microbatches(self) -> int:
@@ -34,19 +41,37 @@ class Plan:
     def microbatch_size(self) -> int:
         return self.batch_size // self.num_microbatches
 
-    def stage_layers(self, stage: int):
-        first, last = self.partition.bounds[stage]
+    @cached_property
+    def lowered(self) -> LoweredSchedule:
+        return lower(self.schedule)
+
+    def stage_layers(self, piece: int):
+        first, last = self.partition.bounds[piece]
         return self.model.layers[first : last + 1]
+
+    def rank_bounds(self, rank: int) -> list[tuple[int, int]]:
+        """The layer ranges of the pieces `rank` holds."""
+        return [self.partition.bounds[s] for s in self.schedule.pieces_of(rank)]
 
 
 def layer_costs(model: ModelSpec, costs: CostModel, microbatch_size: int,
                 rank: int | None = None) -> list[float]:
     """Forward + backward seconds of each layer at one micro-batch size (on `rank`)."""
     return [
-        costs.compute_s([layer], "F", microbatch_size, rank=rank)
-        + costs.compute_s([layer], "B", microbatch_size, rank=rank)
+        costs.compute_s([layer], Kind.F, microbatch_size, rank=rank)
+        + costs.compute_s([layer], Kind.B, microbatch_size, rank=rank)
         for layer in model.layers
     ]
+
+
+def check_schedule_shape(schedule: Schedule, num_stages: int | None, num_chunks: int | None,
+                         num_microbatches: int | None, where: str) -> None:
+    """A schedule read from a file must agree with --stages, --chunks and --microbatches when given."""
+    for flag, given, found in (("--stages", num_stages, schedule.num_stages),
+                               ("--chunks", num_chunks, schedule.num_chunks),
+                               ("--microbatches", num_microbatches, schedule.num_microbatches)):
+        if given is not None and given != found:
+            raise ScheduleError(f"{where} has {found} for {flag}, but {flag} is {given}")
 
 
 def make_plan(
@@ -54,28 +79,32 @@ def make_plan(
     num_stages: int,
     num_microbatches: int,
     batch_size: int,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     partition: str = "balanced",
     costs: CostModel | None = None,
+    num_chunks: int | None = None,
 ) -> Plan:
-    """Resolve a partition description and build the schedule.
+    """Build the schedule (or take the one given) and resolve a partition of its P·V pieces.
 
-    `balanced` minimises the slowest stage under `costs`, stage s costed on
-    rank s (equal layer costs when no cost model is given).
+    `balanced` minimises the slowest piece under `costs`, each piece costed on
+    its rank (equal layer costs when no cost model is given).
     """
     if batch_size < 1 or num_microbatches < 1 or batch_size % num_microbatches:
         raise ScheduleError(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
     microbatch_size = batch_size // num_microbatches
-    check_size(model.num_layers, num_stages, num_microbatches)
+    check_size(model.num_layers, num_stages, num_microbatches, num_chunks or 1)  # before building anything
+    if isinstance(schedule, str):
+        schedule = build_schedule(schedule, num_stages, num_microbatches, num_chunks)
     balanced = partition.strip() == "balanced"
     if balanced:  # before costing every rank
-        check_stage_count(model.num_layers, num_stages)
-    check_work(work_s(model.num_layers, num_stages, num_microbatches, balanced),
-               f"planning and simulating {model.num_layers} layers on {num_stages} stages")
+        check_stage_count(model.num_layers, schedule.num_pieces)
+    check_work(work_s(model.num_layers, schedule.num_pieces, num_microbatches, balanced),
+               f"planning and simulating {model.num_layers} layers in {schedule.num_pieces} pieces")
     weights = None
     if costs is not None and balanced:
-        weights = [layer_costs(model, costs, microbatch_size, rank) for rank in range(max(num_stages, 1))]
-    cut = parse_partition(partition, model.num_layers, num_stages, stage_layer_costs=weights)
-    return Plan(model, cut, build_schedule(schedule, cut.num_stages, num_microbatches), batch_size)
+        per_rank = {r: layer_costs(model, costs, microbatch_size, r) for r in range(schedule.num_stages)}
+        weights = [per_rank[schedule.rank_of(s)] for s in range(schedule.num_pieces)]
+    cut = parse_partition(partition, model.num_layers, schedule.num_pieces, stage_layer_costs=weights)
+    return Plan(model, cut, schedule, batch_size)

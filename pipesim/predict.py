@@ -43,11 +43,13 @@ def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
 def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
     """The fields `predict --json` and `run --json` share, so they compare field by field."""
     ranks = []
-    for rank_metrics, (first, last) in zip(metrics.ranks, plan.partition.bounds):
+    for rank_metrics in metrics.ranks:
+        pieces = plan.rank_bounds(rank_metrics.rank)
         ranks.append({
             "rank": rank_metrics.rank,
-            "first_layer": first,
-            "last_layer": last,
+            "first_layer": pieces[0][0],  # of the rank's first piece
+            "last_layer": pieces[0][1],
+            "layer_ranges": [list(bounds) for bounds in pieces],
             "busy_s": rank_metrics.busy_s,
             "idle_s": rank_metrics.idle_s,
             "bubble_fraction": rank_metrics.bubble_fraction,
@@ -59,6 +61,7 @@ def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
         "num_layers": plan.model.num_layers,
         "schedule": plan.schedule.name,
         "num_stages": plan.num_stages,
+        "num_chunks": plan.num_chunks,
         "num_microbatches": plan.num_microbatches,
         "batch_size": plan.batch_size,
         "microbatch_size": plan.microbatch_size,

@@ -1,16 +1,18 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 1::
+Schema ``pipesim-profile`` version 2 (version 1 files still load: they lack
+the input/weight split, so the zero-bubble schedules are refused with them)::
 
     {
-      "schema": "pipesim-profile", "version": 1, "name": "...",
+      "schema": "pipesim-profile", "version": 2, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
         "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
                             "s_per_sample": 0.0, "s_per_flop": 1e-11},
                "backward": {"widths": [256, 1024],                     # ... or a measured table
                             "microbatch_sizes": [4, 64],
-                            "seconds": [[5e-5, 2e-4], [5e-4, 2e-3]]}}  # [width][micro-batch size]
+                            "seconds": [[5e-5, 2e-4], [5e-4, 2e-3]]},  # [width][micro-batch size]
+               "input": {...}, "weight": {...}}   # version 2: the backward split into I and W
       },
       "action_overhead_s": 0.0,                    # per F or B action
       "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},  # or {"params": [...], "seconds": [...]}
@@ -44,7 +46,9 @@ from .errors import UserError, read_user_text
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 
 SCHEMA = "pipesim-profile"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
@@ -114,6 +118,7 @@ class Link:
 class Profile:
     name: str
     compute: dict[str, tuple[Affine | Table, Affine | Table]]  # kind -> (forward, backward)
+    split_backward: dict = field(default_factory=dict)  # kind -> (input, weight) laws (version 2)
     action_overhead_s: float = 0.0
     optimizer_fixed_s: float = 0.0
     optimizer_s_per_param: float = 0.0
@@ -240,16 +245,21 @@ def parse_profile(data: dict) -> Profile:
         raise ProfileError("profile must be a JSON object")
     if data.get("schema") != SCHEMA:
         raise ProfileError(f"profile field schema must be {SCHEMA!r}, got {data.get('schema')!r}")
-    if data.get("version") != VERSION:
-        raise ProfileError(f"profile field version must be {VERSION}, got {data.get('version')!r}")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise ProfileError(f"profile field version must be one of {READABLE_VERSIONS}, "
+                           f"got {data.get('version')!r}")
     _check_keys(data, _TOP_KEYS, "")
     if not isinstance(data.get("name"), str):
         raise ProfileError("profile field name is missing")
-    compute = {}
+    compute, split = {}, {}
     for kind in _table(data, "compute", ""):
         table, where = _table(data["compute"], kind, "compute"), f"compute.{kind}"
+        _check_keys(table, {"forward", "backward", "input", "weight"}, where)
         compute[kind] = (_law(_table(table, "forward", where), f"{where}.forward"),
                          _law(_table(table, "backward", where), f"{where}.backward"))
+        if "input" in table or "weight" in table:
+            split[kind] = (_law(_table(table, "input", where), f"{where}.input"),
+                           _law(_table(table, "weight", where), f"{where}.weight"))
     optimizer = _table(data, "optimizer", "") if "optimizer" in data else {}
     optimizer_table = _optimizer_table(optimizer) if "seconds" in optimizer else None
     if optimizer_table is None:
@@ -261,6 +271,7 @@ def parse_profile(data: dict) -> Profile:
     return Profile(
         name=data["name"],
         compute=compute,
+        split_backward=split,
         action_overhead_s=_number(data, "action_overhead_s", "", 0.0),
         optimizer_table=optimizer_table,
         optimizer_fixed_s=_number(optimizer, "fixed_s", "optimizer", 0.0),
@@ -296,12 +307,19 @@ def constant_profile(
     optimizer_s_per_param: float = 0.0,
     action_overhead_s: float = 0.0,
     name: str = "constants",
+    input_s_per_sample: float | None = None,
+    weight_s_per_sample: float | None = None,
 ) -> Profile:
-    """Plain constants for what-if studies and tests: every layer costs the same per sample."""
+    """Plain constants for what-if studies and tests: every layer costs the same per sample.
+    I and W costs only when both are given (else zero-bubble schedules are refused)."""
+    split = {}
+    if input_s_per_sample is not None and weight_s_per_sample is not None:
+        split = {"*": (Affine(s_per_sample=input_s_per_sample), Affine(s_per_sample=weight_s_per_sample))}
     return Profile(
         name=name,
         compute={"*": (Affine(s_per_sample=forward_s_per_sample),
                        Affine(s_per_sample=backward_s_per_sample))},
+        split_backward=split,
         action_overhead_s=action_overhead_s,
         optimizer_s_per_param=optimizer_s_per_param,
         intra_node=Link(latency_s, bandwidth_Bps),

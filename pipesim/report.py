@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .show import fmt_bytes, fmt_s
-from .timeline import Timeline
+from .show import fmt_bytes, fmt_s, layer_text
+from .timeline import ACTION_KINDS, Timeline
 
-COLOURS = {"F": "#4C78A8", "B": "#F58518", "optimizer": "#54A24B", "send": "#B279A2",
+COLOURS = {"F": "#4C78A8", "B": "#F58518", "I": "#E45756", "W": "#EECA3B", "optimizer": "#54A24B", "send": "#B279A2",
            "wait": "#D0D0D0", "copy": "#9D755D"}
-LABELS = {"F": "forward", "B": "backward", "optimizer": "optimizer step", "send": "transfer (on link)",
+LABELS = {"F": "forward", "B": "backward", "I": "input gradient (I)", "W": "weight gradients (W)",
+          "optimizer": "optimizer step", "send": "transfer (on link)",
           "wait": "waiting for a message", "copy": "device copy"}
 
 
@@ -33,10 +34,10 @@ def draw_gantt(ax, timeline: Timeline, title: str = "") -> None:
         else:
             y, height = span.rank - 0.3, 0.6
         ax.broken_barh([(span.start_s * scale, span.duration_s * scale)], (y, height),
-                       facecolors=COLOURS[span.kind], edgecolor="white" if span.kind in "FB" else "none",
+                       facecolors=COLOURS[span.kind], edgecolor="white" if span.kind in ACTION_KINDS else "none",
                        linewidth=0.4)
         width_fraction = span.duration_s / end if end else 0
-        if span.kind in ("F", "B") and width_fraction > 0.012:
+        if span.kind in ACTION_KINDS and width_fraction > 0.012:
             ax.text((span.start_s + span.duration_s / 2) * scale, span.rank, str(span.microbatch),
                     ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in range(timeline.num_ranks)])
@@ -255,7 +256,7 @@ def _search_text(optimum) -> str:
     from .optimize import count_partitions
 
     problem = optimum.problem
-    total = count_partitions(problem.model.num_layers, problem.num_stages)
+    total = count_partitions(problem.model.num_layers, problem.num_pieces)
     best_s = optimum.best.metrics.iteration_time_s
     head = f"search: {total:,} partitions, {len(optimum.candidates)} simulated; "
     if optimum.proven:
@@ -271,7 +272,8 @@ def optimum_text(optimum) -> str:
     lines = [
         f"model      {problem.model.describe()}",
         f"profile    {problem.profile_name}" + (f"; what-ifs: {what_ifs}" if what_ifs else ""),
-        f"pipeline   {problem.schedule}, {problem.num_stages} stages, {problem.num_microbatches} micro-batches "
+        f"pipeline   {problem.schedule.name}, {problem.num_stages} stages x {problem.schedule.num_chunks} chunk(s), "
+        f"{problem.num_microbatches} micro-batches "
         f"x {problem.microbatch_size} samples (batch {problem.batch_size}); {_cap_text(problem.memory_cap_bytes)}",
         "",
         f"{'':<11} {'partition':<24} {'iteration':>12} {'speedup':>8} {'peak memory':>12}",
@@ -289,10 +291,9 @@ def optimum_text(optimum) -> str:
         f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'peak memory':>12}   "
         f"{'even: layers':<12} {'peak memory':>12}",
     ]
-    for r, e, bounds, even_bounds in zip(best.metrics.ranks, even.metrics.ranks, best.plan.partition.bounds,
-                                         even.plan.partition.bounds):
-        lines.append(f"{r.rank:>4}  {'%d-%d' % bounds:<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
-                     f"{fmt_bytes(r.peak_memory_bytes):>12}   {'%d-%d' % even_bounds:<12} "
+    for r, e in zip(best.metrics.ranks, even.metrics.ranks):
+        lines.append(f"{r.rank:>4}  {layer_text(best.plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+                     f"{fmt_bytes(r.peak_memory_bytes):>12}   {layer_text(even.plan, r.rank):<12} "
                      f"{fmt_bytes(e.peak_memory_bytes):>12}")
     return "\n".join(lines)
 
@@ -330,7 +331,7 @@ def optimize_figures(optimum, out) -> dict[str, str]:
 
     problem, best, even = optimum.problem, optimum.best, optimum.even
     what_ifs = what_ifs_text(problem.costs)
-    stem = (f"optimize-{problem.model.name}-{problem.schedule}-p{problem.num_stages}-"
+    stem = (f"optimize-{problem.model.name}-{problem.schedule.name}-p{problem.num_stages}-"
             f"m{problem.num_microbatches}" + ("-whatif" if what_ifs else ""))
     names = {"Gantt charts: optimized (top) and even split (bottom)": f"{stem}-gantt.png",
              "peak memory per rank against the cap": f"{stem}-memory.png"}
@@ -344,7 +345,7 @@ def optimize_figures(optimum, out) -> dict[str, str]:
               for p in (best, even)]
     panels[1] = (panels[1][0].replace("optimized", "even split"), *panels[1][1:])
     plot_memory_bars(panels, problem.memory_cap_bytes, str(Path(out) / names["peak memory per rank against the cap"]),
-                     title=f"{problem.model.name}, {problem.schedule}, {problem.num_stages} stages, "
+                     title=f"{problem.model.name}, {problem.schedule.name}, {problem.num_stages} stages, "
                            f"{problem.num_microbatches} micro-batches of {problem.microbatch_size}")
     return names
 
@@ -385,7 +386,7 @@ def report_markdown(optimum, sweep, figures: dict[str, str], command: str) -> st
         f"Model: {problem.model.describe()}. Profile: `{problem.profile_name}`. What-ifs: {what_ifs}. "
         f"Batch {problem.batch_size}; {_cap_text(problem.memory_cap_bytes)}.",
         "",
-        f"## Best partition: {problem.schedule}, {problem.num_stages} stages, "
+        f"## Best partition: {problem.schedule.name}, {problem.num_stages} stages, "
         f"{problem.num_microbatches} micro-batches",
         "",
         "| | partition | predicted iteration | speedup over one rank | peak memory (largest rank) | fits |",

@@ -1,206 +1,277 @@
-"""Schedules as data: one ordered list of actions per rank.
+"""Schedules as data: one ordered list of compute actions per rank.
 
-The same ``Schedule`` object is interpreted by the simulator (engine.py) and by
-the real runner (runner/). Knows nothing of costs or time.
+Words (used the same way in every command): ``--stages P`` is the pipeline
+depth in ranks; ``--chunks V`` the model chunks per rank; the model is cut
+into P·V *pieces*. An action names a piece (torch's ``stage_index``), a kind
+and a micro-batch, and prints as ``2I3`` (piece 2, input gradient,
+micro-batch 3). A schedule carries its piece -> rank placement: ``loop``
+(piece s on rank s mod P) or ``v`` (rank r holds pieces r and 2P-1-r).
 
-Communication is implied by the actions: after ``sF m`` the activation of
-micro-batch m goes to the rank of stage s+1; after ``sB m`` its gradient goes
-to the rank of stage s-1. Sends never block (the runner posts its receives
-ahead), so a schedule can only deadlock through its order of computations.
+A ``Schedule`` holds compute actions only. Communication is added by one pass,
+``lowering.lower``, which every consumer (engine, runner, validator, bounds)
+reads. Knows nothing of costs or time.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from enum import StrEnum
+from typing import NamedTuple, assert_never
 
 from .errors import UserError
 
-FORWARD = "F"
-BACKWARD = "B"
-SCHEDULES = ("gpipe", "1f1b")
-_ACTION_RE = re.compile(r"^(\d+)([FB])(\d+)$")
+
+class Kind(StrEnum):
+    """What an action does. Every dispatch over kinds is an exhaustive ``match`` ending in
+    ``assert_never``: a kind added here (the gradient all-reduce of data parallelism is
+    the next) fails tests/test_kinds.py in every dispatcher until each handles it."""
+
+    F = "F"  # forward
+    B = "B"  # full backward (input and weight gradients at once)
+    I = "I"
+    W = "W"  # backward for the weight gradients only (torch's BACKWARD_WEIGHT)
+    SEND = "SEND"  # a message to another rank (lowered schedules only)
+    RECV = "RECV"  # a message from another rank (lowered schedules only)
+
+
+FORWARD, BACKWARD = Kind.F, Kind.B
+COMPUTE_KINDS = (Kind.F, Kind.B, Kind.I, Kind.W)
+PLACEMENTS = ("loop", "v")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipev")
+_COMPUTE_RE = re.compile(r"^(\d+)([FBIW])(\d+)$")
+_MESSAGE_RE = re.compile(r"^(\d+)(SEND|RECV)_([FB])(\d+)$")
 
 
 class ScheduleError(UserError):
     """An invalid schedule; the message may hold a multi-line grid."""
 
 
+def is_compute(kind: Kind) -> bool:
+    match kind:
+        case Kind.F | Kind.B | Kind.I | Kind.W:
+            return True
+        case Kind.SEND | Kind.RECV:
+            return False
+        case _:
+            assert_never(kind)
+
+
 class Action(NamedTuple):
-    stage: int
-    kind: str  # FORWARD or BACKWARD
+    """``piece`` = the model piece (torch's stage index). For SEND/RECV (lowered
+    schedules only): ``direction`` F (activation) or B (gradient), ``piece`` the
+    sending piece (SEND) or the receiving piece (RECV), as torch writes them;
+    ``peer`` the other rank and ``tag`` the MPI tag."""
+
+    piece: int
+    kind: Kind
     microbatch: int
+    direction: Kind | None = None
+    peer: int = -1
+    tag: int = -1
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.microbatch}"
+        if is_compute(self.kind):
+            return f"{self.piece}{self.kind}{self.microbatch}"
+        return f"{self.piece}{self.kind}_{self.direction}{self.microbatch}"
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        match = _ACTION_RE.match(text.strip())
-        if not match:
-            raise ScheduleError(f"bad action {text!r}: expected like 1F0 (stage, F or B, micro-batch)")
-        return cls(int(match[1]), match[2], int(match[3]))
+        """``1F0``, ``2I3``, ``1W0``; lowered forms ``1SEND_F0`` and ``2RECV_F0``
+        (peer and tag are filled in by the lowered schedule that reads them)."""
+        text = text.strip()
+        if match := _COMPUTE_RE.match(text):
+            return cls(int(match[1]), Kind(match[2]), int(match[3]))
+        if match := _MESSAGE_RE.match(text):
+            return cls(int(match[1]), Kind(match[2]), int(match[4]), Kind(match[3]))
+        raise ScheduleError(f"bad action {text!r}: expected like 1F0 (piece, F/B/I/W, micro-batch) "
+                            "or 1SEND_F0 / 2RECV_B0")
+
+
+def rank_of_piece(piece: int, num_stages: int, placement: str) -> int:
+    """loop: piece s on rank s mod P; v: rank r holds pieces r and 2P-1-r."""
+    if placement == "loop":
+        return piece % num_stages
+    if placement == "v":
+        return piece if piece < num_stages else 2 * num_stages - 1 - piece
+    raise ScheduleError(f"unknown placement {placement!r} (allowed: {', '.join(PLACEMENTS)})")
 
 
 @dataclass(frozen=True)
 class Schedule:
     name: str
-    num_stages: int
+    num_stages: int  # P: ranks
+    num_chunks: int  # V: pieces per rank
     num_microbatches: int
-    ranks: tuple[tuple[Action, ...], ...]  # rank -> ordered actions
+    placement: str  # "loop" or "v"
+    ranks: tuple[tuple[Action, ...], ...]  # rank -> ordered compute actions
 
     @property
     def num_ranks(self) -> int:
         return len(self.ranks)
 
-    def rank_of_stage(self, stage: int) -> int:
-        return stage  # one stage per rank (interleaved schedules would map several)
+    @property
+    def num_pieces(self) -> int:
+        return self.num_stages * self.num_chunks
+
+    def rank_of(self, piece: int) -> int:
+        return rank_of_piece(piece, self.num_stages, self.placement)
+
+    def pieces_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(s for s in range(self.num_pieces) if self.rank_of(s) == rank)
+
+    def kinds(self) -> set[Kind]:
+        return {a.kind for actions in self.ranks for a in actions}
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether some backward is split into I and W (needs I and W costs)."""
+        return bool(self.kinds() & {Kind.I, Kind.W})
+
+    def header(self) -> str:
+        return (f"# pipesim schedule {self.name} stages={self.num_stages} chunks={self.num_chunks} "
+                f"microbatches={self.num_microbatches} placement={self.placement}")
 
     def to_text(self) -> str:
-        return "\n".join(
-            f"rank {rank}: " + " ".join(map(str, actions)) for rank, actions in enumerate(self.ranks)
-        )
+        return "\n".join([self.header()] + [
+            f"rank {rank}: " + " ".join(map(str, actions)) for rank, actions in enumerate(self.ranks)])
 
     @classmethod
     def from_text(cls, text: str, name: str = "custom") -> Schedule:
-        rows = []
+        """Lines ``rank R: 0F0 0B0 ...``; an optional ``# pipesim schedule NAME
+        key=value ...`` header names it, else the shape is inferred."""
+        meta, rows = parse_header(text), []
         for line in text.strip().splitlines():
-            _, _, body = line.partition(":")
-            rows.append(tuple(Action.parse(tok) for tok in body.split()))
-        actions = [a for row in rows for a in row]
-        if not actions:
-            raise ScheduleError("schedule text has no actions (expected lines like 'rank 0: 0F0 0B0')")
-        num_stages = 1 + max(a.stage for a in actions)
-        num_microbatches = 1 + max(a.microbatch for a in actions)
-        return cls(name, num_stages, num_microbatches, tuple(rows))
+            if line.strip() and not line.lstrip().startswith("#"):
+                _, _, body = line.partition(":")
+                rows.append(tuple(Action.parse(tok) for tok in body.split()))
+        return from_rows(rows, meta.get("name", name), meta)
 
 
-# --- builders -----------------------------------------------------------------
+def parse_header(text: str) -> dict:
+    for line in text.strip().splitlines():
+        words = line.split()
+        if words[:3] == ["#", "pipesim", "schedule"] and len(words) > 3:
+            meta: dict = {"name": words[3]}
+            for word in words[4:]:
+                key, _, value = word.partition("=")
+                meta[key] = value if key == "placement" else int(value)
+            return meta
+    return {}
 
 
-def _forwards(stage: int, microbatches: range) -> list[Action]:
-    return [Action(stage, FORWARD, mb) for mb in microbatches]
+def from_rows(rows: list[tuple[Action, ...]], name: str, meta: dict | None = None) -> Schedule:
+    """A schedule from per-rank compute actions; the placement is inferred when not given."""
+    meta = meta or {}
+    actions = [a for row in rows for a in row]
+    if not actions:
+        raise ScheduleError("schedule has no actions (expected lines like 'rank 0: 0F0 0B0')")
+    if not all(is_compute(a.kind) for a in actions):
+        raise ScheduleError("a schedule holds compute actions only (F, B, I, W); SEND/RECV come from lowering")
+    num_stages = meta.get("stages", len(rows))
+    num_pieces = 1 + max(a.piece for a in actions)
+    chunks = meta.get("chunks", -(-num_pieces // num_stages))
+    microbatches = meta.get("microbatches", 1 + max(a.microbatch for a in actions))
+    placement = meta.get("placement") or _infer_placement(rows, num_stages)
+    return Schedule(name, num_stages, chunks, microbatches, placement, tuple(rows))
 
 
-def _backwards(stage: int, microbatches: range) -> list[Action]:
-    return [Action(stage, BACKWARD, mb) for mb in microbatches]
+def _infer_placement(rows, num_stages: int) -> str:
+    for placement in PLACEMENTS:
+        if all(rank_of_piece(a.piece, num_stages, placement) == rank
+               for rank, row in enumerate(rows) for a in row):
+            return placement
+    raise ScheduleError("the schedule places pieces neither 'loop' (piece s on rank s mod P) "
+                        "nor 'v' (rank r holds pieces r and 2P-1-r)")
 
 
-def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
-    """Fill-drain: every forward, then every backward (the original study's scheme)."""
-    everything = range(num_microbatches)
-    ranks = tuple(
-        tuple(_forwards(s, everything) + _backwards(s, everything)) for s in range(num_stages)
-    )
-    return Schedule("gpipe", num_stages, num_microbatches, ranks)
+# --- who needs what: the one statement of the data flow ------------------------
 
 
-def _one_f_one_b_rank(stage: int, num_stages: int, num_microbatches: int) -> tuple[Action, ...]:
-    warmup = min(num_stages - stage - 1, num_microbatches)
-    steady = num_microbatches - warmup
-    actions = _forwards(stage, range(warmup))
-    for i in range(steady):  # steady state: one forward, then the oldest backward
-        actions += _forwards(stage, range(warmup + i, warmup + i + 1))
-        actions += _backwards(stage, range(i, i + 1))
-    actions += _backwards(stage, range(steady, num_microbatches))  # cool-down
-    return tuple(actions)
+class MessageKey(NamedTuple):
+    """A tensor that flows between pieces: to ``piece``, activation (F) or gradient (B)."""
+
+    piece: int
+    direction: Kind
+    microbatch: int
 
 
-def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
-    """PipeDream-Flush / Megatron non-interleaved 1F1B: warm-up of p-r-1 forwards on rank r."""
-    ranks = tuple(
-        _one_f_one_b_rank(s, num_stages, num_microbatches) for s in range(num_stages)
-    )
-    return Schedule("1f1b", num_stages, num_microbatches, ranks)
+def needs_input(action: Action, num_pieces: int) -> tuple[MessageKey, int] | None:
+    """(the tensor `action` consumes from a neighbouring piece, that piece)."""
+    piece, mb = action.piece, action.microbatch
+    match action.kind:
+        case Kind.F:
+            return (MessageKey(piece, Kind.F, mb), piece - 1) if piece > 0 else None
+        case Kind.B | Kind.I:
+            return (MessageKey(piece, Kind.B, mb), piece + 1) if piece < num_pieces - 1 else None
+        case Kind.W | Kind.SEND | Kind.RECV:
+            return None
+        case _:
+            assert_never(action.kind)
 
 
-_BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def makes_output(action: Action, num_pieces: int) -> MessageKey | None:
+    """The tensor `action` produces for a neighbouring piece."""
+    piece, mb = action.piece, action.microbatch
+    match action.kind:
+        case Kind.F:
+            return MessageKey(piece + 1, Kind.F, mb) if piece < num_pieces - 1 else None
+        case Kind.B | Kind.I:
+            return MessageKey(piece - 1, Kind.B, mb) if piece > 0 else None
+        case Kind.W | Kind.SEND | Kind.RECV:
+            return None
+        case _:
+            assert_never(action.kind)
 
 
-def build_schedule(name: str, num_stages: int, num_microbatches: int) -> Schedule:
-    if name not in _BUILDERS:
-        raise ScheduleError(f"unknown schedule {name!r} (allowed: {', '.join(SCHEDULES)})")
-    if num_stages < 1 or num_microbatches < 1:
-        raise ScheduleError(
-            f"need at least one stage and one micro-batch, got {num_stages} and {num_microbatches}"
-        )
-    schedule = _BUILDERS[name](num_stages, num_microbatches)
-    validate(schedule)
-    return schedule
+def local_prerequisites(action: Action) -> tuple[tuple[Kind, ...], ...]:
+    """Actions of the same piece and micro-batch that must come first: each entry
+    is satisfied by any one of its kinds."""
+    match action.kind:
+        case Kind.F | Kind.SEND | Kind.RECV:
+            return ()
+        case Kind.B | Kind.I:
+            return ((Kind.F,),)
+        case Kind.W:
+            return ((Kind.I,),)
+        case _:
+            assert_never(action.kind)
 
 
 # --- validation ---------------------------------------------------------------
 
 
-def _check_counts(schedule: Schedule) -> None:
-    p, m = schedule.num_stages, schedule.num_microbatches
+def check_counts(schedule: Schedule) -> None:
+    """Each (piece, micro-batch) is computed exactly once: one F, and one B or one I and one W,
+    on the rank that holds the piece."""
+    p, v, m = schedule.num_stages, schedule.num_chunks, schedule.num_microbatches
     if schedule.num_ranks != p:
-        raise ScheduleError(f"schedule has {schedule.num_ranks} ranks for {p} stages")
+        raise ScheduleError(f"schedule has {schedule.num_ranks} ranks for --stages {p}")
     for rank, actions in enumerate(schedule.ranks):
-        expected = {Action(rank, k, mb) for k in (FORWARD, BACKWARD) for mb in range(m)}
-        seen = set(actions)
-        if len(actions) != len(seen) or seen != expected:
-            extra = [str(a) for a in actions if a not in expected or actions.count(a) > 1]
-            missing = sorted(str(a) for a in expected - seen)
-            raise ScheduleError(
-                f"rank {rank} must run each of F and B once per micro-batch of stage {rank}: "
-                f"missing {missing[:5] or 'none'}, wrong or repeated {extra[:5] or 'none'}"
-            )
-
-
-def _dependencies(action: Action, num_stages: int) -> list[Action]:
-    stage, kind, mb = action
-    if kind == FORWARD:
-        return [Action(stage - 1, FORWARD, mb)] if stage > 0 else []
-    deps = [Action(stage, FORWARD, mb)]
-    if stage < num_stages - 1:
-        deps.append(Action(stage + 1, BACKWARD, mb))
-    return deps
-
-
-def unit_steps(schedule: Schedule) -> list[list[Action | None]]:
-    """Run the schedule in lock-step unit time; returns rank x step grid.
-
-    Raises ScheduleError with the grid, the stuck actions marked, on deadlock.
-    """
-    p = schedule.num_stages
-    done: set[Action] = set()
-    position = [0] * schedule.num_ranks
-    grid: list[list[Action | None]] = [[] for _ in schedule.ranks]
-    while any(pos < len(acts) for pos, acts in zip(position, schedule.ranks)):
-        ran = []
-        for rank, actions in enumerate(schedule.ranks):
-            nxt = actions[position[rank]] if position[rank] < len(actions) else None
-            ok = nxt is not None and all(d in done for d in _dependencies(nxt, p))
-            grid[rank].append(nxt if ok else None)
-            if ok:
-                ran.append(nxt)
-                position[rank] += 1
-        if not ran:
-            stuck = [acts[pos] for pos, acts in zip(position, schedule.ranks) if pos < len(acts)]
-            raise ScheduleError(
-                f"schedule {schedule.name!r} deadlocks; stuck actions marked *\n"
-                + format_grid(grid, stuck=stuck, position=position, schedule=schedule)
-            )
-        done.update(ran)
-    return grid
-
-
-def format_grid(grid, stuck=(), position=None, schedule=None) -> str:
-    """Rank x step table; after a deadlock the next (stuck) action is appended, marked *."""
-    rows = []
-    for rank, cells in enumerate(grid):
-        text = [str(c) if c else "." for c in cells]
-        if position is not None and schedule is not None and position[rank] < len(schedule.ranks[rank]):
-            nxt = schedule.ranks[rank][position[rank]]
-            if nxt in stuck:
-                text.append(f"*{nxt}")
-        rows.append(f"rank {rank} | " + " ".join(f"{c:>5}" for c in text))
-    return "\n".join(rows)
+        wrong = [str(a) for a in actions
+                 if not is_compute(a.kind) or not 0 <= a.piece < p * v or schedule.rank_of(a.piece) != rank
+                 or not 0 <= a.microbatch < m]
+        if wrong:
+            raise ScheduleError(f"rank {rank} runs actions not of its pieces {list(schedule.pieces_of(rank))} "
+                                f"and micro-batches 0-{m - 1}: {wrong[:5]}")
+        seen = [(a.piece, a.kind, a.microbatch) for a in actions]
+        for piece in schedule.pieces_of(rank):
+            for mb in range(m):
+                kinds = sorted(str(k) for s, k, i in seen if (s, i) == (piece, mb))
+                if kinds not in (["B", "F"], ["F", "I", "W"]):
+                    raise ScheduleError(f"rank {rank} must run piece {piece}, micro-batch {mb} as F and B, "
+                                        f"or F, I and W, each once; it runs {kinds or 'nothing'}")
 
 
 def validate(schedule: Schedule) -> None:
-    """Every micro-batch gets exactly one F and one B on every stage; no deadlock."""
-    _check_counts(schedule)
-    unit_steps(schedule)
+    """Counts (see check_counts), and no deadlock in the lowered schedule."""
+    from .lowering import lower, unit_steps
+
+    check_counts(schedule)
+    unit_steps(lower(schedule))
+
+
+def build_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int | None = None) -> Schedule:
+    from .builders import build
+
+    return build(name, num_stages, num_microbatches, num_chunks)

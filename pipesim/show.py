@@ -20,12 +20,17 @@ def fmt_bytes(nbytes: float) -> str:
 CALIBRATE_HINT = "predictions for your own machine start with `pipesim calibrate`"
 
 
+def layer_text(plan, rank: int) -> str:
+    """The layer ranges of the pieces a rank holds: ``0-3`` or ``0-3,16-19``."""
+    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(rank))
+
+
 def print_prediction(p: Prediction, measured_on: str) -> None:
     plan, m = p.plan, p.metrics
     print(f"model      {plan.model.describe()}")
     print(f"profile    {p.profile}, measured on {measured_on}; {CALIBRATE_HINT}")
-    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages, {plan.num_microbatches} "
-          f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
+    print(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
+          f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
           f"partition {plan.partition}")
     print()
     print(f"iteration time   {fmt_s(m.iteration_time_s)}   "
@@ -34,9 +39,9 @@ def print_prediction(p: Prediction, measured_on: str) -> None:
     print(f"bubble fraction  {m.bubble_fraction:.1%}")
     print(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
     print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+    print(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
+    for r in m.ranks:
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
 
 
@@ -72,10 +77,10 @@ def print_measurement(measured, baseline) -> None:
     print(f"throughput       {plan.batch_size / measured.median_s:,.0f} samples/s")
     print(f"bubble fraction  {m.bubble_fraction:.1%} (median iteration)")
     print()
-    print(f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'activations':>12} "
+    print(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'activations':>12} "
           f"{'peak memory':>12} {'peak RSS':>10}")
-    for r, (first, last) in zip(m.ranks, plan.partition.bounds):
-        print(f"{r.rank:>4}  {f'{first}-{last}':<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+    for r in m.ranks:
+        print(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
               f"{fmt_bytes(r.peak_activation_bytes):>12} {fmt_bytes(r.peak_memory_bytes):>12} "
               f"{fmt_bytes(measured.peak_rss_bytes[r.rank]):>10}")
 
@@ -92,7 +97,7 @@ def print_profile(profile: dict) -> None:
     for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
                                table["backward"]["seconds"]):
         print(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
-    for direction in ("forward", "backward"):
+    for direction in [d for d in ("forward", "backward", "input", "weight") if d in samples["affine_fit"]]:
         c = samples["affine_fit"][direction]
         print(f"  affine {direction:<8} {c['fixed_s'] * 1e6:6.2f} us + {c['s_per_param'] * 1e12:6.1f} ps/param"
               f" + b x {c['s_per_flop'] * 1e12:5.2f} ps/flop (summary only; worst error "

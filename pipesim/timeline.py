@@ -11,7 +11,8 @@ import io
 from collections import defaultdict
 from dataclasses import dataclass
 
-COMPUTE_KINDS = ("F", "B", "optimizer")
+ACTION_KINDS = ("F", "B", "I", "W")  # compute actions of the schedule (W counts as compute)
+COMPUTE_KINDS = (*ACTION_KINDS, "optimizer")
 SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait", "copy")
 SENDS = "sends"  # direction of a wait for the rank's own sends to complete, before its optimizer step
 
@@ -19,6 +20,7 @@ SENDS = "sends"  # direction of a wait for the rank's own sends to complete, bef
 @dataclass(frozen=True)
 class Span:
     """Something a rank (or a link, for ``send``) did from start_s to end_s.
+    ``stage`` is the model piece (for F, B, I, W: the action's piece).
 
     ``send``: a transfer from ``rank`` to ``peer`` of micro-batch's activation
     (``stage`` = sending stage, direction from ``direction``);
@@ -41,7 +43,7 @@ class Span:
 
     @property
     def name(self) -> str:
-        if self.kind in ("F", "B"):
+        if self.kind in ACTION_KINDS:
             return f"{self.stage}{self.kind}{self.microbatch}"
         if self.kind == "send":
             return f"send {self.rank}->{self.peer} {self.direction}{self.microbatch}"
@@ -102,7 +104,7 @@ def peak_activation_bytes(timeline: Timeline) -> list[int]:
 
 
 def compute_metrics(timeline: Timeline) -> Metrics:
-    """Iteration time is first start to last end; busy = F + B + optimizer."""
+    """Iteration time is first start to last end; busy = F + B + I + W + optimizer."""
     start = min(s.start_s for s in timeline.spans)
     end = max(s.end_s for s in timeline.spans)
     iteration = end - start

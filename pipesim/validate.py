@@ -16,7 +16,8 @@ lists::
     stages = [2]
     microbatches = [4, 8]
     partitions = ["balanced", "8,24", "24,8"]
-    schedules = ["gpipe", "1f1b"]
+    schedules = ["gpipe", "1f1b"]   # or a schedule file (pipesim text or torch CSV)
+    chunks = [1, 2]                 # optional: chunks per rank (default: each schedule's own)
 
 For every (layers, width, batch size) a single-rank baseline case is added, so
 that measured and predicted speedups can be compared.
@@ -38,11 +39,11 @@ from .plan import Plan, make_plan
 from .predict import Prediction, predict
 from .profile import Profile
 from .schedule import SCHEDULES
-from .timeline import Timeline, compute_metrics
+from .timeline import ACTION_KINDS, Timeline, compute_metrics
 from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups"}
-_GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules"}
+_GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules", "chunks"}
 
 
 class GridError(UserError):
@@ -57,12 +58,14 @@ class Case:
     stages: int
     microbatches: int
     partition: str
-    schedule: str
+    schedule: str  # a schedule's name or a schedule file
+    chunks: int = 0  # chunks per rank; 0: the schedule's own
 
     @property
     def label(self) -> str:
+        chunks = f" v{self.chunks}" if self.chunks else ""
         return (f"fc{self.layers}x{self.width} b{self.batch_size} p{self.stages} m{self.microbatches} "
-                f"{self.schedule} [{self.partition}]")
+                f"{self.schedule}{chunks} [{self.partition}]")
 
     @property
     def model_key(self) -> tuple[int, int, int]:
@@ -84,7 +87,8 @@ class Grid:
 
 
 _INT_RANGES = {"layers": (1, MAX_LAYERS), "widths": (1, MAX_WIDTH), "batch_sizes": (1, MAX_BATCH_SIZE),
-               "stages": (1, MAX_STAGES), "microbatches": (1, MAX_BATCH_SIZE)}
+               "stages": (1, MAX_STAGES), "microbatches": (1, MAX_BATCH_SIZE),
+               "chunks": (1, MAX_STAGES)}
 
 
 def _list(group: dict, key: str, where: str) -> list:
@@ -96,8 +100,9 @@ def _list(group: dict, key: str, where: str) -> list:
             low, high = _INT_RANGES[key]
             if not isinstance(item, int) or isinstance(item, bool) or not low <= item <= high:
                 raise GridError(f"{where}: {key} must hold integers in {low}..{high}, got {item!r}")
-        elif key == "schedules" and item not in SCHEDULES:
-            raise GridError(f"{where}: schedules must hold {', '.join(SCHEDULES)}, got {item!r}")
+        elif key == "schedules" and not (item in SCHEDULES or isinstance(item, str) and Path(item).is_file()):
+            raise GridError(f"{where}: schedules must hold {', '.join(SCHEDULES)} or a schedule file that "
+                            f"exists, got {item!r}")
         elif not isinstance(item, str):
             raise GridError(f"{where}: {key} must hold strings like \"balanced\" or \"8,24\", got {item!r}")
     return value
@@ -132,6 +137,7 @@ def load_grid(path: str | Path) -> Grid:
             raise GridError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_GROUP_KEYS))})")
         lists = [_list(group, key, where) for key in ("layers", "widths", "batch_sizes", "stages",
                                                        "microbatches", "partitions", "schedules")]
+        lists.append(_list(group, "chunks", where) if "chunks" in group else [0])
         for values in itertools.product(*lists):
             case = Case(*values)
             if case not in cases:
@@ -157,8 +163,17 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
+    from .plan import check_schedule_shape
+    from .schedule import SCHEDULES, validate
+    from .torchcsv import read_schedule_file
+
+    schedule = case.schedule
+    if schedule not in SCHEDULES:  # a schedule file
+        schedule, _ = read_schedule_file(case.schedule)
+        check_schedule_shape(schedule, case.stages, case.chunks or None, case.microbatches, case.schedule)
+        validate(schedule)
     return make_plan(fc(case.layers, case.width), case.stages, case.microbatches, case.batch_size,
-                     case.schedule, case.partition, costs)
+                     schedule, case.partition, costs, case.chunks or None)
 
 
 # --- results ----------------------------------------------------------------------
@@ -222,10 +237,10 @@ def rank_breakdown(timeline: Timeline, overhead_per_action_s: float | None = Non
     iteration = compute_metrics(timeline).iteration_time_s
     parts = {"compute": 0.0, "overhead": 0.0, "wait": 0.0, "rest": 0.0}
     for rank in range(timeline.num_ranks):
-        spans = sorted(timeline.rank_spans(rank, ("F", "B", "optimizer", "wait", "copy")),
+        spans = sorted(timeline.rank_spans(rank, (*ACTION_KINDS, "optimizer", "wait", "copy")),
                        key=lambda s: s.start_s)
-        actions = [s for s in spans if s.kind in ("F", "B")]
-        compute = sum(s.duration_s for s in spans if s.kind in ("F", "B", "optimizer", "copy"))
+        actions = [s for s in spans if s.kind in ACTION_KINDS]
+        compute = sum(s.duration_s for s in spans if s.kind in (*ACTION_KINDS, "optimizer", "copy"))
         wait = sum(s.duration_s for s in spans if s.kind == "wait")
         if overhead_per_action_s is not None:
             overhead = overhead_per_action_s * len(actions)

@@ -161,15 +161,15 @@ def test_bad_profile_content_exits_2(capsys, tmp_path):
     path.write_text("{not json")
     code, _, err = run_main(capsys, "predict", "--profile", str(path))
     assert code == 2 and "not valid JSON" in err
-    path.write_text(json.dumps({"schema": "pipesim-profile", "version": 2, "name": "x"}))
+    path.write_text(json.dumps({"schema": "pipesim-profile", "version": 3, "name": "x"}))
     code, _, err = run_main(capsys, "predict", "--profile", str(path))
-    assert code == 2 and "version must be 1" in err
+    assert code == 2 and "version must be one of (1, 2)" in err
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--microbatches", "3", "--batch-size", "128"], "--batch-size 128 must be a positive multiple of --microbatches 3"),
     (["--layers", "0"], "argument --layers: must be in 1..100000, got 0"),
-    (["--stages", "8", "--layers", "4"], "cannot cut 4 layers into 8 stages"),
+    (["--stages", "8", "--layers", "4"], "cannot cut 4 layers into 8 pieces"),
     (["--stages", "2,4", "--partition", "8,8,8,8"], "explicit --partition"),
 ])
 def test_user_errors_exit_2(capsys, argv, expected):

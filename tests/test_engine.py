@@ -174,7 +174,7 @@ def test_golden_gpipe_p2_m2():
 
 def test_stage_count_mismatch_is_an_error():
     costs = ProfileCostModel(constant_profile(1.0, 1.0))
-    with pytest.raises(ValueError, match="partition has 2 stages, schedule 3"):
+    with pytest.raises(ValueError, match="partition has 2 pieces, schedule 3"):
         simulate(build_schedule("1f1b", 3, 2), Partition.from_counts([6, 6]), fc(12, 4), costs, 1)
 
 

@@ -65,7 +65,7 @@ def test_stages_beyond_layers_fail_before_costing_every_rank():
             return super().compute_s(*args, **kwargs)
 
     costs = Counting(constant_profile(1e-3, 2e-3))
-    with pytest.raises(PartitionError, match="cannot cut 4 layers into 1000 stages"):
+    with pytest.raises(PartitionError, match="cannot cut 4 layers into 1000 pieces"):
         make_plan(fc(4, 8), 1000, 1, 8, "1f1b", "balanced", costs)
     assert calls == []
 

@@ -339,7 +339,7 @@ def test_optimize_infeasible_exits_2_with_the_smallest_cap(capsys):
     (["--memory-cap", "lots"], "bad memory size 'lots'"),
     (["--rank-speed", "9:0.5"], "names rank 9"),
     (["--link", "0-1:fast"], "bad --link"),
-    (["--stages", "40"], "cannot cut 32 layers into 40 stages"),
+    (["--stages", "40"], "cannot cut 32 layers into 40 pieces"),
 ])
 def test_optimize_user_errors_exit_2(capsys, argv, expected):
     code, out, err = run_main(capsys, "optimize", *argv)

@@ -53,7 +53,7 @@ def test_points_match_predict_and_impossible_points_are_skipped():
     sweep = small_sweep(costs=costs)
     skipped = [r for r in sweep.results if not r.ok]
     assert {r.point.num_stages for r in skipped} == {16}  # 16 stages for 8 layers
-    assert all("cannot cut 8 layers into 16 stages" in r.skipped for r in skipped)
+    assert all("cannot cut 8 layers into 16 pieces" in r.skipped for r in skipped)
     for r in sweep.results:
         if r.ok:
             plan = make_plan(fc(8, 32), r.point.num_stages, r.point.num_microbatches, 32, r.point.schedule,
@@ -157,7 +157,7 @@ def test_sweep_cli_text(capsys):
                  "--batch-size", "8", "--quiet", "--jobs", "1"])
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
-    assert "recommended" in out and "skipped: cannot cut 4 layers into 8 stages" in out
+    assert "recommended" in out and "skipped: cannot cut 4 layers into 8 pieces" in out
 
 
 def test_sweep_cli_bad_schedule_exits_2(capsys):

@@ -18,7 +18,7 @@ from ..schedule import Schedule
 class RunConfig:
     model_name: str
     layer_shapes: tuple[tuple[int, int], ...]  # (in_features, out_features) of each fc layer
-    partition: tuple[int, ...]  # layers per stage
+    partition: tuple[int, ...]  # layers per piece (P x V pieces)
     schedule_name: str
     schedule_text: str
     batch_size: int

@@ -2,7 +2,9 @@
 
 Compute: stacks of the runner's own fc layers (make_stage), forward under the
 same saved-tensor counter the interpreter uses, backward as the interpreter
-does it; every rank measures at once, so shared cores and memory bandwidth
+does it, whole (B) and split into input gradient (I) and weight gradients (W)
+with torch's stage_backward_input/weight as the interpreter runs them; every
+rank measures at once, so shared cores and memory bandwidth
 are in the numbers. Links: ping-pong between pipeline neighbours with the
 runner's transport (Isend/Irecv of tensors' buffers). Optimizer: the runner's
 optimizer step at several parameter counts. Returns raw samples; fitting is
@@ -40,6 +42,54 @@ def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, 
     return (middle - start) / depth, (end - middle) / depth, counter.total
 
 
+def _time_split(stack, x, depth: int) -> tuple[float, float]:
+    """One forward (untimed), then I and W as the interpreter runs them, per layer."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    out = stack(x)
+    start = clock()
+    _, groups = stage_backward_input([out], [torch.ones_like(out)], [x], stack.parameters())
+    middle = clock()
+    stage_backward_weight(stack.parameters(), groups)
+    end = clock()
+    return (middle - start) / depth, (end - middle) / depth
+
+
+def _whole_backward_pass(points: list[dict], stacks: dict, comm, keep: bool) -> None:
+    """F and B of every point."""
+    previous_width = None
+    for point in points:
+        stack, depth, storages = stacks[point["width"]]
+        if point["width"] != previous_width:  # bring this stack's weights back into cache,
+            _time_once(stack, point["x"], depth, storages)  # as a stage's next action finds them
+            previous_width = point["width"]
+        comm.Barrier()
+        forward, backward, saved = _time_once(stack, point["x"], depth, storages)
+        if keep:
+            point["forward_s"].append(forward)
+            point["backward_s"].append(backward)
+        point["saved_bytes_per_sample_per_layer"] = (
+            (saved - point["x"].numel() * 4) / (point["microbatch_size"] * depth))
+
+
+def _split_backward_pass(points: list[dict], stacks: dict, comm, keep: bool) -> None:
+    """F, I and W of every point, in a pass of their own: a W then follows the
+    previous point's W with a forward and an I in between, as in a zero-bubble
+    pipeline, not a full backward that has just brought the weight gradients
+    into cache (timed that way, W came out 5-10% fast)."""
+    previous_width = None
+    for point in points:
+        stack, depth, _ = stacks[point["width"]]
+        if point["width"] != previous_width:
+            _time_split(stack, point["x"], depth)
+            previous_width = point["width"]
+        comm.Barrier()
+        input_grad, weight_grad = _time_split(stack, point["x"], depth)
+        if keep:
+            point["input_s"].append(input_grad)
+            point["weight_s"].append(weight_grad)
+
+
 def _measure_compute(config: dict, comm, log) -> list[dict]:
     """Every (width, micro-batch size) point once per round, rounds repeated:
     drift and bursts of noise spread over all points alike. All ranks time the
@@ -56,23 +106,12 @@ def _measure_compute(config: dict, comm, log) -> list[dict]:
             points.append({"width": width, "microbatch_size": microbatch, "depth": stacks[width][1],
                            "params_per_layer": layer.params,
                            "flops_per_sample_per_layer": layer.forward_flops_per_sample,
-                           "forward_s": [], "backward_s": [],
+                           "forward_s": [], "backward_s": [], "input_s": [], "weight_s": [],
                            "x": torch.randn(microbatch, width, requires_grad=True)})
     rounds = config["warmup"] + config["repeats"]
     for round_ in range(rounds):
-        previous_width = None
-        for point in points:
-            stack, depth, storages = stacks[point["width"]]
-            if point["width"] != previous_width:  # bring this stack's weights back into cache,
-                _time_once(stack, point["x"], depth, storages)  # as a stage's next action finds them
-                previous_width = point["width"]
-            comm.Barrier()
-            forward, backward, saved = _time_once(stack, point["x"], depth, storages)
-            if round_ >= config["warmup"]:
-                point["forward_s"].append(forward)
-                point["backward_s"].append(backward)
-            point["saved_bytes_per_sample_per_layer"] = (
-                (saved - point["x"].numel() * 4) / (point["microbatch_size"] * depth))
+        _whole_backward_pass(points, stacks, comm, keep=round_ >= config["warmup"])
+        _split_backward_pass(points, stacks, comm, keep=round_ >= config["warmup"])
         if (round_ + 1) % 10 == 0 or round_ + 1 == rounds:
             log(f"  compute: round {round_ + 1}/{rounds} over {len(points)} (width, micro-batch) points")
     for point in points:

@@ -49,14 +49,14 @@ def make_optimizer(name: str, params, lr: float = 0.01) -> torch.optim.Optimizer
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def static_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def static_bytes(module: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of parameters, gradients and optimizer state actually allocated."""
     total = 0
-    for param in module.parameters():
+    for param in module.parameters() if module is not None else ():
         total += param.numel() * param.element_size()
         if param.grad is not None:
             total += param.grad.numel() * param.grad.element_size()
-    for state in optimizer.state.values():
+    for state in optimizer.state.values() if optimizer is not None else ():
         for value in state.values():
             if torch.is_tensor(value) and value.dim() > 0:
                 total += value.numel() * value.element_size()

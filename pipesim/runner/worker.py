@@ -99,6 +99,24 @@ def execute_run(config_dict: dict, comm) -> dict | None:
     return {"ranks": everyone, "mpi": mpi_version()}
 
 
+def execute_runs(config_dict: dict, comm) -> dict | None:
+    """Several runs in one MPI job (tests batch their configurations so): each runs
+    on the first P ranks of the world, the others wait. Rank 0 returns every result."""
+    from mpi4py import MPI
+
+    results = []
+    for run in config_dict["runs"]:
+        ranks = RunConfig.from_dict(run).plan().num_stages
+        sub = comm.Split(0 if comm.Get_rank() < ranks else MPI.UNDEFINED, comm.Get_rank())
+        result = None
+        if sub != MPI.COMM_NULL:
+            result = execute_run(run, sub)
+            sub.Free()
+        results.append(result)
+        comm.Barrier()
+    return {"runs": results} if comm.Get_rank() == 0 else None
+
+
 def mpi_version() -> str:
     from mpi4py import MPI
 
@@ -111,7 +129,7 @@ def execute_calibrate(config_dict: dict, comm) -> dict | None:
     return execute(config_dict, comm)
 
 
-JOBS = {"run": execute_run, "calibrate": execute_calibrate}
+JOBS = {"run": execute_run, "runs": execute_runs, "calibrate": execute_calibrate}
 
 
 def main(argv: list[str]) -> int:
