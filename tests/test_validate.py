@@ -183,11 +183,14 @@ def test_noise_multiple_on_the_command_line(tmp_path, monkeypatch, capsys):
 
 # --- the quick grid, for real, calibrated on this machine ---------------------------
 
-# The check: MAPE <= 4% + 2 x the run's own median noise floor, and never above 10%, which
+# The check: MAPE <= 5% + 2 x the run's own median noise floor, and never above 10%, which
 # stays below the smallest effect it exists to catch (the bubble of the m = 8 case, 11% of
 # its step). Costs are measured here first: a profile from another VM of the same kind
 # mispredicts this one by 8-20% (issue 9), so comparing with it would be a timed test.
-QUICK = V.Tolerance(floor=0.04, noise_multiple=2.0, cap=0.10)
+# The floor: six quiet fresh-clone runs measured MAPE 1.4-5.6% with noise floors of 1.1-2.3%
+# (reports/ci-repeat.md); part of it is systematic (one rank computing alone, the baseline,
+# runs faster than costs calibrated with every rank busy: issue 16).
+QUICK = V.Tolerance(floor=0.05, noise_multiple=2.0, cap=0.10)
 
 
 @pytest.fixture(scope="module")
