@@ -20,6 +20,6 @@ for i in $(seq 1 "$runs"); do
   wall=$(( $(date +%s) - start ))
   closing=$(grep -E '^[0-9]+ (passed|failed)' "$logs/run-$i.log" | tail -1)
   echo "run $i: exit $code, ${wall} s wall (install included); $closing"
-  grep -E '^(quick grid|calibration here|fault)' "$logs/run-$i.log" | sed 's/^/    /'
+  grep -E "^(quick grid|calibration here|fault|  fc)" "$logs/run-$i.log" | sed 's/^/    /'
   rm -rf "$clone"
 done

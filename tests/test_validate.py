@@ -222,6 +222,9 @@ def test_quick_grid_predicts_real_runs(measured_here, report_accuracy):
     report_accuracy(f"calibration here: compute noise CV forward {noise['forward_cv_median']:.1%}, "
                     f"backward {noise['backward_cv_median']:.1%} (a busy machine shows here first)")
     judged = judge(results, report_accuracy, "quick grid, calibrated here")
+    for r in results:
+        report_accuracy(f"  {r.case.label}: measured {r.measured_s * 1e3:.1f} ms, predicted "
+                        f"{r.predicted_s * 1e3:.1f} ms ({r.error:+.1%}), rounds {r.repeat_difference:.1%} apart")
     assert judged.passed, judged.text
     assert V.summarize(results).partition_rankings_match == 1
 
