@@ -20,7 +20,7 @@ from pipesim.runner import launch as launch_module
 from pipesim.runner.config import RunConfig
 from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch
 from pipesim.runner.results import measure
-from pipesim.runner.stage import make_layer, synthetic_batch
+import reference_training
 
 STEPS = 3
 BATCH = 8
@@ -33,19 +33,7 @@ def uneven_model() -> ModelSpec:
 
 
 def reference_parameters(model: ModelSpec, steps: int, optimizer: str) -> dict[str, np.ndarray]:
-    """Plain single-process training on the whole mini-batch."""
-    net = torch.nn.Sequential(*(make_layer(spec, i, SEED) for i, spec in enumerate(model.layers)))
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=0.001)
-    for step in range(steps):
-        x, y = synthetic_batch(step, BATCH, model.input_features, model.output_features, SEED)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-    return {f"{i}.{name}": t.detach().numpy() for i, layer in enumerate(net)
-            for name, t in layer[0].named_parameters()}
+    return reference_training.reference_parameters(model, steps, optimizer, BATCH, SEED)
 
 
 CASES = [
