@@ -140,15 +140,12 @@ def schedule_from_args(args, stages: int | None, microbatches: int | None):
     checked against --stages, --chunks and --microbatches when given)."""
     if not getattr(args, "schedule_file", None):
         return args.schedule
-    from .plan import check_schedule_shape
-    from .schedule import validate
-    from .torchcsv import read_schedule_file
+    from .plan import load_schedule_file
 
-    schedule, notes = read_schedule_file(args.schedule_file)
+    schedule, notes = load_schedule_file(args.schedule_file, stages, args.chunks, microbatches,
+                                         f"--schedule-file {args.schedule_file}")
     for note in notes:
         log(f"note: {args.schedule_file}: {note}")
-    check_schedule_shape(schedule, stages, args.chunks, microbatches, f"--schedule-file {args.schedule_file}")
-    validate(schedule)
     return schedule
 
 

@@ -74,6 +74,19 @@ def check_schedule_shape(schedule: Schedule, num_stages: int | None, num_chunks:
             raise ScheduleError(f"{where} has {found} for {flag}, but {flag} is {given}")
 
 
+def load_schedule_file(path: str, num_stages: int | None, num_chunks: int | None,
+                       num_microbatches: int | None, where: str) -> tuple[Schedule, list[str]]:
+    """A schedule file (pipesim text or torch CSV), validated and checked against the
+    stages, chunks and micro-batches given; with the reader's notes for the user."""
+    from .schedule import validate
+    from .torchcsv import read_schedule_file
+
+    schedule, notes = read_schedule_file(path)
+    check_schedule_shape(schedule, num_stages, num_chunks, num_microbatches, where)
+    validate(schedule)
+    return schedule, notes
+
+
 def make_plan(
     model: ModelSpec,
     num_stages: int,

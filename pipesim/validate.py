@@ -163,15 +163,12 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
-    from .plan import check_schedule_shape
-    from .schedule import SCHEDULES, validate
-    from .torchcsv import read_schedule_file
+    from .plan import load_schedule_file
 
     schedule = case.schedule
     if schedule not in SCHEDULES:  # a schedule file
-        schedule, _ = read_schedule_file(case.schedule)
-        check_schedule_shape(schedule, case.stages, case.chunks or None, case.microbatches, case.schedule)
-        validate(schedule)
+        schedule, _ = load_schedule_file(case.schedule, case.stages, case.chunks or None, case.microbatches,
+                                         case.schedule)
     return make_plan(fc(case.layers, case.width), case.stages, case.microbatches, case.batch_size,
                      schedule, case.partition, costs, case.chunks or None)
 
