@@ -178,6 +178,7 @@ class StageWorker:
 
     def _input(self, action: Action) -> torch.Tensor:
         needed = needs_input(action, self.num_pieces)
+        assert needed is not None, f"{action} takes no input from another piece"
         return self.tensors.pop(needed[0])
 
     def _output(self, action: Action, tensor: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ the whole MPI job, so nothing hangs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import socket
@@ -37,14 +38,13 @@ def clock_offsets(comm, clock, rounds: int = 20) -> list[float]:
         if hosts[peer] == hosts[0]:
             continue
         if comm.Get_rank() == 0:
-            best = None
+            best_delay_s = math.inf
             for _ in range(rounds):
                 sent = clock()
                 remote = comm.sendrecv(None, dest=peer, source=peer)
                 back = clock()
-                if best is None or back - sent < best[0]:
-                    best = (back - sent, remote - (sent + back) / 2)
-            offsets[peer] = best[1]
+                if back - sent < best_delay_s:
+                    best_delay_s, offsets[peer] = back - sent, remote - (sent + back) / 2
         elif comm.Get_rank() == peer:
             for _ in range(rounds):
                 comm.sendrecv(clock(), dest=0, source=0)
