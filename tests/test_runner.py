@@ -19,6 +19,7 @@ from pipesim.plan import make_plan
 from pipesim.runner import launch as launch_module
 from pipesim.runner.config import RunConfig
 from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch
+from pipesim.runner.records import RunResult
 from pipesim.runner.results import measure
 import reference_training
 
@@ -102,7 +103,7 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
     config = RunConfig.from_plan(plan, iterations=2, warmup=0, fail_on_rank=1)
     started = time.monotonic()
     with pytest.raises(RunFailed):
-        launch("run", config.to_dict(), 2, log=lambda _: None)
+        launch(config, RunResult, 2, log=lambda _: None)
     assert time.monotonic() - started < 120  # a hang guard, not a speed test: unaborted, it never ends
     err = capfd.readouterr().err
     assert "[rank 1]" in err and "injected fault" in err
