@@ -94,7 +94,8 @@ def _dataclass(cls: type, data: object, where: str) -> Any:
         raise WireError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(names)})")
     missing = [name for name in names if name not in data]
     if missing:
-        raise WireError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+        plural = "s" if len(missing) > 1 else ""
+        raise WireError(f"{where}: missing key{plural} {', '.join(map(repr, missing))}")
     hints = _hints(cls)
     return cls(**{name: _value(hints[name], data[name], f"{where}.{name}") for name in names})
 

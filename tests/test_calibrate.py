@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import replace
@@ -11,7 +12,10 @@ import pytest
 
 from pipesim.calibrate import (
     DEFAULT_MESSAGE_SIZES,
+    CalibrationSettings,
     _fit_links,
+    build_profile,
+    calibrate,
     compute_table,
     cv,
     fit_compute,
@@ -22,7 +26,14 @@ from pipesim.calibrate import (
     optimizer_table,
 )
 from pipesim.profile import Link, Table, parse_profile
-from pipesim.runner.records import ComputeSample, LinkSample, OptimizerSample, RankSamples
+from pipesim.runner.records import (
+    ComputeSample,
+    LinkSample,
+    MicrobenchResult,
+    OptimizerSample,
+    RankSamples,
+)
+from pipesim.wire import from_dict, to_dict
 
 LATENCY, BANDWIDTH = 2e-6, 1e8
 SIZES = [1 << k for k in range(0, 27, 2)]  # 1 B .. 64 MiB
@@ -44,10 +55,11 @@ def link_samples(pair=(0, 1), latency=LATENCY, bandwidth=BANDWIDTH, noise=0.0, r
 
 def compute_sample(**fields) -> ComputeSample:
     """A sample with the fields a test cares about; the rest zero or empty."""
-    defaults = dict(rank=0, width=0, microbatch_size=0, depth=4, params_per_layer=0,
-                    flops_per_sample_per_layer=0.0, forward_s=(), backward_s=(), input_s=(), weight_s=(),
-                    saved_bytes_per_sample_per_layer=0.0)
-    return ComputeSample(**{**defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}})
+    defaults = {"rank": 0, "width": 0, "microbatch_size": 0, "depth": 4, "params_per_layer": 0,
+                "flops_per_sample_per_layer": 0.0, "forward_s": (), "backward_s": (), "input_s": (),
+                "weight_s": (), "saved_bytes_per_sample_per_layer": 0.0}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return ComputeSample(**{**defaults, **given})
 
 
 # --- fit_nonnegative --------------------------------------------------------------
@@ -319,3 +331,48 @@ def parse_profile_link(link: dict) -> Link:
     data = {"schema": "pipesim-profile", "version": 1, "name": "x", "compute": {},
             "links": {"intra_node": link}}
     return parse_profile(data).intra_node
+
+
+# --- the workflow, with the ranks' results typed ------------------------------------
+
+
+def microbench_result() -> MicrobenchResult:
+    """Two ranks on one host: exact compute laws (I and W each half of B), an affine
+    optimizer, and link samples from rank 0 (the left one of the only pair)."""
+    compute = [replace(s, input_s=tuple(t / 2 for t in s.backward_s),
+                       weight_s=tuple(t / 2 for t in s.backward_s), saved_bytes_per_sample_per_layer=4.0 * s.width)
+               for s in compute_samples(repeats=2)]
+    optimizer = tuple(OptimizerSample(p, (1e-4 + 3e-9 * p,) * 2) for p in (10**4, 10**5, 10**6))
+    ranks = (RankSamples(0, "h", "h", tuple(compute), optimizer, tuple(link_samples(repeats=2))),
+             RankSamples(1, "h", "h", tuple(replace(s, rank=1) for s in compute), optimizer, ()))
+    return MicrobenchResult(ranks, "Open MPI v5", "2.13.0")
+
+
+def test_profile_from_typed_samples_that_crossed_as_json():
+    raw = from_dict(MicrobenchResult, json.loads(json.dumps(to_dict(microbench_result()))))
+    assert raw == microbench_result()
+    settings = CalibrationSettings(widths=WIDTHS, microbatch_sizes=MB_SIZES, message_sizes=tuple(SIZES))
+    data = build_profile(settings, "typed", raw, [1e-5, 2e-5, 4e-5])
+    profile = parse_profile(data)
+    assert data["action_overhead_s"] == 2e-5
+    assert data["metadata"]["processors"] == ["h", "h"] and data["metadata"]["mpi"] == "Open MPI v5"
+    assert profile.intra_node.latency_s == pytest.approx(LATENCY, rel=0.01)
+    fit = data["samples"]["affine_fit"]["forward"]
+    assert fit["s_per_flop"] == pytest.approx(FORWARD["s_per_flop"], rel=1e-6)
+    assert data["samples"]["saved_bytes_per_sample_per_layer"] == sorted(4 * w for w in WIDTHS)
+    assert data["samples"]["links"][0] == {"pair": [0, 1], "bytes": 1, "median_s": one_way(1)}
+    assert len(data["samples"]["compute"]) == 2 * len(WIDTHS) * len(MB_SIZES)  # per rank
+
+
+def test_calibrate_on_a_rank_other_than_0_takes_part_and_returns_none(monkeypatch):
+    """Started by mpiexec (`mpiexec -n 2 pipesim calibrate`), rank 1 gets no result from
+    either job; it used to index into that None and crash."""
+    from pipesim.runner import launch as launch_module
+    from pipesim.runner import results as results_module
+
+    jobs = []
+    monkeypatch.setattr(launch_module, "launch", lambda config, result_type, *_, **__: jobs.append(config))
+    monkeypatch.setattr(results_module, "measure", lambda plan, log, **_: jobs.append(plan))
+    settings = CalibrationSettings(widths=(16,), repeats=2)
+    assert calibrate(settings, "x", log=lambda _: None) is None
+    assert jobs[0] == settings.microbench() and jobs[1].num_stages == settings.ranks  # both jobs ran here

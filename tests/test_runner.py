@@ -117,3 +117,22 @@ def test_missing_runner_packages_say_how_to_install(monkeypatch):
                         lambda name: None if name == "mpi4py" else real(name))
     with pytest.raises(RunnerUnavailable, match=r"^pipesim calibrate needs mpi4py.*-c \S*constraints.txt '\S*\[runner\]'"):
         launch_module.check_runner_available("pipesim calibrate")
+
+
+def test_a_tiny_calibration_runs_both_jobs_and_its_profile_loads():
+    """The micro-benchmarks and the overhead runs for real, as small as they go: the
+    typed samples come back from the ranks and make a profile that loads."""
+    from pipesim.calibrate import CalibrationSettings, calibrate
+    from pipesim.profile import parse_profile
+
+    settings = CalibrationSettings(widths=(16, 32), microbatch_sizes=(2, 4), message_sizes=(1, 1 << 16),
+                                   repeats=2, warmup=1, pingpong_repeats=2, stack_bytes=1 << 14,
+                                   overhead_iterations=2)
+    data = calibrate(settings, "tiny", log=lambda _: None)
+    profile = parse_profile(data)
+    assert data["metadata"]["ranks"] == 2 and len(data["metadata"]["processors"]) == 2
+    assert [s["width"] for s in data["samples"]["compute"]] == [16, 16, 32, 32] * 2  # rank 0's, then rank 1's
+    assert data["samples"]["saved_bytes_per_sample_per_layer"] == [16 * 4, 32 * 4]  # each layer's output
+    assert [(s["pair"], s["bytes"]) for s in data["samples"]["links"]] == [([0, 1], 1), ([0, 1], 1 << 16)]
+    assert "duplex" in data["links"]["intra_node"]  # the exchange of the largest message was timed
+    assert profile.action_overhead_s > 0

@@ -117,7 +117,8 @@ def _split_backward_pass(points: list[_Point], stacks: Stacks, comm: Any, keep: 
             point.weight_s.append(weight_grad)
 
 
-def _measure_compute(config: MicrobenchConfig, comm: Any, log: Callable[[str], object]) -> list[ComputeSample]:
+def _measure_compute(config: MicrobenchConfig, comm: Any,
+                     log: Callable[[str], object]) -> list[ComputeSample]:
     """Every (width, micro-batch size) point once per round, rounds repeated:
     drift and bursts of noise spread over all points alike. All ranks time the
     same point at the same moment (a barrier before each sample)."""
@@ -180,13 +181,13 @@ def _time_links(config: MicrobenchConfig, comm: Any) -> list[LinkSample]:
         if rank not in (left, left + 1):
             continue
         peer = left + 1 if rank == left else left
-        one_way = [(nbytes, _pingpong(comm, peer, nbytes, _pingpong_repeats(config, nbytes), leader=rank == left))
-                   for nbytes in config.message_sizes]
+        one_way = [(n, _pingpong(comm, peer, n, _pingpong_repeats(config, n), leader=rank == left))
+                   for n in config.message_sizes]
         exchange = _exchange(comm, peer, config.message_sizes[-1], 3)  # the largest size
         if rank == left:
             last = len(one_way) - 1
-            results += [LinkSample((left, left + 1), nbytes, tuple(times), tuple(exchange) if i == last else ())
-                        for i, (nbytes, times) in enumerate(one_way)]
+            results += [LinkSample((left, left + 1), n, tuple(times), tuple(exchange) if i == last else ())
+                        for i, (n, times) in enumerate(one_way)]
     return results
 
 
@@ -227,7 +228,8 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
     log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
         f"{config.message_sizes[0]} B .. {config.message_sizes[-1] >> 20} MiB")
     links = _time_links(config, comm)
-    mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer), tuple(links))
+    mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
+                       tuple(links))
     everyone: list[RankSamples] | None = comm.gather(mine, root=0)
     if everyone is None:  # not rank 0
         return None
