@@ -136,3 +136,10 @@ def test_a_tiny_calibration_runs_both_jobs_and_its_profile_loads():
     assert [(s["pair"], s["bytes"]) for s in data["samples"]["links"]] == [([0, 1], 1), ([0, 1], 1 << 16)]
     assert "duplex" in data["links"]["intra_node"]  # the exchange of the largest message was timed
     assert profile.action_overhead_s > 0
+
+
+def test_an_unknown_optimizer_is_an_error_not_none():
+    from pipesim.runner.stage import make_optimizer
+
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lamb' \(allowed: sgd, adam\)"):
+        make_optimizer("lamb", [torch.zeros(2, requires_grad=True)])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import Any, assert_never
 
 import torch
 from mpi4py import MPI
@@ -90,7 +90,7 @@ class StepLog:
                           tuple(MemorySample(self.rank, t, nbytes) for t, nbytes in self.memory))
 
 
-def _tensor_bytes(groups) -> int:
+def _tensor_bytes(groups: list[dict[str, Any]] | None) -> int:
     return sum(g.numel() * g.element_size() for group in groups or () for grads in group.get("grads") or ()
                for g in grads or () if g is not None)
 
@@ -98,7 +98,7 @@ def _tensor_bytes(groups) -> int:
 class StageWorker:
     """One rank's pieces: their modules, one optimizer, and the interpreter of its actions."""
 
-    def __init__(self, plan: Plan, comm, optimizer: str, seed: int, device: str):
+    def __init__(self, plan: Plan, comm: Any, optimizer: str, seed: int, device: str) -> None:
         self.plan = plan
         self.comm = comm
         self.rank = comm.Get_rank()

@@ -35,7 +35,8 @@ def _stack_depth(width: int, stack_bytes: int) -> int:
     return max(4, min(64, -(-stack_bytes // (width * width * 4))))
 
 
-def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, int]:
+def _time_once(stack: torch.nn.Module, x: torch.Tensor, depth: int,
+               storages: set[int]) -> tuple[float, float, int]:
     """One forward (under the interpreter's saved-tensor counter) and backward, per layer."""
     counter = SavedBytes(storages)
     start = clock()
@@ -47,7 +48,7 @@ def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, 
     return (middle - start) / depth, (end - middle) / depth, counter.total
 
 
-def _time_split(stack, x, depth: int) -> tuple[float, float]:
+def _time_split(stack: torch.nn.Module, x: torch.Tensor, depth: int) -> tuple[float, float]:
     """One forward (untimed), then I and W as the interpreter runs them, per layer."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
@@ -157,7 +158,7 @@ def _measure_optimizer(config: MicrobenchConfig, comm: Any) -> list[OptimizerSam
     return [OptimizerSample(params, tuple(times)) for _, params, times in setups]
 
 
-def _pingpong(comm, peer: int, nbytes: int, repeats: int, leader: bool) -> list[float]:
+def _pingpong(comm: Any, peer: int, nbytes: int, repeats: int, leader: bool) -> list[float]:
     buffer = torch.zeros(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
     view = buffer.numpy()
     times = []
@@ -195,7 +196,7 @@ def _pingpong_repeats(config: MicrobenchConfig, nbytes: int) -> int:
     return config.pingpong_repeats if nbytes < (1 << 22) else max(3, config.pingpong_repeats // 4)
 
 
-def _exchange(comm, peer: int, nbytes: int, repeats: int) -> list[float]:
+def _exchange(comm: Any, peer: int, nbytes: int, repeats: int) -> list[float]:
     """Both ranks send `nbytes` to each other at once: as fast as one way on a
     duplex link, twice as slow on a shared channel."""
     from mpi4py import MPI

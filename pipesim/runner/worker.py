@@ -17,6 +17,7 @@ import resource
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any, assert_never
 
 from ..errors import UserError
@@ -33,7 +34,7 @@ def _local_rank() -> int:
     return 0
 
 
-def clock_offsets(comm, clock, rounds: int = 20) -> list[float]:
+def clock_offsets(comm: Any, clock: Callable[[], float], rounds: int = 20) -> list[float]:
     """Offset of each rank's clock from rank 0's (subtract it to align).
 
     Ranks on rank 0's host share its monotonic clock (offset 0); others are
