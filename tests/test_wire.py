@@ -118,7 +118,7 @@ MALFORMED = [
     (json.dumps(job(changed(iterations=True))), r"config\.iterations: expected an int, got bool"),
     (json.dumps(job(changed(progress=1))), r"config\.progress: expected a bool, got int"),
     (json.dumps(job(changed(layer_shapes=[[4, 8, 2]]))),
-     r"config\.layer_shapes\[0\]: expected a list of 2, got 3"),
+     r"config\.layer_shapes\[0\]: expected a list of 2, got list \[4, 8, 2\]"),
     (json.dumps(job(changed(partition="2,4"))), r"config\.partition: expected a list, got str"),
     (json.dumps({"job": "runs", "config": {"runs": [changed(seed=None)]}, "result_path": "r"}),
      r"config\.runs\[0\]\.seed: expected an int, got NoneType"),
