@@ -14,7 +14,14 @@ from pipesim.model import fc
 from pipesim.plan import make_plan
 from pipesim.runner import config as config_module
 from pipesim.runner import records as records_module
-from pipesim.runner.config import JobFile, MicrobenchConfig, RunBatch, RunConfig, load_job_file
+from pipesim.runner.config import (
+    JobFile,
+    MicrobenchConfig,
+    RunBatch,
+    RunConfig,
+    RunOptions,
+    load_job_file,
+)
 from pipesim.runner.records import (
     ComputeSample,
     LinkSample,
@@ -81,6 +88,15 @@ def test_job_file_round_trips_each_job(tmp_path, config):
     path = tmp_path / "job.json"
     config_module.write_job_file(path, JobFile(config, "/tmp/result.json"))
     assert load_job_file(path) == JobFile(config, "/tmp/result.json")
+
+
+def test_run_options_are_exactly_the_run_configs_fields_beyond_the_plan():
+    """measure(plan, **options) is checked by mypy against RunOptions: it must not drift."""
+    import typing
+
+    config_hints = typing.get_type_hints(RunConfig)
+    beyond_plan = {f.name for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    assert typing.get_type_hints(RunOptions) == {name: config_hints[name] for name in beyond_plan}
 
 
 def test_a_run_config_still_builds_its_plan_after_the_trip():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ..errors import read_user_text
 from ..model import ModelSpec, fc_layer
@@ -22,6 +22,21 @@ from ..partition import Partition
 from ..plan import Plan
 from ..schedule import Schedule
 from ..wire import WireError, from_dict, to_dict
+
+
+class RunOptions(TypedDict, total=False):
+    """RunConfig's fields beyond the plan, as keywords: ``measure(plan, **options)``
+    (mypy checks the callers' names and types against these)."""
+
+    iterations: int
+    warmup: int
+    threads_per_rank: int
+    optimizer: str
+    seed: int
+    device: str
+    params_path: str
+    progress: bool
+    fail_on_rank: int
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,7 @@ class RunConfig:
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
 
     @classmethod
-    def from_plan(cls, plan: Plan, **options: Any) -> RunConfig:
+    def from_plan(cls, plan: Plan, **options: Unpack[RunOptions]) -> RunConfig:
         return cls(
             model_name=plan.model.name,
             layer_shapes=tuple((x.in_features, x.out_features) for x in plan.model.layers),

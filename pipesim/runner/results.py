@@ -5,14 +5,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from ..plan import Plan
 from ..predict import result_json
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
-from .config import RunConfig
+from .config import RunConfig, RunOptions
 from .launch import launch
 from .records import RankRun, RunResult
 
@@ -72,7 +72,8 @@ def from_result(plan: Plan, result: RunResult) -> Measurement:
     )
 
 
-def measure(plan: Plan, log: Callable[[str], object] = print, **options: Any) -> Measurement | None:
+def measure(plan: Plan, log: Callable[[str], object] = print,
+            **options: Unpack[RunOptions]) -> Measurement | None:
     """Run `plan` for real (options: see RunConfig); None on ranks other than 0."""
     config = RunConfig.from_plan(plan, **options)
     result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log)
