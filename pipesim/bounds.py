@@ -52,18 +52,21 @@ class Problem:
 
     @property
     def num_pieces(self) -> int:
-        return self.schedule.num_pieces
+        return self.build_schedule().num_pieces
 
     @property
     def microbatch_size(self) -> int:
         return self.batch_size // self.num_microbatches
 
     def build_schedule(self) -> Schedule:
+        """The schedule (__post_init__ has built it from its name)."""
+        assert isinstance(self.schedule, Schedule)
         return self.schedule
 
     def describe(self) -> str:
-        chunks = f" x {self.schedule.num_chunks} chunks" if self.schedule.num_chunks > 1 else ""
-        return (f"{self.model.num_layers} layers into {self.num_stages} stages{chunks} ({self.schedule.name}, "
+        schedule = self.build_schedule()
+        chunks = f" x {schedule.num_chunks} chunks" if schedule.num_chunks > 1 else ""
+        return (f"{self.model.num_layers} layers into {self.num_stages} stages{chunks} ({schedule.name}, "
                 f"{self.num_microbatches} micro-batches of {self.microbatch_size})")
 
 
@@ -95,7 +98,7 @@ class StageCosts:
 
     def __init__(self, problem: Problem):
         self.problem = problem
-        self.schedule = problem.schedule
+        self.schedule = problem.build_schedule()
         self.model = problem.model
         self.costs = problem.costs
         self.mbs = problem.microbatch_size
@@ -216,7 +219,7 @@ class Bounds:
         self.table = table
         problem = table.problem
         self.p, self.n, self.m = problem.num_pieces, table.model.num_layers, problem.num_microbatches
-        self.form = bound_form(problem.schedule)
+        self.form = bound_form(problem.build_schedule())
         self.k1_suffix = cache(self._k1_suffix)
         self.step_suffix = cache(self._step_suffix)
         self.g_suffix = cache(self._g_suffix)

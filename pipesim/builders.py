@@ -23,7 +23,7 @@ PLACEMENT = {"gpipe": "loop", "1f1b": "loop", "interleaved-1f1b": "loop", "zb-h1
 class _Order:
     """One rank's actions under construction; micro-batches counted per (piece, kind)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.actions: list[Action] = []
         self.count: dict[tuple[int, Kind], int] = defaultdict(int)
 
@@ -167,7 +167,8 @@ def dualpipev(p: int, m: int) -> list[list[Action]]:
 
 
 def _dualpipev_rank(rank: int, p: int, m: int) -> list[Action]:
-    s0, s1, o, pending = rank, 2 * p - 1 - rank, _Order(), deque()
+    s0, s1, o = rank, 2 * p - 1 - rank, _Order()
+    pending: deque[tuple[int, int]] = deque()
 
     def act(piece: int, kind: Kind) -> None:
         mb = o.add(piece, kind)
@@ -181,22 +182,28 @@ def _dualpipev_rank(rank: int, p: int, m: int) -> list[Action]:
             o.count[piece, W] += 1
 
     def overlapped(forward_piece: int, backward_piece: int) -> None:  # torch's OVERLAP_F_B
-        act(forward_piece, F), act(backward_piece, B)
+        act(forward_piece, F)
+        act(backward_piece, B)
 
     for _ in range((p - rank - 1) * 2):  # 1: F0
         act(s0, F)
     for _ in range(rank + 1):  # 2: F0 F1
-        act(s0, F), act(s1, F)
+        act(s0, F)
+        act(s1, F)
     for _ in range(p - rank - 1):  # 3: I1 W F1 (zero bubble)
-        act(s1, I), weight(), act(s1, F)
+        act(s1, I)
+        weight()
+        act(s1, F)
     for i in range(m - 2 * p + rank + 1):  # 4, main: F0B1 F1B0
         if i == 0 and rank == p - 1:  # not overlapped, to shrink the bubble (as torch does)
-            act(s0, F), act(s1, B)
+            act(s0, F)
+            act(s1, B)
         else:
             overlapped(s0, s1)
         overlapped(s1, s0)
     for _ in range(p - rank - 1):  # 5: B1 F1B0
-        act(s1, B), overlapped(s1, s0)
+        act(s1, B)
+        overlapped(s1, s0)
     split = False
     for i in range(rank + 1):  # 6: B1 B0, the second half split into I and W
         split = split or (i == (rank + 1) // 2 and rank % 2 == 1)
@@ -204,7 +211,8 @@ def _dualpipev_rank(rank: int, p: int, m: int) -> list[Action]:
         split = split or (i == (rank + 1) // 2 and rank % 2 == 0)
         act(s0, I if split else B)
     for _ in range(p - rank - 1):  # 7: W B0
-        weight(), act(s0, I if split else B)
+        weight()
+        act(s0, I if split else B)
     for _ in range(rank + 1):  # 8: the W still pending
         weight()
     return o.actions

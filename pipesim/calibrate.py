@@ -12,7 +12,9 @@ import os
 import platform
 import socket
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import lsq_linear
@@ -20,7 +22,16 @@ from scipy.optimize import lsq_linear
 from .model import fc
 from .plan import make_plan
 from .profile import SCHEMA, VERSION, parse_profile
+from .runner.config import MicrobenchConfig
+from .runner.records import (
+    ComputeSample,
+    LinkSample,
+    MicrobenchResult,
+    OptimizerSample,
+    RankSamples,
+)
 
+Log = Callable[[str], object]
 KiB, MiB = 1 << 10, 1 << 20
 DIRECTIONS = ("forward", "backward", "input", "weight")  # F, B, and B split into I and W
 LARGE_MESSAGE = 64 * KiB
@@ -47,7 +58,15 @@ class CalibrationSettings:
     seed: int = 0
     stack_bytes: int = 16 * MiB  # weights per timed stack: like a real stage's, beyond the caches
     overhead_iterations: int = 20
-    extra_metadata: dict = field(default_factory=dict)
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def microbench(self) -> MicrobenchConfig:
+        """The micro-benchmarks' job: what every rank measures."""
+        return MicrobenchConfig(
+            widths=self.widths, microbatch_sizes=self.microbatch_sizes, message_sizes=self.message_sizes,
+            repeats=self.repeats, warmup=self.warmup, pingpong_repeats=self.pingpong_repeats,
+            threads_per_rank=self.threads_per_rank, optimizer=self.optimizer, seed=self.seed,
+            stack_bytes=self.stack_bytes)
 
 
 # --- fitting (pure numpy/scipy: tested without MPI) ----------------------------
@@ -62,28 +81,28 @@ def fit_nonnegative(features: np.ndarray, times: np.ndarray) -> tuple[np.ndarray
     return result.x, float(np.max(np.abs(predicted / times - 1)))
 
 
-def fit_compute(samples: list[dict], direction: str) -> tuple[dict, float]:
+def fit_compute(samples: Sequence[ComputeSample], direction: str) -> tuple[dict[str, float], float]:
     """t_layer = fixed_s + s_per_param * params + b * s_per_flop * flops_per_sample."""
     rows, times = [], []
     for s in samples:
-        rows.append([1.0, s["params_per_layer"], s["microbatch_size"] * s["flops_per_sample_per_layer"]])
-        times.append(statistics.median(s[f"{direction}_s"]))
+        rows.append([1.0, s.params_per_layer, s.microbatch_size * s.flops_per_sample_per_layer])
+        times.append(statistics.median(s.times_s(direction)))
     coef, worst = fit_nonnegative(np.array(rows), np.array(times))
     return {"fixed_s": coef[0], "s_per_param": coef[1], "s_per_sample": 0.0, "s_per_flop": coef[2]}, worst
 
 
-def compute_table(samples: list[dict], direction: str) -> dict:
+def compute_table(samples: Sequence[ComputeSample], direction: str) -> dict[str, Any]:
     """Median per-layer seconds at each measured (width, micro-batch size), all ranks pooled."""
     pooled: dict[tuple[int, int], list[float]] = {}
     for s in samples:
-        pooled.setdefault((s["width"], s["microbatch_size"]), []).extend(s[f"{direction}_s"])
+        pooled.setdefault((s.width, s.microbatch_size), []).extend(s.times_s(direction))
     widths = sorted({w for w, _ in pooled})
     sizes = sorted({b for _, b in pooled})
     return {"widths": widths, "microbatch_sizes": sizes,
             "seconds": [[statistics.median(pooled[w, b]) for b in sizes] for w in widths]}
 
 
-def fit_link(samples: list[dict]) -> tuple[dict, float]:
+def fit_link(samples: Sequence[LinkSample]) -> tuple[dict[str, Any], float]:
     """one-way time = latency_s + bytes / bandwidth_Bps.
 
     Bandwidth is fitted on the large messages (>= 64 KiB), latency comes from
@@ -92,7 +111,7 @@ def fit_link(samples: list[dict]) -> tuple[dict, float]:
     size at once misjudges both (seen with tc tbf: bandwidth 4x too high)."""
     by_size: dict[int, list[float]] = {}
     for s in samples:
-        by_size.setdefault(s["bytes"], []).extend(s["one_way_s"])
+        by_size.setdefault(s.bytes, []).extend(s.one_way_s)
     sizes = sorted(by_size)
     medians = np.array([statistics.median(by_size[n]) for n in sizes])
     large = [i for i, n in enumerate(sizes) if n >= LARGE_MESSAGE] or [len(sizes) - 1]
@@ -101,28 +120,28 @@ def fit_link(samples: list[dict]) -> tuple[dict, float]:
     bandwidth = 1.0 / coef[1] if coef[1] > 0 else None
     latency = max(float(medians[0]) - sizes[0] / (bandwidth or math.inf), 0.0)
     predicted = latency + np.array(sizes) / (bandwidth or math.inf)
-    link = {"latency_s": latency, "bandwidth_Bps": bandwidth}
-    exchanges = [s for s in samples if "both_ways_s" in s]
+    link: dict[str, Any] = {"latency_s": latency, "bandwidth_Bps": bandwidth}
+    exchanges = [s for s in samples if s.both_ways_s]
     if exchanges:  # sending both ways at once takes about twice one way: a shared channel
-        ratio = statistics.median(statistics.median(s["both_ways_s"]) / statistics.median(s["one_way_s"])
+        ratio = statistics.median(statistics.median(s.both_ways_s) / statistics.median(s.one_way_s)
                                   for s in exchanges)
         link["duplex"] = bool(ratio < DUPLEX_RATIO)
     return link, float(np.max(np.abs(predicted / medians - 1)))
 
 
-def fit_optimizer(samples: list[dict]) -> tuple[dict, float]:
+def fit_optimizer(samples: Sequence[OptimizerSample]) -> tuple[dict[str, float], float]:
     """Affine in the parameter count; returned for the summary (the step time
     is superlinear once the state leaves the caches, so the table is used)."""
-    rows = np.array([[1.0, s["params"]] for s in samples])
-    times = np.array([statistics.median(s["times_s"]) for s in samples])
+    rows = np.array([[1.0, s.params] for s in samples])
+    times = np.array([statistics.median(s.times_s) for s in samples])
     coef, worst = fit_nonnegative(rows, times)
     return {"fixed_s": coef[0], "s_per_param": coef[1]}, worst
 
 
-def optimizer_table(samples: list[dict]) -> dict:
+def optimizer_table(samples: Sequence[OptimizerSample]) -> dict[str, list[Any]]:
     pooled: dict[int, list[float]] = {}
     for s in samples:
-        pooled.setdefault(s["params"], []).extend(s["times_s"])
+        pooled.setdefault(s.params, []).extend(s.times_s)
     params = sorted(pooled)
     return {"params": params, "seconds": [statistics.median(pooled[p]) for p in params]}
 
@@ -134,7 +153,7 @@ def link_classes(processors: list[str], pairs: list[tuple[int, int]]) -> dict[tu
             for pair in pairs}
 
 
-def cv(values: list[float]) -> float:
+def cv(values: Sequence[float]) -> float:
     """Coefficient of variation (stdev / mean)."""
     return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
 
@@ -142,43 +161,46 @@ def cv(values: list[float]) -> float:
 # --- the workflow ---------------------------------------------------------------
 
 
-def _fit_links(ranks: list[dict]) -> tuple[dict, dict, dict]:
-    processors = [r["processor"] for r in sorted(ranks, key=lambda r: r["rank"])]
-    samples = [s for r in ranks for s in r["links"]]
-    classes = link_classes(processors, sorted({tuple(s["pair"]) for s in samples}))
+def _fit_links(ranks: Sequence[RankSamples]) -> tuple[dict[str, dict[str, Any]], dict[str, float],
+                                                       dict[str, float]]:
+    processors = [r.processor for r in sorted(ranks, key=lambda r: r.rank)]
+    samples = [s for r in ranks for s in r.links]
+    classes = link_classes(processors, sorted({s.pair for s in samples}))
     links, worst, noise = {}, {}, {}
     for name in ("intra_node", "inter_node"):
-        chosen = [s for s in samples if classes[tuple(s["pair"])] == name]
+        chosen = [s for s in samples if classes[s.pair] == name]
         if chosen:
             links[name], worst[name] = fit_link(chosen)
-            noise[name] = statistics.median(cv(s["one_way_s"]) for s in chosen)
+            noise[name] = statistics.median(cv(s.one_way_s) for s in chosen)
     if "intra_node" not in links:  # every neighbour pair crossed nodes
         links["intra_node"] = links["inter_node"]
     return links, worst, noise
 
 
-def _summaries(compute: list[dict]) -> list[dict]:
-    return [{"width": s["width"], "microbatch_size": s["microbatch_size"], "rank": s["rank"],
+def _summaries(compute: Sequence[ComputeSample]) -> list[dict[str, Any]]:
+    return [{"width": s.width, "microbatch_size": s.microbatch_size, "rank": s.rank,
              **{key: value for d in DIRECTIONS for key, value in (
-                 (f"{d}_median_s", statistics.median(s[f"{d}_s"])), (f"{d}_cv", cv(s[f"{d}_s"])))}}
+                 (f"{d}_median_s", statistics.median(s.times_s(d))), (f"{d}_cv", cv(s.times_s(d))))}}
             for s in compute]
 
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
 
 
-def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[float]]:
+def measure_overhead(settings: CalibrationSettings, log: Log) -> list[float] | None:
     """Per-action overhead of the runner from short real pipeline runs: per rank
     and iteration, the time between its first and last action that is neither
     computing (F/B spans) nor waiting for a message, divided by the actions.
-    This is the interpreter's own work: posting and testing messages, dispatch."""
+    This is the interpreter's own work: posting and testing messages, dispatch.
+    None on ranks other than 0 inside an existing MPI world."""
     from .runner.results import measure
 
     stages = settings.ranks
@@ -191,6 +213,8 @@ def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[fl
     measured = measure(plan, log, iterations=settings.overhead_iterations, warmup=3,
                        threads_per_rank=settings.threads_per_rank, optimizer=settings.optimizer,
                        progress=False)
+    if measured is None:
+        return None
     per_action = []
     for timeline in measured.timelines:
         for rank in range(plan.num_stages):
@@ -201,19 +225,19 @@ def measure_overhead(settings: CalibrationSettings, log) -> tuple[float, list[fl
                         if first <= s.start_s < last)  # not the wait before the first action
             elapsed = last - first
             per_action.append((elapsed - busy - waits) / len(actions))
-    return statistics.median(per_action), per_action
+    return per_action
 
 
-def _metadata(settings: CalibrationSettings, ranks: list[dict], raw: dict) -> dict:
+def _metadata(settings: CalibrationSettings, raw: MicrobenchResult) -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "ranks": settings.ranks,
         "threads_per_rank": settings.threads_per_rank,
-        "processors": [r["processor"] for r in ranks],
-        "torch": raw["torch"],
-        "mpi": raw["mpi"],
+        "processors": [r.processor for r in raw.ranks],
+        "torch": raw.torch,
+        "mpi": raw.mpi,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
@@ -221,22 +245,30 @@ def _metadata(settings: CalibrationSettings, ranks: list[dict], raw: dict) -> di
     }
 
 
-def _ranges(settings: CalibrationSettings) -> dict:
+def _ranges(settings: CalibrationSettings) -> dict[str, Any]:
     return {"fc": {"width": [min(settings.widths), max(settings.widths)],
                    "microbatch_size": [min(settings.microbatch_sizes), max(settings.microbatch_sizes)]},
             "message_bytes": [min(settings.message_sizes), max(settings.message_sizes)]}
 
 
-def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
-    """Run the micro-benchmarks and the overhead runs; return the profile as a dict."""
+def calibrate(settings: CalibrationSettings, name: str, log: Log = print) -> dict[str, Any] | None:
+    """Run the micro-benchmarks and the overhead runs; return the profile as a dict
+    (None on ranks other than 0 when started inside an MPI world: they only measure)."""
     from .runner.launch import launch
 
-    raw = launch("calibrate", asdict(settings), settings.ranks, settings.threads_per_rank, log)
-    ranks = sorted(raw["ranks"], key=lambda r: r["rank"])
-    compute = [{**s, "rank": r["rank"]} for r in ranks for s in r["compute"]]
-    optimizer_samples = [s for r in ranks for s in r["optimizer"]]
-    links, links_worst, links_noise = _fit_links(ranks)
-    overhead, per_action = measure_overhead(settings, log)
+    raw = launch(settings.microbench(), MicrobenchResult, settings.ranks, settings.threads_per_rank, log)
+    per_action = measure_overhead(settings, log)  # every rank takes part
+    if raw is None or per_action is None:
+        return None
+    return build_profile(settings, name, raw, per_action)
+
+
+def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResult,
+                  per_action: list[float]) -> dict[str, Any]:
+    """The profile file's content from the ranks' samples and the per-action overheads."""
+    compute = [s for r in raw.ranks for s in r.compute]
+    optimizer_samples = [s for r in raw.ranks for s in r.optimizer]
+    links, links_worst, links_noise = _fit_links(raw.ranks)
     affine = {**{d: fit_compute(compute, d) for d in DIRECTIONS}, "optimizer": fit_optimizer(optimizer_samples)}
     profile = {
         "schema": SCHEMA,
@@ -246,14 +278,14 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
                        f"({_cpu_model()}, {os.cpu_count()} cores), {settings.ranks} ranks x "
                        f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
         "compute": {"fc": {direction: compute_table(compute, direction) for direction in DIRECTIONS}},
-        "action_overhead_s": overhead,
+        "action_overhead_s": statistics.median(per_action),
         "optimizer": optimizer_table(optimizer_samples),
         "links": links,
-        "metadata": _metadata(settings, ranks, raw),
+        "metadata": _metadata(settings, raw),
         "ranges": _ranges(settings),
         "noise": {
-            **{f"{d}_cv_median": statistics.median(cv(s[f"{d}_s"]) for s in compute) for d in DIRECTIONS},
-            "optimizer_cv_median": statistics.median(cv(s["times_s"]) for s in optimizer_samples),
+            **{f"{d}_cv_median": statistics.median(cv(s.times_s(d)) for s in compute) for d in DIRECTIONS},
+            "optimizer_cv_median": statistics.median(cv(s.times_s) for s in optimizer_samples),
             "links_cv_median": links_noise,
             "action_overhead_spread_s": [float(np.percentile(per_action, q)) for q in (10, 90)],
         },
@@ -262,10 +294,10 @@ def calibrate(settings: CalibrationSettings, name: str, log=print) -> dict:
             "affine_fit": {key: fit for key, (fit, _) in affine.items()},
             "fit_max_relative_residual": {**{f"affine_{key}": worst for key, (_, worst) in affine.items()},
                                           "links": links_worst},
-            "saved_bytes_per_sample_per_layer": sorted({round(s["saved_bytes_per_sample_per_layer"])
+            "saved_bytes_per_sample_per_layer": sorted({round(s.saved_bytes_per_sample_per_layer)
                                                         for s in compute}),
-            "links": [{"pair": s["pair"], "bytes": s["bytes"], "median_s": statistics.median(s["one_way_s"])}
-                      for r in ranks for s in r["links"]],
+            "links": [{"pair": list(s.pair), "bytes": s.bytes, "median_s": statistics.median(s.one_way_s)}
+                      for r in raw.ranks for s in r.links],
         },
     }
     parse_profile(profile)  # what we write must load

@@ -601,6 +601,8 @@ def cmd_calibrate(args) -> int:
     log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
         f"{list(settings.microbatch_sizes)}")
     profile = calibrate(settings, name, log)
+    if profile is None:  # a rank other than 0 inside an existing MPI world
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1) + "\n")
     if args.json:

@@ -215,10 +215,11 @@ def parse_rank_speed(text: str) -> tuple[tuple[int, float], ...]:
     pairs = []
     for item in text.split(","):
         rank_text, colon, factor_text = item.strip().partition(":")
-        if not colon or _rank(rank_text) is None:
+        rank = _rank(rank_text)
+        if not colon or rank is None:
             raise WhatIfError(f"bad --rank-speed {text!r} (allowed: {_RANK_SPEED_FORM}, ranks 0-{MAX_STAGES - 1})")
         factor = _float(factor_text, f"--rank-speed {text!r}: the factor", _RANK_SPEED_FORM, *RANK_SPEED)
-        pairs.append((_rank(rank_text), factor))
+        pairs.append((rank, factor))
     return tuple(pairs)
 
 

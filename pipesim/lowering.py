@@ -52,11 +52,11 @@ class LoweredSchedule:
     def key(self, action: Action) -> MessageKey:
         """The message a SEND or RECV carries."""
         match action.kind:
-            case Kind.SEND:
-                step = 1 if action.direction == Kind.F else -1
+            case Kind.SEND | Kind.RECV:
+                if action.direction is None:
+                    raise ScheduleError(f"{action} is a message without a direction")
+                step = 0 if action.kind == Kind.RECV else 1 if action.direction == Kind.F else -1
                 return MessageKey(action.piece + step, action.direction, action.microbatch)
-            case Kind.RECV:
-                return MessageKey(action.piece, action.direction, action.microbatch)
             case Kind.F | Kind.B | Kind.I | Kind.W:
                 raise ScheduleError(f"{action} is not a message")
             case _:
@@ -145,6 +145,7 @@ class _LockStep:
 
     def run(self, rank: int) -> Action:
         i, action = self.next_compute(rank)
+        assert action is not None, f"rank {rank} has no compute action left; run it only when ready"
         self.done.add((action.piece, action.kind, action.microbatch))
         actions = self.lowered.ranks[rank]
         i += 1

@@ -138,8 +138,9 @@ def smallest_cap(problem: Problem, table: StageCosts) -> tuple[int, Partition]:
 
 
 def _infeasible(problem: Problem, table: StageCosts) -> InfeasibleError:
+    assert problem.memory_cap_bytes is not None, "without a memory cap every partition fits"
     cap_bytes, partition = smallest_cap(problem, table)
-    which = ("the smallest cap that works" if problem.schedule.num_chunks == 1
+    which = ("the smallest cap that works" if problem.build_schedule().num_chunks == 1
              else "a cap that works (with several chunks per rank, not proven the smallest)")
     return InfeasibleError(
         f"no partition of {problem.describe()} fits --memory-cap {format_bytes(problem.memory_cap_bytes)} "
@@ -277,7 +278,7 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
 
 def searched_json(optima: list[Optimum]) -> list[dict]:
     """One entry per (schedule, chunks) searched, fastest first."""
-    return [{"schedule": o.problem.schedule.name, "num_chunks": o.problem.schedule.num_chunks,
+    return [{"schedule": o.problem.build_schedule().name, "num_chunks": o.problem.build_schedule().num_chunks,
              "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
              "proven_optimal": o.proven} for o in optima]
 
@@ -285,7 +286,7 @@ def searched_json(optima: list[Optimum]) -> list[dict]:
 def searched_text(optima: list[Optimum]) -> str:
     lines = [f"{'schedule':<18} {'chunks':>6} {'iteration':>12}  proven  partition"]
     for o in optima:
-        lines.append(f"{o.problem.schedule.name:<18} {o.problem.schedule.num_chunks:>6} "
+        lines.append(f"{o.problem.build_schedule().name:<18} {o.problem.build_schedule().num_chunks:>6} "
                      f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
                      f"{o.best.plan.partition}")
     return "\n".join(lines)

@@ -108,7 +108,7 @@ def compute_metrics(timeline: Timeline) -> Metrics:
     start = min(s.start_s for s in timeline.spans)
     end = max(s.end_s for s in timeline.spans)
     iteration = end - start
-    busy = defaultdict(float)
+    busy: defaultdict[int, float] = defaultdict(float)
     for span in timeline.spans:
         if span.kind in COMPUTE_KINDS:
             busy[span.rank] += span.duration_s

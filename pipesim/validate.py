@@ -38,7 +38,7 @@ from .model import fc
 from .plan import Plan, make_plan
 from .predict import Prediction, predict
 from .profile import Profile
-from .schedule import SCHEDULES
+from .schedule import SCHEDULES, Schedule
 from .timeline import ACTION_KINDS, Timeline, compute_metrics
 from .tomlfile import read_toml
 
@@ -165,7 +165,7 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
     from .plan import load_schedule_file
 
-    schedule = case.schedule
+    schedule: str | Schedule = case.schedule
     if schedule not in SCHEDULES:  # a schedule file
         schedule, _ = load_schedule_file(case.schedule, case.stages, case.chunks or None, case.microbatches,
                                          case.schedule)

@@ -135,10 +135,10 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
               "|---|---|---|---|"]
     for group in partition_groups(results):
         c = group[0].case
-        measured = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.measured_s))
-        predicted = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.predicted_s))
-        lines.append(f"| fc{c.layers}x{c.width} p{c.stages} m{c.microbatches} {c.schedule} | {measured} | "
-                     f"{predicted} | {'yes' if ranking_matches(group) else 'no'} |")
+        measured_order = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.measured_s))
+        predicted_order = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.predicted_s))
+        lines.append(f"| fc{c.layers}x{c.width} p{c.stages} m{c.microbatches} {c.schedule} | {measured_order} | "
+                     f"{predicted_order} | {'yes' if ranking_matches(group) else 'no'} |")
     lines += ["", "## Where the error comes from", "",
               "Per case, the median iteration of the last round minus the simulated step, per rank "
               "(averaged over ranks), split into compute "

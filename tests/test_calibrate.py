@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from pipesim.calibrate import (
     DEFAULT_MESSAGE_SIZES,
+    CalibrationSettings,
     _fit_links,
+    build_profile,
+    calibrate,
     compute_table,
     cv,
     fit_compute,
@@ -21,6 +26,14 @@ from pipesim.calibrate import (
     optimizer_table,
 )
 from pipesim.profile import Link, Table, parse_profile
+from pipesim.runner.records import (
+    ComputeSample,
+    LinkSample,
+    MicrobenchResult,
+    OptimizerSample,
+    RankSamples,
+)
+from pipesim.wire import from_dict, to_dict
 
 LATENCY, BANDWIDTH = 2e-6, 1e8
 SIZES = [1 << k for k in range(0, 27, 2)]  # 1 B .. 64 MiB
@@ -36,8 +49,17 @@ def link_samples(pair=(0, 1), latency=LATENCY, bandwidth=BANDWIDTH, noise=0.0, r
     for n in SIZES:
         t = one_way(n, latency, bandwidth)
         times = [t * (1 + rng.uniform(-noise, noise)) if noise else t for _ in range(repeats)]
-        samples.append({"pair": list(pair), "bytes": n, "one_way_s": times})
+        samples.append(LinkSample(tuple(pair), n, tuple(times)))
     return samples
+
+
+def compute_sample(**fields) -> ComputeSample:
+    """A sample with the fields a test cares about; the rest zero or empty."""
+    defaults = {"rank": 0, "width": 0, "microbatch_size": 0, "depth": 4, "params_per_layer": 0,
+                "flops_per_sample_per_layer": 0.0, "forward_s": (), "backward_s": (), "input_s": (),
+                "weight_s": (), "saved_bytes_per_sample_per_layer": 0.0}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return ComputeSample(**{**defaults, **given})
 
 
 # --- fit_nonnegative --------------------------------------------------------------
@@ -72,7 +94,7 @@ def test_fit_link_exact():
 
 
 def test_fit_link_default_message_sizes_exact():
-    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [one_way(n)]} for n in DEFAULT_MESSAGE_SIZES]
+    samples = [LinkSample((0, 1), n, (one_way(n),)) for n in DEFAULT_MESSAGE_SIZES]
     link, _ = fit_link(samples)
     assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
     assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
@@ -89,17 +111,15 @@ def test_fit_link_noisy(seed):
 
 def test_fit_link_uses_the_median_of_repeats():
     # One wild outlier per size must not move the fit.
-    samples = link_samples()
-    for s in samples:
-        t = s["one_way_s"][0]
-        s["one_way_s"] = [t, t, 50 * t]
+    samples = [replace(s, one_way_s=(s.one_way_s[0], s.one_way_s[0], 50 * s.one_way_s[0]))
+               for s in link_samples()]
     link, _ = fit_link(samples)
     assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
     assert link["bandwidth_Bps"] == pytest.approx(BANDWIDTH, rel=0.01)
 
 
 def test_fit_link_size_independent_time_is_practically_free():
-    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [LATENCY]} for n in SIZES]
+    samples = [LinkSample((0, 1), n, (LATENCY,)) for n in SIZES]
     link, _ = fit_link(samples)
     assert link["latency_s"] == pytest.approx(LATENCY, rel=0.01)
     # None (free) or so large that 64 MiB costs nothing next to the latency.
@@ -119,8 +139,8 @@ def test_link_classes_one_host_and_all_hosts():
     assert link_classes(["a", "b", "a"], [(0, 2), (0, 1)]) == {(0, 2): "intra_node", (0, 1): "inter_node"}
 
 
-def rank(r: int, processor: str, links: list[dict]) -> dict:
-    return {"rank": r, "processor": processor, "links": links}
+def rank(r: int, processor: str, links: list[LinkSample]) -> RankSamples:
+    return RankSamples(r, "host", processor, (), (), tuple(links))
 
 
 def test_fit_links_every_pair_crosses_nodes():
@@ -167,8 +187,7 @@ def test_fit_links_ranks_sorted_by_rank_number():
 
 
 def test_fit_links_noise_is_the_median_cv():
-    samples = [{"pair": [0, 1], "bytes": n, "one_way_s": [t * 0.9, t, t * 1.1]}
-               for n, t in ((n, one_way(n)) for n in SIZES)]
+    samples = [LinkSample((0, 1), n, (t * 0.9, t, t * 1.1)) for n, t in ((n, one_way(n)) for n in SIZES)]
     _, _, noise = _fit_links([rank(0, "h", samples), rank(1, "h", [])])
     assert noise["intra_node"] == pytest.approx(cv([0.9, 1.0, 1.1]), rel=1e-9)
     assert "inter_node" not in noise
@@ -186,17 +205,17 @@ def affine_s(coef: dict, params: int, b: int, flops: float) -> float:
     return coef["fixed_s"] + coef["s_per_param"] * params + b * coef["s_per_flop"] * flops
 
 
-def compute_samples(noise=0.0, rng=None, repeats=1) -> list[dict]:
+def compute_samples(noise=0.0, rng=None, repeats=1) -> list[ComputeSample]:
     samples = []
     for w in WIDTHS:
         params, flops = w * w + w, 2.0 * w * w + w
         for b in MB_SIZES:
             f, bw = affine_s(FORWARD, params, b, flops), affine_s(BACKWARD, params, b, flops)
             jitter = (lambda: 1 + rng.uniform(-noise, noise)) if noise else (lambda: 1.0)
-            samples.append({"width": w, "microbatch_size": b, "params_per_layer": params,
-                            "flops_per_sample_per_layer": flops,
-                            "forward_s": [f * jitter() for _ in range(repeats)],
-                            "backward_s": [bw * jitter() for _ in range(repeats)]})
+            samples.append(compute_sample(width=w, microbatch_size=b, params_per_layer=params,
+                                          flops_per_sample_per_layer=flops,
+                                          forward_s=[f * jitter() for _ in range(repeats)],
+                                          backward_s=[bw * jitter() for _ in range(repeats)]))
     return samples
 
 
@@ -231,8 +250,8 @@ def test_fit_compute_result_is_a_valid_law():
 
 def test_compute_table_pools_ranks_and_takes_medians():
     samples = [
-        {"rank": 0, "width": 512, "microbatch_size": 8, "forward_s": [1.0, 2.0, 3.0], "backward_s": [5.0]},
-        {"rank": 1, "width": 512, "microbatch_size": 8, "forward_s": [10.0], "backward_s": [7.0, 9.0]},
+        compute_sample(rank=0, width=512, microbatch_size=8, forward_s=[1.0, 2.0, 3.0], backward_s=[5.0]),
+        compute_sample(rank=1, width=512, microbatch_size=8, forward_s=[10.0], backward_s=[7.0, 9.0]),
     ]
     table = compute_table(samples, "forward")
     # Pooled [1, 2, 3, 10] -> 2.5; not the median of medians (6) nor the mean (4).
@@ -242,8 +261,8 @@ def test_compute_table_pools_ranks_and_takes_medians():
 
 def test_compute_table_shape_and_order():
     widths, sizes = (1024, 256, 512), (16, 4)  # measured out of order
-    samples = [{"rank": r, "width": w, "microbatch_size": b,
-                "forward_s": [w * 1e-6 + b * 1e-3 + r * 1e-9], "backward_s": [2 * (w * 1e-6 + b * 1e-3)]}
+    samples = [compute_sample(rank=r, width=w, microbatch_size=b, forward_s=[w * 1e-6 + b * 1e-3 + r * 1e-9],
+                              backward_s=[2 * (w * 1e-6 + b * 1e-3)])
                for r in (1, 0) for b in sizes for w in widths]
     table = compute_table(samples, "forward")
     assert table["widths"] == [256, 512, 1024]
@@ -266,7 +285,7 @@ def test_compute_table_shape_and_order():
 
 
 def test_fit_optimizer_affine():
-    samples = [{"params": p, "times_s": [1e-4 + 3e-9 * p]} for p in (1e4, 1e5, 1e6, 1e7)]
+    samples = [OptimizerSample(p, (1e-4 + 3e-9 * p,)) for p in (10**4, 10**5, 10**6, 10**7)]
     coef, worst = fit_optimizer(samples)
     assert coef["fixed_s"] == pytest.approx(1e-4, rel=1e-6)
     assert coef["s_per_param"] == pytest.approx(3e-9, rel=1e-6)
@@ -274,10 +293,8 @@ def test_fit_optimizer_affine():
 
 
 def test_optimizer_table_pools_and_sorts():
-    samples = [{"params": 4000, "times_s": [4.0, 6.0]},
-               {"params": 1000, "times_s": [1.0, 2.0, 3.0]},
-               {"params": 1000, "times_s": [10.0]},
-               {"params": 2000, "times_s": [2.0]}]
+    samples = [OptimizerSample(4000, (4.0, 6.0)), OptimizerSample(1000, (1.0, 2.0, 3.0)),
+               OptimizerSample(1000, (10.0,)), OptimizerSample(2000, (2.0,))]
     table = optimizer_table(samples)
     assert table == {"params": [1000, 2000, 4000], "seconds": [2.5, 2.0, 5.0]}
     profile = parse_profile({"schema": "pipesim-profile", "version": 1, "name": "x",
@@ -300,8 +317,7 @@ def test_cv():
 @pytest.mark.parametrize("factor,duplex", [(1.05, True), (1.3, True), (1.9, False), (2.1, False)])
 def test_fit_link_tells_a_shared_channel_from_a_duplex_link(factor, duplex):
     samples = link_samples()
-    largest = samples[-1]
-    largest["both_ways_s"] = [statistics.median(largest["one_way_s"]) * factor] * 3
+    samples[-1] = replace(samples[-1], both_ways_s=(statistics.median(samples[-1].one_way_s) * factor,) * 3)
     link, _ = fit_link(samples)
     assert link["duplex"] is duplex
 
@@ -315,3 +331,48 @@ def parse_profile_link(link: dict) -> Link:
     data = {"schema": "pipesim-profile", "version": 1, "name": "x", "compute": {},
             "links": {"intra_node": link}}
     return parse_profile(data).intra_node
+
+
+# --- the workflow, with the ranks' results typed ------------------------------------
+
+
+def microbench_result() -> MicrobenchResult:
+    """Two ranks on one host: exact compute laws (I and W each half of B), an affine
+    optimizer, and link samples from rank 0 (the left one of the only pair)."""
+    compute = [replace(s, input_s=tuple(t / 2 for t in s.backward_s),
+                       weight_s=tuple(t / 2 for t in s.backward_s), saved_bytes_per_sample_per_layer=4.0 * s.width)
+               for s in compute_samples(repeats=2)]
+    optimizer = tuple(OptimizerSample(p, (1e-4 + 3e-9 * p,) * 2) for p in (10**4, 10**5, 10**6))
+    ranks = (RankSamples(0, "h", "h", tuple(compute), optimizer, tuple(link_samples(repeats=2))),
+             RankSamples(1, "h", "h", tuple(replace(s, rank=1) for s in compute), optimizer, ()))
+    return MicrobenchResult(ranks, "Open MPI v5", "2.13.0")
+
+
+def test_profile_from_typed_samples_that_crossed_as_json():
+    raw = from_dict(MicrobenchResult, json.loads(json.dumps(to_dict(microbench_result()))))
+    assert raw == microbench_result()
+    settings = CalibrationSettings(widths=WIDTHS, microbatch_sizes=MB_SIZES, message_sizes=tuple(SIZES))
+    data = build_profile(settings, "typed", raw, [1e-5, 2e-5, 4e-5])
+    profile = parse_profile(data)
+    assert data["action_overhead_s"] == 2e-5
+    assert data["metadata"]["processors"] == ["h", "h"] and data["metadata"]["mpi"] == "Open MPI v5"
+    assert profile.intra_node.latency_s == pytest.approx(LATENCY, rel=0.01)
+    fit = data["samples"]["affine_fit"]["forward"]
+    assert fit["s_per_flop"] == pytest.approx(FORWARD["s_per_flop"], rel=1e-6)
+    assert data["samples"]["saved_bytes_per_sample_per_layer"] == sorted(4 * w for w in WIDTHS)
+    assert data["samples"]["links"][0] == {"pair": [0, 1], "bytes": 1, "median_s": one_way(1)}
+    assert len(data["samples"]["compute"]) == 2 * len(WIDTHS) * len(MB_SIZES)  # per rank
+
+
+def test_calibrate_on_a_rank_other_than_0_takes_part_and_returns_none(monkeypatch):
+    """Started by mpiexec (`mpiexec -n 2 pipesim calibrate`), rank 1 gets no result from
+    either job; it used to index into that None and crash."""
+    from pipesim.runner import launch as launch_module
+    from pipesim.runner import results as results_module
+
+    jobs = []
+    monkeypatch.setattr(launch_module, "launch", lambda config, result_type, *_, **__: jobs.append(config))
+    monkeypatch.setattr(results_module, "measure", lambda plan, log, **_: jobs.append(plan))
+    settings = CalibrationSettings(widths=(16,), repeats=2)
+    assert calibrate(settings, "x", log=lambda _: None) is None
+    assert jobs[0] == settings.microbench() and jobs[1].num_stages == settings.ranks  # both jobs ran here

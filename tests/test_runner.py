@@ -19,6 +19,7 @@ from pipesim.plan import make_plan
 from pipesim.runner import launch as launch_module
 from pipesim.runner.config import RunConfig
 from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch
+from pipesim.runner.records import RunResult
 from pipesim.runner.results import measure
 import reference_training
 
@@ -102,7 +103,7 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(capfd):
     config = RunConfig.from_plan(plan, iterations=2, warmup=0, fail_on_rank=1)
     started = time.monotonic()
     with pytest.raises(RunFailed):
-        launch("run", config.to_dict(), 2, log=lambda _: None)
+        launch(config, RunResult, 2, log=lambda _: None)
     assert time.monotonic() - started < 120  # a hang guard, not a speed test: unaborted, it never ends
     err = capfd.readouterr().err
     assert "[rank 1]" in err and "injected fault" in err
@@ -116,3 +117,29 @@ def test_missing_runner_packages_say_how_to_install(monkeypatch):
                         lambda name: None if name == "mpi4py" else real(name))
     with pytest.raises(RunnerUnavailable, match=r"^pipesim calibrate needs mpi4py.*-c \S*constraints.txt '\S*\[runner\]'"):
         launch_module.check_runner_available("pipesim calibrate")
+
+
+def test_a_tiny_calibration_runs_both_jobs_and_its_profile_loads():
+    """The micro-benchmarks and the overhead runs for real, as small as they go: the
+    typed samples come back from the ranks and make a profile that loads."""
+    from pipesim.calibrate import CalibrationSettings, calibrate
+    from pipesim.profile import parse_profile
+
+    settings = CalibrationSettings(widths=(16, 32), microbatch_sizes=(2, 4), message_sizes=(1, 1 << 16),
+                                   repeats=2, warmup=1, pingpong_repeats=2, stack_bytes=1 << 14,
+                                   overhead_iterations=2)
+    data = calibrate(settings, "tiny", log=lambda _: None)
+    profile = parse_profile(data)
+    assert data["metadata"]["ranks"] == 2 and len(data["metadata"]["processors"]) == 2
+    assert [s["width"] for s in data["samples"]["compute"]] == [16, 16, 32, 32] * 2  # rank 0's, then rank 1's
+    assert data["samples"]["saved_bytes_per_sample_per_layer"] == [16 * 4, 32 * 4]  # each layer's output
+    assert [(s["pair"], s["bytes"]) for s in data["samples"]["links"]] == [([0, 1], 1), ([0, 1], 1 << 16)]
+    assert "duplex" in data["links"]["intra_node"]  # the exchange of the largest message was timed
+    assert profile.action_overhead_s > 0
+
+
+def test_an_unknown_optimizer_is_an_error_not_none():
+    from pipesim.runner.stage import make_optimizer
+
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lamb' \(allowed: sgd, adam\)"):
+        make_optimizer("lamb", [torch.zeros(2, requires_grad=True)])

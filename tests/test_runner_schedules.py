@@ -15,8 +15,9 @@ import itertools
 
 from pipesim.model import ModelSpec, fc_layer
 from pipesim.plan import make_plan
-from pipesim.runner.config import RunConfig
+from pipesim.runner.config import RunBatch, RunConfig
 from pipesim.runner.launch import launch
+from pipesim.runner.records import RunBatchResult
 import reference_training
 
 STEPS, BATCH, SEED = 3, 8, 5
@@ -64,10 +65,11 @@ def results(tmp_path_factory):
     """Every case in one MPI job of 4 ranks; parameters saved per case."""
     out = tmp_path_factory.mktemp("runs")
     configs = [RunConfig.from_plan(plan_of(case), iterations=STEPS, warmup=0, seed=SEED, optimizer=case[5],
-                                   params_path=str(out / f"{i}.npz"), progress=False).to_dict()
+                                   params_path=str(out / f"{i}.npz"), progress=False)
                for i, case in enumerate(CASES)]
-    gathered = launch("runs", {"runs": configs}, 4, log=lambda _: None)
-    return out, gathered["runs"]
+    gathered = launch(RunBatch(tuple(configs)), RunBatchResult, 4, log=lambda _: None)
+    assert gathered is not None and len(gathered.runs) == len(CASES)
+    return out, gathered.runs
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-p{c[1]}-v{c[2]}-m{c[3]}-{c[4]}"

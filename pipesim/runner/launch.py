@@ -11,9 +11,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import UserError
+from ..wire import from_dict
+from .config import JobConfig, JobFile, write_job_file
+
+R = TypeVar("R")
 
 # Set by Open MPI, MPICH/Hydra and Slurm (PMI/PMIx) in every rank they start.
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
@@ -76,8 +82,9 @@ def mpiexec_command(num_ranks: int, threads_per_rank: int, job_path: str) -> tup
     return command, notes
 
 
-def launch(job: str, config: dict, num_ranks: int, threads_per_rank: int = 1, log=print) -> dict | None:
-    """Run a job of the worker (``run`` or ``calibrate``) on `num_ranks` ranks.
+def launch(config: JobConfig, result_type: type[R], num_ranks: int, threads_per_rank: int = 1,
+           log: Callable[[str], object] = print) -> R | None:
+    """Run the worker's job `config` on `num_ranks` ranks; its result is a `result_type`.
 
     Returns rank 0's gathered result; None on the other ranks when already
     inside an MPI world (mpiexec or srun started us), where we use that world.
@@ -86,19 +93,21 @@ def launch(job: str, config: dict, num_ranks: int, threads_per_rank: int = 1, lo
     if inside_mpi_world():
         from mpi4py import MPI
 
-        from .worker import JOBS
+        from .worker import execute
 
-        return JOBS[job](config, MPI.COMM_WORLD)
+        result = execute(config, MPI.COMM_WORLD)
+        assert result is None or isinstance(result, result_type), (type(result), result_type)
+        return result
     with tempfile.TemporaryDirectory(prefix="pipesim-") as tmp:
         result_path = Path(tmp) / "result.json"
         job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps({"job": job, "config": config, "result_path": str(result_path)}))
+        write_job_file(job_path, JobFile(config, str(result_path)))
         command, notes = mpiexec_command(num_ranks, threads_per_rank, str(job_path))
         for note in notes:
             log(f"note: {note}")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
         _run_to_end(command, env)
-        return json.loads(result_path.read_text())
+        return from_dict(result_type, json.loads(result_path.read_text()), "the MPI job's result")
 
 
 def _stderr_fd() -> int:
@@ -109,7 +118,7 @@ def _stderr_fd() -> int:
         return 2
 
 
-def _run_to_end(command: list[str], env: dict) -> None:
+def _run_to_end(command: list[str], env: dict[str, str]) -> None:
     """Run mpiexec; on Ctrl-C or error make sure no rank outlives it."""
     process = subprocess.Popen(command, env=env, stdout=_stderr_fd())  # ranks' output is progress
     try:

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..model import fc_layer
+from .config import MicrobenchConfig
 from .interpreter import SavedBytes, clock
+from .records import ComputeSample, LinkSample, MicrobenchResult, OptimizerSample, RankSamples
 from .stage import make_optimizer, make_stage
 
 OPTIMIZER_WIDTH, OPTIMIZER_DEPTHS = 512, (1, 2, 4, 8, 16, 32)  # 0.26M .. 8.4M parameters
@@ -30,7 +35,8 @@ def _stack_depth(width: int, stack_bytes: int) -> int:
     return max(4, min(64, -(-stack_bytes // (width * width * 4))))
 
 
-def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, int]:
+def _time_once(stack: torch.nn.Module, x: torch.Tensor, depth: int,
+               storages: set[int]) -> tuple[float, float, int]:
     """One forward (under the interpreter's saved-tensor counter) and backward, per layer."""
     counter = SavedBytes(storages)
     start = clock()
@@ -42,7 +48,7 @@ def _time_once(stack, x, depth: int, storages: set[int]) -> tuple[float, float, 
     return (middle - start) / depth, (end - middle) / depth, counter.total
 
 
-def _time_split(stack, x, depth: int) -> tuple[float, float]:
+def _time_split(stack: torch.nn.Module, x: torch.Tensor, depth: int) -> tuple[float, float]:
     """I and W as a zero-bubble pipeline runs them, per layer: three forwards
     (untimed) and their I's, then the W's, timing the first micro-batch's I and
     its W. That W finds its saved tensors out of cache, after the F and I of two
@@ -68,88 +74,103 @@ def _time_split(stack, x, depth: int) -> tuple[float, float]:
     return input_s / depth, weight_s / depth
 
 
-def _whole_backward_pass(points: list[dict], stacks: dict, comm, keep: bool) -> None:
+@dataclass
+class _Point:
+    """One (width, micro-batch size) point while it is being measured."""
+
+    width: int
+    microbatch_size: int
+    x: Any  # the input tensor
+    forward_s: list[float] = field(default_factory=list)
+    backward_s: list[float] = field(default_factory=list)
+    input_s: list[float] = field(default_factory=list)
+    weight_s: list[float] = field(default_factory=list)
+    saved_bytes_per_sample_per_layer: float = 0.0
+
+    def sample(self, rank: int, depth: int) -> ComputeSample:
+        layer = fc_layer(self.width, self.width)
+        return ComputeSample(rank, self.width, self.microbatch_size, depth, layer.params,
+                             layer.forward_flops_per_sample, tuple(self.forward_s), tuple(self.backward_s),
+                             tuple(self.input_s), tuple(self.weight_s), self.saved_bytes_per_sample_per_layer)
+
+
+Stacks = dict[int, tuple[Any, int, set[int]]]  # width -> (module, depth, parameter storages)
+
+
+def _whole_backward_pass(points: list[_Point], stacks: Stacks, comm: Any, keep: bool) -> None:
     """F and B of every point."""
     previous_width = None
     for point in points:
-        stack, depth, storages = stacks[point["width"]]
-        if point["width"] != previous_width:  # bring this stack's weights back into cache,
-            _time_once(stack, point["x"], depth, storages)  # as a stage's next action finds them
-            previous_width = point["width"]
+        stack, depth, storages = stacks[point.width]
+        if point.width != previous_width:  # bring this stack's weights back into cache,
+            _time_once(stack, point.x, depth, storages)  # as a stage's next action finds them
+            previous_width = point.width
         comm.Barrier()
-        forward, backward, saved = _time_once(stack, point["x"], depth, storages)
+        forward, backward, saved = _time_once(stack, point.x, depth, storages)
         if keep:
-            point["forward_s"].append(forward)
-            point["backward_s"].append(backward)
-        point["saved_bytes_per_sample_per_layer"] = (
-            (saved - point["x"].numel() * 4) / (point["microbatch_size"] * depth))
+            point.forward_s.append(forward)
+            point.backward_s.append(backward)
+        point.saved_bytes_per_sample_per_layer = (saved - point.x.numel() * 4) / (point.microbatch_size * depth)
 
 
-def _split_backward_pass(points: list[dict], stacks: dict, comm, keep: bool) -> None:
+def _split_backward_pass(points: list[_Point], stacks: Stacks, comm: Any, keep: bool) -> None:
     """F, I and W of every point, in a pass of their own (see _time_split), not
     after a full backward that has just brought the weight gradients into
     cache (timed that way, W came out 5-10% fast)."""
     previous_width = None
     for point in points:
-        stack, depth, _ = stacks[point["width"]]
-        if point["width"] != previous_width:
-            _time_split(stack, point["x"], depth)
-            previous_width = point["width"]
+        stack, depth, _ = stacks[point.width]
+        if point.width != previous_width:
+            _time_split(stack, point.x, depth)
+            previous_width = point.width
         comm.Barrier()
-        input_grad, weight_grad = _time_split(stack, point["x"], depth)
+        input_grad, weight_grad = _time_split(stack, point.x, depth)
         if keep:
-            point["input_s"].append(input_grad)
-            point["weight_s"].append(weight_grad)
+            point.input_s.append(input_grad)
+            point.weight_s.append(weight_grad)
 
 
-def _measure_compute(config: dict, comm, log) -> list[dict]:
+def _measure_compute(config: MicrobenchConfig, comm: Any,
+                     log: Callable[[str], object]) -> list[ComputeSample]:
     """Every (width, micro-batch size) point once per round, rounds repeated:
     drift and bursts of noise spread over all points alike. All ranks time the
     same point at the same moment (a barrier before each sample)."""
-    stacks = {}
-    for width in config["widths"]:
-        depth = _stack_depth(width, config["stack_bytes"])
-        stack = make_stage([fc_layer(width, width)] * depth, 0, config["seed"])
+    stacks: Stacks = {}
+    for width in config.widths:
+        depth = _stack_depth(width, config.stack_bytes)
+        stack = make_stage([fc_layer(width, width)] * depth, 0, config.seed)
         stacks[width] = (stack, depth, {p.untyped_storage().data_ptr() for p in stack.parameters()})
-    points = []
-    for width in config["widths"]:
-        layer = fc_layer(width, width)
-        for microbatch in config["microbatch_sizes"]:
-            points.append({"width": width, "microbatch_size": microbatch, "depth": stacks[width][1],
-                           "params_per_layer": layer.params,
-                           "flops_per_sample_per_layer": layer.forward_flops_per_sample,
-                           "forward_s": [], "backward_s": [], "input_s": [], "weight_s": [],
-                           "x": torch.randn(microbatch, width, requires_grad=True)})
-    rounds = config["warmup"] + config["repeats"]
+    points = [_Point(width, microbatch, torch.randn(microbatch, width, requires_grad=True))
+              for width in config.widths for microbatch in config.microbatch_sizes]
+    rounds = config.warmup + config.repeats
     for round_ in range(rounds):
-        _whole_backward_pass(points, stacks, comm, keep=round_ >= config["warmup"])
-        _split_backward_pass(points, stacks, comm, keep=round_ >= config["warmup"])
+        _whole_backward_pass(points, stacks, comm, keep=round_ >= config.warmup)
+        _split_backward_pass(points, stacks, comm, keep=round_ >= config.warmup)
         if (round_ + 1) % 10 == 0 or round_ + 1 == rounds:
             log(f"  compute: round {round_ + 1}/{rounds} over {len(points)} (width, micro-batch) points")
-    for point in points:
-        del point["x"]
-    return points
+    return [point.sample(comm.Get_rank(), stacks[point.width][1]) for point in points]
 
 
-def _measure_optimizer(config: dict, comm) -> list[dict]:
+def _measure_optimizer(config: MicrobenchConfig, comm: Any) -> list[OptimizerSample]:
     """The optimizer step at several parameter counts, interleaved like compute."""
     setups = []
     for depth in OPTIMIZER_DEPTHS:
-        stack = make_stage([fc_layer(OPTIMIZER_WIDTH, OPTIMIZER_WIDTH)] * depth, 0, config["seed"])
-        optimizer = make_optimizer(config["optimizer"], stack.parameters())
+        stack = make_stage([fc_layer(OPTIMIZER_WIDTH, OPTIMIZER_WIDTH)] * depth, 0, config.seed)
+        optimizer = make_optimizer(config.optimizer, stack.parameters())
         stack(torch.randn(2, OPTIMIZER_WIDTH)).sum().backward()
-        setups.append((optimizer, {"params": sum(p.numel() for p in stack.parameters()), "times_s": []}))
-    for round_ in range(config["warmup"] + config["repeats"]):
-        for optimizer, record in setups:
+        times: list[float] = []
+        setups.append((optimizer, sum(p.numel() for p in stack.parameters()), times))
+    for round_ in range(config.warmup + config.repeats):
+        for optimizer, _, times in setups:
             comm.Barrier()
             start = clock()
             optimizer.step()
-            if round_ >= config["warmup"]:
-                record["times_s"].append(clock() - start)
-    return [record for _, record in setups]
+            if round_ >= config.warmup:
+                times.append(clock() - start)
+    return [OptimizerSample(params, tuple(times)) for _, params, times in setups]
 
 
-def _pingpong(comm, peer: int, nbytes: int, repeats: int, leader: bool) -> list[float]:
+def _pingpong(comm: Any, peer: int, nbytes: int, repeats: int, leader: bool) -> list[float]:
     buffer = torch.zeros(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
     view = buffer.numpy()
     times = []
@@ -165,7 +186,7 @@ def _pingpong(comm, peer: int, nbytes: int, repeats: int, leader: bool) -> list[
     return times[2:]
 
 
-def _time_links(config: dict, comm) -> list[dict]:
+def _time_links(config: MicrobenchConfig, comm: Any) -> list[LinkSample]:
     rank, size = comm.Get_rank(), comm.Get_size()
     results = []
     for left in range(size - 1):
@@ -173,18 +194,21 @@ def _time_links(config: dict, comm) -> list[dict]:
         if rank not in (left, left + 1):
             continue
         peer = left + 1 if rank == left else left
-        for nbytes in config["message_sizes"]:
-            repeats = config["pingpong_repeats"] if nbytes < (1 << 22) else max(3, config["pingpong_repeats"] // 4)
-            times = _pingpong(comm, peer, nbytes, repeats, leader=rank == left)
-            if rank == left:
-                results.append({"pair": [left, left + 1], "bytes": nbytes, "one_way_s": times})
-        exchange = _exchange(comm, peer, config["message_sizes"][-1], 3)
+        one_way = [(n, _pingpong(comm, peer, n, _pingpong_repeats(config, n), leader=rank == left))
+                   for n in config.message_sizes]
+        exchange = _exchange(comm, peer, config.message_sizes[-1], 3)  # the largest size
         if rank == left:
-            results[-1]["both_ways_s"] = exchange
+            last = len(one_way) - 1
+            results += [LinkSample((left, left + 1), n, tuple(times), tuple(exchange) if i == last else ())
+                        for i, (n, times) in enumerate(one_way)]
     return results
 
 
-def _exchange(comm, peer: int, nbytes: int, repeats: int) -> list[float]:
+def _pingpong_repeats(config: MicrobenchConfig, nbytes: int) -> int:
+    return config.pingpong_repeats if nbytes < (1 << 22) else max(3, config.pingpong_repeats // 4)
+
+
+def _exchange(comm: Any, peer: int, nbytes: int, repeats: int) -> list[float]:
     """Both ranks send `nbytes` to each other at once: as fast as one way on a
     duplex link, twice as slow on a shared channel."""
     from mpi4py import MPI
@@ -201,26 +225,30 @@ def _exchange(comm, peer: int, nbytes: int, repeats: int) -> list[float]:
     return times[1:]
 
 
-def execute(config: dict, comm) -> dict | None:
-    torch.set_num_threads(config["threads_per_rank"])
+def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
+    torch.set_num_threads(config.threads_per_rank)
     rank = comm.Get_rank()
-    log = (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
-    log(f"  compute: widths {config['widths']} x micro-batch sizes {config['microbatch_sizes']}, "
-        f"{config['repeats']} rounds after {config['warmup']} warm-up")
+
+    def log(text: str) -> None:
+        if rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    log(f"  compute: widths {list(config.widths)} x micro-batch sizes {list(config.microbatch_sizes)}, "
+        f"{config.repeats} rounds after {config.warmup} warm-up")
     compute = _measure_compute(config, comm, log)
-    log(f"  optimizer ({config['optimizer']}) step at {len(OPTIMIZER_DEPTHS)} sizes")
+    log(f"  optimizer ({config.optimizer}) step at {len(OPTIMIZER_DEPTHS)} sizes")
     optimizer = _measure_optimizer(config, comm)
-    log(f"  links: ping-pong between neighbours, {len(config['message_sizes'])} sizes "
-        f"{config['message_sizes'][0]} B .. {config['message_sizes'][-1] >> 20} MiB")
+    log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
+        f"{config.message_sizes[0]} B .. {config.message_sizes[-1] >> 20} MiB")
     links = _time_links(config, comm)
-    mine = {"rank": rank, "host": socket.gethostname(), "processor": _processor_name(),
-            "compute": compute, "optimizer": optimizer, "links": links}
-    everyone = comm.gather(mine, root=0)
-    if rank != 0:
+    mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
+                       tuple(links))
+    everyone: list[RankSamples] | None = comm.gather(mine, root=0)
+    if everyone is None:  # not rank 0
         return None
     from .worker import mpi_version
 
-    return {"ranks": everyone, "mpi": mpi_version(), "torch": torch.__version__}
+    return MicrobenchResult(tuple(sorted(everyone, key=lambda r: r.rank)), mpi_version(), torch.__version__)
 
 
 def _processor_name() -> str:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Unpack
 
 import numpy as np
 
 from ..plan import Plan
 from ..predict import result_json
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
-from .config import RunConfig
+from .config import RunConfig, RunOptions
 from .launch import launch
+from .records import RankRun, RunResult
 
 
 @dataclass(frozen=True)
@@ -44,40 +47,40 @@ class Measurement:
         return compute_metrics(self.representative)
 
 
-def _timeline(ranks: list[dict], iteration: int) -> Timeline:
-    records = [(entry["records"][iteration], entry["clock_offset_s"]) for entry in ranks]
-    origin = min(record["start_s"] - offset for record, offset in records)
-    spans, memory = [], []
-    for entry, (record, offset) in zip(ranks, records):
-        shift = offset + origin
-        for rank, kind, start, end, stage, mb, peer, direction in record["spans"]:
-            spans.append(Span(rank, kind, start - shift, end - shift, stage, mb, peer, direction))
-        memory += [MemorySample(entry["rank"], t - shift, nbytes) for t, nbytes in record["memory"]]
+def _timeline(ranks: tuple[RankRun, ...], iteration: int) -> Timeline:
+    """One iteration of every rank on rank 0's clock, t=0 at the earliest step start."""
+    origin = min(r.records[iteration].start_s - r.clock_offset_s for r in ranks)
+    spans: list[Span] = []
+    memory: list[MemorySample] = []
+    for r in ranks:
+        record, shift = r.records[iteration], r.clock_offset_s + origin
+        spans += [replace(s, start_s=s.start_s - shift, end_s=s.end_s - shift) for s in record.spans]
+        memory += [replace(m, time_s=m.time_s - shift) for m in record.memory]
     spans.sort(key=lambda s: (s.start_s, s.rank))
-    static = tuple(entry["static_bytes"] for entry in ranks)
+    static = tuple(r.static_bytes for r in ranks)
     return Timeline(len(ranks), tuple(spans), tuple(memory), static, "measured")
 
 
-def from_result(plan: Plan, result: dict) -> Measurement:
-    ranks = sorted(result["ranks"], key=lambda entry: entry["rank"])
-    count = len(ranks[0]["records"])
+def from_result(plan: Plan, result: RunResult) -> Measurement:
+    ranks = tuple(sorted(result.ranks, key=lambda r: r.rank))
     return Measurement(
         plan=plan,
-        timelines=tuple(_timeline(ranks, i) for i in range(count)),
-        peak_rss_bytes=tuple(entry["peak_rss_bytes"] for entry in ranks),
-        hosts=tuple(entry["host"] for entry in ranks),
-        mpi=result["mpi"],
+        timelines=tuple(_timeline(ranks, i) for i in range(len(ranks[0].records))),
+        peak_rss_bytes=tuple(r.peak_rss_bytes for r in ranks),
+        hosts=tuple(r.host for r in ranks),
+        mpi=result.mpi,
     )
 
 
-def measure(plan: Plan, log=print, **options) -> Measurement | None:
+def measure(plan: Plan, log: Callable[[str], object] = print,
+            **options: Unpack[RunOptions]) -> Measurement | None:
     """Run `plan` for real (options: see RunConfig); None on ranks other than 0."""
     config = RunConfig.from_plan(plan, **options)
-    result = launch("run", config.to_dict(), plan.num_stages, config.threads_per_rank, log)
+    result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log)
     return None if result is None else from_result(plan, result)
 
 
-def measurement_json(m: Measurement, **extra) -> dict:
+def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
     data = result_json(
         m.plan,
         m.metrics,

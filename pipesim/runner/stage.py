@@ -7,7 +7,7 @@ parameters the whole model would hold for those layers, however it is cut.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -41,11 +41,12 @@ def synthetic_batch(iteration: int, batch_size: int, in_features: int, out_featu
     return inputs, targets
 
 
-def make_optimizer(name: str, params, lr: float = 0.01) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float = 0.01) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr * 0.1)
+    raise ValueError(f"unknown optimizer {name!r} (allowed: sgd, adam)")
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -1,20 +1,29 @@
 """The program every MPI rank runs: ``python -m pipesim.runner.worker JOB.json``.
 
-A job file names the job (``run``: the pipeline; ``calibrate``: the
-micro-benchmarks), its config, and where rank 0 writes the gathered result. An exception on any rank prints that rank's traceback and aborts
-the whole MPI job, so nothing hangs.
+A job file (runner/config.py) names the job (``run``: the pipeline; ``runs``:
+several; ``calibrate``: the micro-benchmarks), its config, and where rank 0
+writes the gathered result (runner/records.py). A malformed job file is one
+line, ``pipesim: error: ...``, and exit code 2 on every rank. An exception on
+any rank prints that rank's traceback and aborts the whole MPI job, so nothing
+hangs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import socket
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any, assert_never
 
-from .config import RunConfig
+from ..errors import UserError
+from ..wire import to_dict
+from .config import JobConfig, MicrobenchConfig, RunBatch, RunConfig, load_job_file
+from .records import MicrobenchResult, RankRun, RunBatchResult, RunResult
 
 
 def _local_rank() -> int:
@@ -25,7 +34,7 @@ def _local_rank() -> int:
     return 0
 
 
-def clock_offsets(comm, clock, rounds: int = 20) -> list[float]:
+def clock_offsets(comm: Any, clock: Callable[[], float], rounds: int = 20) -> list[float]:
     """Offset of each rank's clock from rank 0's (subtract it to align).
 
     Ranks on rank 0's host share its monotonic clock (offset 0); others are
@@ -37,27 +46,25 @@ def clock_offsets(comm, clock, rounds: int = 20) -> list[float]:
         if hosts[peer] == hosts[0]:
             continue
         if comm.Get_rank() == 0:
-            best = None
+            best_delay_s = math.inf
             for _ in range(rounds):
                 sent = clock()
                 remote = comm.sendrecv(None, dest=peer, source=peer)
                 back = clock()
-                if best is None or back - sent < best[0]:
-                    best = (back - sent, remote - (sent + back) / 2)
-            offsets[peer] = best[1]
+                if back - sent < best_delay_s:
+                    best_delay_s, offsets[peer] = back - sent, remote - (sent + back) / 2
         elif comm.Get_rank() == peer:
             for _ in range(rounds):
                 comm.sendrecv(clock(), dest=0, source=0)
     return comm.bcast(offsets, root=0)
 
 
-def execute_run(config_dict: dict, comm) -> dict | None:
+def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
     """Run the configured steps on this rank; rank 0 returns everything gathered."""
     import torch
 
     from .interpreter import StageWorker, clock
 
-    config = RunConfig.from_dict(config_dict)
     torch.set_num_threads(config.threads_per_rank)
     plan = config.plan()
     if comm.Get_size() != plan.num_stages:
@@ -71,50 +78,49 @@ def execute_run(config_dict: dict, comm) -> dict | None:
     total = config.warmup + config.iterations
     records = []
     for iteration in range(total):
-        record = worker.step(iteration)
+        step = worker.step(iteration)
         if iteration >= config.warmup:
-            records.append(record)
+            records.append(step.record())
         done = iteration + 1
         if config.progress and comm.Get_rank() == 0 and (done == config.warmup or done % 10 == 0 or done == total):
             print(f"  step {done}/{total} ({config.warmup} warm-up)", file=sys.stderr, flush=True)
-    mine = {
-        "rank": comm.Get_rank(),
-        "host": socket.gethostname(),
-        "device": device,
-        "static_bytes": worker.static_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "records": [vars(r) for r in records],
-    }
     offsets = clock_offsets(comm, clock)
-    everyone = comm.gather(mine, root=0)
+    mine = RankRun(
+        rank=comm.Get_rank(),
+        host=socket.gethostname(),
+        device=device,
+        static_bytes=worker.static_bytes(),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        records=tuple(records),
+        clock_offset_s=offsets[comm.Get_rank()],
+    )
+    everyone: list[RankRun] | None = comm.gather(mine, root=0)
     params = comm.gather(worker.parameters(), root=0) if config.params_path else None
-    if comm.Get_rank() != 0:
+    if everyone is None:  # not rank 0
         return None
     if params is not None:
         import numpy as np
 
         np.savez(config.params_path, **{k: v for part in params for k, v in part.items()})
-    for entry in everyone:
-        entry["clock_offset_s"] = offsets[entry["rank"]]
-    return {"ranks": everyone, "mpi": mpi_version()}
+    return RunResult(tuple(sorted(everyone, key=lambda r: r.rank)), mpi_version())
 
 
-def execute_runs(config_dict: dict, comm) -> dict | None:
-    """Several runs in one MPI job (tests batch their configurations so): each runs
-    on the first P ranks of the world, the others wait. Rank 0 returns every result."""
+def execute_runs(batch: RunBatch, comm: Any) -> RunBatchResult | None:
+    """Several runs in one MPI job: each runs on the first P ranks of the world,
+    the others wait. Rank 0 returns every result."""
     from mpi4py import MPI
 
     results = []
-    for run in config_dict["runs"]:
-        ranks = RunConfig.from_dict(run).plan().num_stages
+    for run in batch.runs:
+        ranks = run.plan().num_stages
         sub = comm.Split(0 if comm.Get_rank() < ranks else MPI.UNDEFINED, comm.Get_rank())
-        result = None
         if sub != MPI.COMM_NULL:
             result = execute_run(run, sub)
             sub.Free()
-        results.append(result)
+            if result is not None:
+                results.append(result)
         comm.Barrier()
-    return {"runs": results} if comm.Get_rank() == 0 else None
+    return RunBatchResult(tuple(results)) if comm.Get_rank() == 0 else None
 
 
 def mpi_version() -> str:
@@ -123,26 +129,36 @@ def mpi_version() -> str:
     return MPI.Get_library_version().split(",")[0].strip()
 
 
-def execute_calibrate(config_dict: dict, comm) -> dict | None:
-    from .microbench import execute
+def execute(config: JobConfig, comm: Any) -> RunResult | RunBatchResult | MicrobenchResult | None:
+    """Run the job `config` describes on this rank; rank 0 returns the gathered result."""
+    match config:
+        case RunConfig():
+            return execute_run(config, comm)
+        case RunBatch():
+            return execute_runs(config, comm)
+        case MicrobenchConfig():
+            from .microbench import execute as execute_microbench
 
-    return execute(config_dict, comm)
-
-
-JOBS = {"run": execute_run, "runs": execute_runs, "calibrate": execute_calibrate}
+            return execute_microbench(config, comm)
+        case _:
+            assert_never(config)
 
 
 def main(argv: list[str]) -> int:
+    try:  # before MPI starts: every rank reads the same file, so every rank fails alike
+        job = load_job_file(argv[0])
+    except UserError as exc:
+        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")) == "0":
+            print(f"pipesim: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     try:
-        with open(argv[0]) as handle:
-            job = json.load(handle)
-        result = JOBS[job["job"]](job["config"], comm)
+        result = execute(job.config, comm)
         if result is not None:
-            with open(job["result_path"], "w") as handle:
-                json.dump(result, handle)
+            with open(job.result_path, "w") as handle:
+                json.dump(to_dict(result), handle)
     except BaseException:  # noqa: BLE001 - any failure must end the whole job
         lines = traceback.format_exc().rstrip().splitlines()
         print("\n".join(f"[rank {comm.Get_rank()}] {line}" for line in lines), file=sys.stderr, flush=True)

@@ -1,0 +1,105 @@
+"""What the ranks send back: frozen dataclasses, gathered over MPI (pickled) and
+written to the result file (`wire.to_dict`, read back strictly with `wire.from_dict`).
+
+Times are on each rank's own clock; results.py aligns them. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..timeline import MemorySample, Span
+
+# --- the `run` job -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one rank saw in one step."""
+
+    start_s: float
+    end_s: float
+    spans: tuple[Span, ...]
+    memory: tuple[MemorySample, ...]  # activation bytes held, from each change on
+
+
+@dataclass(frozen=True)
+class RankRun:
+    """One rank's measured steps (warm-up left out) and what it ran on."""
+
+    rank: int
+    host: str
+    device: str
+    static_bytes: int
+    peak_rss_bytes: int
+    records: tuple[StepRecord, ...]
+    clock_offset_s: float  # subtract from this rank's times to get rank 0's clock
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ranks: tuple[RankRun, ...]  # in rank order
+    mpi: str
+
+
+@dataclass(frozen=True)
+class RunBatchResult:
+    runs: tuple[RunResult, ...]
+
+
+# --- the `calibrate` job -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputeSample:
+    """Per-layer times of one (width, micro-batch size) point on one rank."""
+
+    rank: int
+    width: int
+    microbatch_size: int
+    depth: int  # layers in the timed stack
+    params_per_layer: int
+    flops_per_sample_per_layer: float
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    input_s: tuple[float, ...]  # B split: the input gradient (I)
+    weight_s: tuple[float, ...]  # and the weight gradients (W)
+    saved_bytes_per_sample_per_layer: float
+
+    def times_s(self, direction: str) -> tuple[float, ...]:
+        """The samples of ``forward``, ``backward``, ``input`` or ``weight``."""
+        times: tuple[float, ...] = getattr(self, f"{direction}_s")
+        return times
+
+
+@dataclass(frozen=True)
+class OptimizerSample:
+    params: int
+    times_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LinkSample:
+    """Ping-pong between neighbours ``pair`` with messages of ``bytes``."""
+
+    pair: tuple[int, int]
+    bytes: int
+    one_way_s: tuple[float, ...]
+    both_ways_s: tuple[float, ...] = ()  # both send at once (largest size only), else empty
+
+
+@dataclass(frozen=True)
+class RankSamples:
+    rank: int
+    host: str
+    processor: str  # MPI's processor name: the same on ranks of one host
+    compute: tuple[ComputeSample, ...]
+    optimizer: tuple[OptimizerSample, ...]
+    links: tuple[LinkSample, ...]  # the pairs this rank led (the left one)
+
+
+@dataclass(frozen=True)
+class MicrobenchResult:
+    ranks: tuple[RankSamples, ...]  # in rank order
+    mpi: str
+    torch: str
