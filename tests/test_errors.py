@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipesim import cli
+from pipesim import cli, workflows
 from pipesim.cli import main
 from pipesim.costs import WhatIfError
+from pipesim.spec import SpecError
 from pipesim.errors import UserError
 from pipesim.model import ModelError
 from pipesim.optimize import InfeasibleError, OptimizeError
@@ -43,7 +44,7 @@ def assert_one_error(code, out, err, expected=""):
 
 
 @pytest.mark.parametrize("error", [ModelError, PartitionError, ScheduleError, ProfileError, GridError,
-                                   WhatIfError, OptimizeError, InfeasibleError, cli.UsageError,
+                                   WhatIfError, OptimizeError, InfeasibleError, SpecError,
                                    RunnerUnavailable])
 def test_every_user_error_class_is_a_user_error(error):
     assert issubclass(error, UserError)
@@ -248,7 +249,7 @@ def test_neighbour_links_and_spread_nodes_do_not_warn(capsys):
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "predict", interrupted)
+    monkeypatch.setattr(workflows, "predict", interrupted)
     code, out, err = run_main(capsys, "predict")
     assert code == 130 and out == "" and err == "pipesim: interrupted\n"
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats.jsondata import result_json
 from ..plan import Plan
-from ..predict import result_json
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
 from .config import RunConfig
 from .launch import launch
