@@ -148,6 +148,9 @@ def parse_spec(data: dict, where: str, folder: Path = Path(".")) -> ExecutionSpe
     """A spec from parsed TOML (paths relative to `folder`); unknown tables or keys are refused."""
     values = {}
     for table, entries in data.items():
+        home = [name for name, keys in _LAYOUT.items() if table in keys]
+        if table not in _LAYOUT and home:
+            raise SpecError(f"{where}: {table!r} belongs in the [{home[0]}] table")
         if table not in _LAYOUT:
             raise SpecError(f"{where}: unknown table [{table}] (allowed: {', '.join(_LAYOUT)})")
         if not isinstance(entries, dict):
@@ -219,8 +222,8 @@ def spec_tables(spec: ExecutionSpec, folder: Path | None = None) -> dict[str, di
         if value is None or value == ():
             return None
         if kind in ("path", "profile") and folder is not None and not (kind == "profile" and value == "default"):
-            return os.path.relpath(os.path.abspath(value), os.path.abspath(folder))
-        if kind in ("ints", "strs") and len(value) == 1 and name != "partition_counts":
+            return _path_from(folder, value)
+        if name in _SCALAR_WHEN_ONE and len(value) == 1:
             return value[0]
         return list(value) if isinstance(value, tuple) else value
 
@@ -229,6 +232,17 @@ def spec_tables(spec: ExecutionSpec, folder: Path | None = None) -> dict[str, di
         values = {key: out(name, kind) for key, (name, kind) in entries.items()}
         tables[table] = {k: v for k, v in values.items() if v is not None}
     return {k: v for k, v in tables.items() if v}
+
+
+_SCALAR_WHEN_ONE = {"stages", "chunks", "schedule", "microbatches"}
+
+
+def _path_from(folder: Path, path: str) -> str:
+    """`path` as a file in `folder` names it: relative when the two share a top-level
+    folder (experiments/ and models/ of one checkout), else absolute."""
+    target, base = os.path.abspath(path), os.path.abspath(folder)
+    shared = os.path.commonpath([target, base])
+    return os.path.relpath(target, base) if shared != os.path.dirname(shared) else target
 
 
 def _toml_value(value) -> str:
@@ -244,6 +258,7 @@ def _toml_value(value) -> str:
 def dump_spec(spec: ExecutionSpec, path: str | Path, command: str = "") -> str:
     """The spec as TOML text for file `path` (the types are flat: integers, strings and
     lists of them, so a few lines do what a TOML writer package would)."""
+    command = "".join(c if c.isprintable() else "?" for c in command)  # a comment holds no control characters
     lines = [f"# pipesim execution spec{f', saved by: {command}' if command else ''}",
              "# load it with --config; flags given beside it override its fields"]
     for table, entries in spec_tables(spec, Path(path).parent).items():

@@ -100,6 +100,11 @@ def schedule_of(spec: ExecutionSpec, command: str):
     return schedule
 
 
+def _no_search(spec: ExecutionSpec, command: str) -> None:
+    if spec.memory_cap is not None:
+        warn_no_effect(f"memory_cap {spec.memory_cap}: {command} does not search; optimize and sweep use it")
+
+
 def _check_partition(spec: ExecutionSpec, counts: tuple[int, ...]) -> None:
     if spec.partition_counts is not None and spec.partition_counts != counts:
         warnings.warn(f"partition {spec.partition!r} now resolves to {','.join(map(str, counts))}, not the "
@@ -130,6 +135,7 @@ class PredictResult:
 def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult:
     from .plan import make_plan
 
+    _no_search(spec, "predict")
     schedule = schedule_of(spec, "predict")
     if not isinstance(schedule, str):
         spec = replace(spec, stages=(schedule.num_stages,), microbatches=(schedule.num_microbatches,))
@@ -192,6 +198,8 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     if stages > lim.MAX_OPTIMIZE_STAGES:
         raise SpecError(f"optimize takes at most {lim.MAX_OPTIMIZE_STAGES} stages, got {stages}")
     microbatches = single(spec.microbatches, "micro-batch count", "optimize") or DEFAULT_MICROBATCHES
+    if spec.partition not in (None, "balanced"):
+        warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
     model = model_of(spec)
     profile, costs = costs_of(spec)
     costs.check_ranks(stages)
@@ -283,6 +291,7 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
 
     if spec.rank_speed or spec.links or spec.ranks_per_node is not None:
         warn_no_effect("what-ifs (rank speeds, links, ranks per node): run measures the real machine")
+    _no_search(spec, "run")
     model = model_of(spec)
     _, costs = costs_of(spec, what_ifs=False)
     schedule = schedule_of(spec, "run")

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipesim import cli, workflows
+from pipesim import workflows
 from pipesim.cli import main
 from pipesim.costs import WhatIfError
-from pipesim.spec import SpecError
 from pipesim.errors import UserError
 from pipesim.model import ModelError
 from pipesim.optimize import InfeasibleError, OptimizeError
@@ -24,6 +23,7 @@ from pipesim.partition import PartitionError
 from pipesim.profile import ProfileError
 from pipesim.runner.launch import RunFailed, RunnerUnavailable
 from pipesim.schedule import ScheduleError
+from pipesim.spec import SpecError
 from pipesim.validate import GridError, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
