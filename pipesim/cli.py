@@ -1,6 +1,6 @@
-"""The command line: the only module that touches argparse. It parses flags and
-experiment files into an ExecutionSpec, calls the command's workflow (workflows.py)
-and prints the result through formats/.
+"""The command line: it parses flags (declared in options.py; the two are the only
+modules that touch argparse) and experiment files into an ExecutionSpec, calls the
+command's workflow (workflows.py) and prints the result through formats/.
 
 Exit codes: 0 success; 1 a real run or a validation that failed; 2 anything the
 user got wrong (one line, ``pipesim: error: ...``); 130 interrupted (Ctrl-C).
@@ -41,6 +41,12 @@ def spec_from_args(args) -> ExecutionSpec:
     return (load_spec(args.config) if args.config else ExecutionSpec()).merged(given)
 
 
+def save_config_file(args) -> None:
+    """--save-config's path, checked before any work."""
+    if args.save_config:
+        output_file(args.save_config, "--save-config")
+
+
 def finish(args, spec: ExecutionSpec, text: str | None, data: dict | list, end: str = "\n") -> int:
     """Write --save-config, then print the JSON (with the spec embedded) or the text."""
     if args.save_config:
@@ -60,7 +66,7 @@ def cmd_predict(args) -> int:
 
     trace = output_file(args.trace, "--trace") if args.trace else None  # all checked before any work
     gantt = figure_file(args.gantt, "--gantt") if args.gantt else None
-    args.save_config and output_file(args.save_config, "--save-config")
+    save_config_file(args)
     result = run_predict(spec_from_args(args), single_only=bool(trace or gantt))
     if trace or gantt:
         write_outputs(result.predictions[0].timeline, trace, gantt, "simulated, profile "
@@ -100,7 +106,8 @@ def cmd_optimize(args) -> int:
     from .formats import jsondata, text
     from .workflows import run_optimize
 
-    plots, _ = _plots(args), args.save_config and output_file(args.save_config, "--save-config")
+    plots = _plots(args)
+    save_config_file(args)
     result = run_optimize(spec_from_args(args), args.max_simulations)
     _figures(plots, lambda out: report.optimize_figures(result.best, out))
     data = jsondata.optimum_json(result.best)
@@ -116,7 +123,8 @@ def cmd_sweep(args) -> int:
     from .formats import jsondata, text
     from .workflows import run_sweep
 
-    plots, _ = _plots(args), args.save_config and output_file(args.save_config, "--save-config")
+    plots = _plots(args)
+    save_config_file(args)
     result = run_sweep(spec_from_args(args), args.jobs, progress=not args.quiet)
     _figures(plots, lambda out: report.sweep_figures(result.sweep, out))
     return finish(args, result.spec, text.sweep_text(result.sweep), jsondata.sweep_json(result.sweep))
@@ -128,12 +136,13 @@ def cmd_report(args) -> int:
     from .workflows import run_report
 
     out = output_folder(args.out, "--out")
+    save_config_file(args)
     spec = spec_from_args(args)
     sweep_spec = replace(spec, stages=args.sweep_stages, microbatches=args.sweep_microbatches,
                          schedule=args.sweep_schedules, partition="balanced", chunks=None)
     command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    print(f"wrote {run_report(spec, sweep_spec, args.max_simulations, args.jobs, out, command)}")
-    return 0
+    page = run_report(spec, sweep_spec, args.max_simulations, args.jobs, out, command)
+    return finish(args, spec, f"wrote {page}", {})
 
 
 def cmd_run(args) -> int:
@@ -143,7 +152,7 @@ def cmd_run(args) -> int:
 
     trace = output_file(args.trace, "--trace") if args.trace else None  # all checked before launching
     gantt = figure_file(args.gantt, "--gantt") if args.gantt else None
-    args.save_config and output_file(args.save_config, "--save-config")
+    save_config_file(args)
     options = dict(iterations=args.iterations, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                    seed=args.seed, device=args.device)
     result = run_real(spec_from_args(args), options, args.baseline)
@@ -162,7 +171,7 @@ def cmd_schedule(args) -> int:
     if args.lowered and args.format != "text":
         raise UserError("--lowered prints pipesim's text form only (torch's CSV holds compute actions)")
     out = output_file(args.out, "--out") if args.out else None
-    args.save_config and output_file(args.save_config, "--save-config")
+    save_config_file(args)
     spec, text = run_schedule(spec_from_args(args), args.format, args.lowered)
     if out:
         out.write_text(text)
@@ -191,11 +200,11 @@ def _host_name() -> str:
 
 
 def cmd_validate(args) -> int:
-    from .workflows import run_validate
+    from .validate import validate_grid
 
     output_folder(args.out, "--out")
     command = "pipesim " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    passed, lines = run_validate(args.grid, args.profile, args.out, command,
+    passed, lines = validate_grid(args.grid, args.profile, args.out, command, log,
                                  (args.tolerance, args.noise_multiple, args.max_tolerance))
     print("\n".join(lines))
     return 0 if passed else 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from .costs import ProfileCostModel
 from .grid import Case, Grid, GridError, calibration_cells, load_grid, plan_case
@@ -232,3 +233,29 @@ def summary_line(results: list[CaseResult], summary: Summary) -> str:
             f"{summary.noise_floor_median:.2%} (max {summary.noise_floor_max:.2%}), partition rankings "
             f"{summary.partition_rankings_match}/{summary.partition_rankings_total}, memory max |error| "
             f"{summary.memory_max_abs_error:.2%}")
+
+
+# --- the command ------------------------------------------------------------------
+
+
+def validate_grid(grid_file: str, profile_source: str, out: str, command: str, log,
+                  tolerance: tuple[float, float, float | None]) -> tuple[bool, list[str]]:
+    """Measure and predict every case of a grid, write the report; (passed, the lines to print)."""
+    from .profile import load_profile
+    from .runner.launch import check_runner_available
+    from .validation_report import write_report
+
+    grid = load_grid(grid_file)
+    profile = load_profile(profile_source)
+    costs = ProfileCostModel(profile)
+    for case in grid.cases:  # every case plans (partition, sizes) before anything launches
+        plan_case(case, costs)
+    check_runner_available("pipesim validate")
+    log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
+        f"against profile {profile.name!r}")
+    results = run_validation(grid, profile, log)
+    summary = summarize(results)
+    floor, multiple, cap = tolerance
+    judged = verdict(summary, Tolerance(floor, multiple, math.inf if cap is None else cap))
+    path = write_report(grid, profile, results, summary, Path(out), command, judged.text)
+    return judged.passed, [summary_line(results, summary), f"{judged.text}; report {path}"]

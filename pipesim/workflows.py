@@ -382,38 +382,3 @@ def run_calibrate(out: Path, command: str, model_file: str | None, width: int | 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1) + "\n")
     return profile
-
-
-def run_validate(grid_file: str, profile_source: str, out: str, command: str,
-                 tolerance: tuple[float, float, float | None]) -> tuple[bool, list[str]]:
-    """Measure and predict every case of a grid, write the report; (passed, the lines to print)."""
-    import math
-
-    from .costs import ProfileCostModel
-    from .profile import load_profile
-    from .runner.launch import check_runner_available
-    from .validate import (
-        Tolerance,
-        load_grid,
-        plan_case,
-        run_validation,
-        summarize,
-        summary_line,
-        verdict,
-    )
-    from .validation_report import write_report
-
-    grid = load_grid(grid_file)
-    profile = load_profile(profile_source)
-    costs = ProfileCostModel(profile)
-    for case in grid.cases:  # every case plans (partition, sizes) before anything launches
-        plan_case(case, costs)
-    check_runner_available("pipesim validate")
-    log(f"validating {len(grid.cases)} cases x {grid.rounds} rounds of grid {grid.name!r} "
-        f"against profile {profile.name!r}")
-    results = run_validation(grid, profile, log)
-    summary = summarize(results)
-    floor, multiple, cap = tolerance
-    judged = verdict(summary, Tolerance(floor, multiple, math.inf if cap is None else cap))
-    path = write_report(grid, profile, results, summary, Path(out), command, judged.text)
-    return judged.passed, [summary_line(results, summary), f"{judged.text}; report {path}"]

@@ -144,3 +144,17 @@ def test_schedule_takes_a_config(tmp_path, capsys):
     path.write_text(dump_spec(replace(ExecutionSpec(), stages=(2,), schedule=("gpipe",), microbatches=(2,)), path))
     assert main(["schedule", "--config", str(path)]) == 0
     assert capsys.readouterr().out.startswith("# pipesim schedule gpipe stages=2 chunks=1 microbatches=2")
+
+
+def test_every_spec_flag_names_a_spec_field_and_every_command_has_a_handler():
+    from pipesim.cli import _FLAGS, HANDLERS
+    from pipesim.options import build_parser
+    from pipesim.spec import field_names
+
+    assert set(_FLAGS.values()) <= set(field_names())
+    parser = build_parser(HANDLERS)
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == set(HANDLERS)
+    for name in ("predict", "run", "optimize", "sweep", "schedule"):
+        dests = {action.dest for action in commands[name]._actions}
+        assert {"config", "save_config", "stages", "microbatches", "schedule"} <= dests, name
