@@ -35,7 +35,8 @@ def spec_from_args(args) -> ExecutionSpec:
                 warn_no_effect(f"--{flag} is ignored: --model {given['model_file']} gives the layers")
                 given[flag] = None
     for key in ("model_file", "schedule_file"):
-        given[key] = given[key] and normal_path(given[key])
+        path = given[key]
+        given[key] = normal_path(path) if path else None
     for key in ("rank_speed", "links"):
         given[key] = tuple(given[key] or ())
     return (load_spec(args.config) if args.config else ExecutionSpec()).merged(given)

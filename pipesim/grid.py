@@ -45,7 +45,7 @@ from .errors import UserError
 from .limits import MAX_BATCH_SIZE, MAX_LAYERS, MAX_STAGES, MAX_WIDTH
 from .model import fc
 from .plan import Plan, make_plan
-from .schedule import SCHEDULES
+from .schedule import SCHEDULES, Schedule
 from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups", "base", "axes"}
@@ -175,7 +175,7 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
     from .plan import load_schedule_file
 
-    schedule = case.schedule
+    schedule: str | Schedule = case.schedule
     if schedule not in SCHEDULES:  # a schedule file
         schedule, _ = load_schedule_file(case.schedule, case.stages, case.chunks or None, case.microbatches,
                                          case.schedule)

@@ -71,6 +71,7 @@ class Sweep:
     wall_s: float = 0.0
 
     def speedup(self, result: PointResult) -> float:
+        assert result.iteration_time_s is not None, "a skipped point has no speedup"
         return self.baseline_time_s / result.iteration_time_s
 
     def fits(self, result: PointResult) -> bool:

@@ -66,11 +66,13 @@ def memory_cap_bytes(spec: ExecutionSpec) -> int | None:
     return None if spec.memory_cap is None else parse_bytes(spec.memory_cap)
 
 
-def _common(spec: ExecutionSpec, model: ModelSpec) -> ExecutionSpec:
-    """Defaults every command shares, and the profile's hash."""
-    generated = {} if spec.model_file else {"layers": model.num_layers, "width": model.layers[0].out_features}
-    return replace(spec, **generated, batch_size=spec.batch_size or DEFAULT_BATCH,
-                   optimizer=spec.optimizer or "sgd", profile_sha256=profile_sha256(spec.profile))
+def _common(spec: ExecutionSpec, model: ModelSpec) -> tuple[ExecutionSpec, int]:
+    """The spec with the defaults every command shares and the profile's hash; and the batch size."""
+    generated = spec.model_file is None
+    batch = spec.batch_size or DEFAULT_BATCH
+    return replace(spec, layers=model.num_layers if generated else None,
+                   width=model.layers[0].out_features if generated else None, batch_size=batch,
+                   optimizer=spec.optimizer or "sgd", profile_sha256=profile_sha256(spec.profile)), batch
 
 
 def explicit_stage_count(spec: ExecutionSpec) -> int | None:
@@ -91,9 +93,9 @@ def schedule_of(spec: ExecutionSpec, command: str):
     from .plan import load_schedule_file
 
     schedule, notes = load_schedule_file(
-        spec.schedule_file, single(spec.stages, "stage count", "--schedule-file"),
+        spec.schedule_file, single(spec.stages, "stage count", "--schedule-file (it fixes the schedule)"),
         single(spec.chunks, "chunk count", command),
-        single(spec.microbatches, "micro-batch count", "--schedule-file"),
+        single(spec.microbatches, "micro-batch count", "--schedule-file (it fixes the schedule)"),
         f"--schedule-file {spec.schedule_file}")
     for note in notes:
         log(f"note: {spec.schedule_file}: {note}")
@@ -155,11 +157,11 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
         lim.check_size(model.num_layers, stages, max(microbatches), chunks or 1)
     lim.check_work(sum(lim.work_s(model.num_layers, p, m) for p in stage_list for m in microbatches),
                    f"predicting {len(stage_list) * len(microbatches)} configuration(s)")
-    spec = _common(spec, model)
+    spec, batch = _common(spec, model)
     predictions = []
     for stages in stage_list:
         for mbs in microbatches:
-            plan = make_plan(model, stages, mbs, spec.batch_size, schedule, spec.partition or "balanced",
+            plan = make_plan(model, stages, mbs, batch, schedule, spec.partition or "balanced",
                              costs, chunks)
             costs.check_ranks(plan.num_stages)
             prediction = predict(plan, costs, profile.name)
@@ -210,12 +212,12 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     lim.check_work(len(combos) * lim.optimize_work_s(model.num_layers, stages, microbatches,
                                                      max_simulations, MAX_EXPANSIONS),
                    "optimize's search (at most --max-simulations runs per schedule and chunk count)")
-    spec = replace(_common(spec, model), stages=(stages,), microbatches=(microbatches,),
-                   schedule=spec.schedule or ("1f1b",))
+    spec, batch = _common(spec, model)
+    spec = replace(spec, stages=(stages,), microbatches=(microbatches,), schedule=spec.schedule or ("1f1b",))
     optima, skipped = [], []
     for name, chunks in combos:
         try:
-            problem = Problem(model, name, stages, microbatches, spec.batch_size, costs,
+            problem = Problem(model, name, stages, microbatches, batch, costs,
                               memory_cap_bytes(spec), profile.name, chunks)
         except ScheduleError as exc:
             if len(combos) == 1:
@@ -253,19 +255,21 @@ def run_sweep(spec: ExecutionSpec, jobs: int | None, progress: bool = True) -> S
         raise SpecError(f"sweep partition must be one of {', '.join(PARTITION_MODES)}, got {partition!r}")
     if spec.chunks is not None:
         warn_no_effect("chunks: sweep uses each schedule's own chunk count")
-    spec = replace(spec, stages=spec.stages or SWEEP_STAGES, microbatches=spec.microbatches or SWEEP_MICROBATCHES,
-                   schedule=spec.schedule or SWEEP_SCHEDULES, partition=partition, chunks=None)
+    stages, microbatches = spec.stages or SWEEP_STAGES, spec.microbatches or SWEEP_MICROBATCHES
+    schedules = spec.schedule or SWEEP_SCHEDULES
+    spec = replace(spec, stages=stages, microbatches=microbatches, schedule=schedules, partition=partition,
+                   chunks=None)
     model = model_of(spec)
     _, costs = costs_of(spec)
-    costs.check_ranks(max(spec.stages))
-    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(spec.stages))
-    points = grid(spec.stages, spec.microbatches, spec.schedule)
+    costs.check_ranks(max(stages))
+    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stages))
+    points = grid(stages, microbatches, schedules)
     jobs = min(jobs or os.cpu_count() or 1, len(points))
     lim.check_work(sweep_work_s(model.num_layers, points, partition) / jobs,
                    f"the sweep of {len(points)} points on {jobs} processes")
-    spec = _common(spec, model)
+    spec, batch = _common(spec, model)
     bar = ProgressBar(len(points)) if progress else None
-    sweep = sweep_points(model, costs, points, spec.batch_size, partition, memory_cap_bytes(spec), jobs, bar)
+    sweep = sweep_points(model, costs, points, batch, partition, memory_cap_bytes(spec), jobs, bar)
     if not any(result.ok for result in sweep.results):
         first = sweep.results[0]
         raise UserError(f"every point of the sweep was skipped, e.g. {first.point.num_stages} stages x "
@@ -300,8 +304,9 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
         microbatches = single(spec.microbatches, "micro-batch count", "run") or DEFAULT_MICROBATCHES
     else:
         stages, microbatches = schedule.num_stages, schedule.num_microbatches
-    spec = replace(_common(spec, model), rank_speed=(), links=(), ranks_per_node=None)
-    plan = make_plan(model, stages, microbatches, spec.batch_size, schedule, spec.partition or "balanced",
+    spec, batch = _common(spec, model)
+    spec = replace(spec, rank_speed=(), links=(), ranks_per_node=None)
+    plan = make_plan(model, stages, microbatches, batch, schedule, spec.partition or "balanced",
                      costs, single(spec.chunks, "chunk count", "run"))
     spec = replace(spec, stages=(stages,), microbatches=(microbatches,), chunks=(plan.num_chunks,),
                    schedule=None if spec.schedule_file else (plan.schedule.name,),

@@ -109,6 +109,6 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
 
 def searched_json(optima: list[Optimum]) -> list[dict]:
     """One entry per (schedule, chunks) searched, fastest first."""
-    return [{"schedule": o.problem.schedule.name, "num_chunks": o.problem.schedule.num_chunks,
+    return [{"schedule": o.problem.build_schedule().name, "num_chunks": o.problem.build_schedule().num_chunks,
              "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
              "proven_optimal": o.proven} for o in optima]

@@ -218,7 +218,7 @@ def searched_text(optima) -> str:
     """One line per (schedule, chunks) searched, fastest first."""
     lines = [f"{'schedule':<18} {'chunks':>6} {'iteration':>12}  proven  partition"]
     for o in optima:
-        lines.append(f"{o.problem.schedule.name:<18} {o.problem.schedule.num_chunks:>6} "
+        lines.append(f"{o.problem.build_schedule().name:<18} {o.problem.build_schedule().num_chunks:>6} "
                      f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
                      f"{o.best.plan.partition}")
     return "\n".join(lines)
