@@ -85,6 +85,8 @@ class ExecutionSpec:
                 given["model_file"] = None
         if "schedule" in given and "schedule_file" not in given:
             given["schedule_file"] = None
+        if "schedule_file" in given and "schedule" not in given:
+            given["schedule"] = None
         if "partition" in given and "partition_counts" not in given:
             given["partition_counts"] = None
         return check_spec(replace(self, **given))
@@ -170,6 +172,8 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
 
     if spec.model_file and (spec.layers is not None or spec.width is not None):
         raise SpecError(f"{where}: give the model as a file or as layers/width, not both")
+    if spec.schedule and spec.schedule_file:
+        raise SpecError(f"{where}: give schedule or schedule_file, not both")
     for name in spec.schedule or ():
         if name not in SCHEDULES:
             raise SpecError(f"{where}: unknown schedule {name!r} (allowed: {', '.join(SCHEDULES)})")

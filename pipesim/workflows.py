@@ -102,6 +102,12 @@ def schedule_of(spec: ExecutionSpec, command: str):
     return schedule
 
 
+def _no_schedule_file(spec: ExecutionSpec, command: str) -> None:
+    if spec.schedule_file is not None:
+        raise SpecError(f"schedule_file {spec.schedule_file}: {command} builds its schedules by name; "
+                        "predict and run read schedule files")
+
+
 def _no_search(spec: ExecutionSpec, command: str) -> None:
     if spec.memory_cap is not None:
         warn_no_effect(f"memory_cap {spec.memory_cap}: {command} does not search; optimize and sweep use it")
@@ -196,6 +202,7 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     from .optimize import MAX_EXPANSIONS, Problem, optimize
     from .schedule import ScheduleError
 
+    _no_schedule_file(spec, "optimize")
     stages = single(spec.stages, "stage count", "optimize") or DEFAULT_STAGES
     if stages > lim.MAX_OPTIMIZE_STAGES:
         raise SpecError(f"optimize takes at most {lim.MAX_OPTIMIZE_STAGES} stages, got {stages}")
@@ -250,6 +257,7 @@ def run_sweep(spec: ExecutionSpec, jobs: int | None, progress: bool = True) -> S
     from .sweep import PARTITION_MODES, ProgressBar, grid, sweep_work_s
     from .sweep import run_sweep as sweep_points
 
+    _no_schedule_file(spec, "sweep")
     partition = spec.partition or "balanced"
     if partition not in PARTITION_MODES:
         raise SpecError(f"sweep partition must be one of {', '.join(PARTITION_MODES)}, got {partition!r}")
@@ -331,6 +339,7 @@ def run_schedule(spec: ExecutionSpec, text_format: str, lowered: bool) -> tuple[
     from .schedule import build_schedule
     from .torchcsv import render
 
+    _no_schedule_file(spec, "schedule")
     stages = single(spec.stages, "stage count", "schedule") or DEFAULT_STAGES
     microbatches = single(spec.microbatches, "micro-batch count", "schedule") or DEFAULT_MICROBATCHES
     chunks = single(spec.chunks, "chunk count", "schedule")

@@ -45,6 +45,7 @@ def without_wall_clock(data):
     ("[execution]\noptimizer = \"lamb\"\n", "optimizer must be one of sgd, adam"),
     ("[model]\nfile = \"m.toml\"\nlayers = 4\n", "as a file or as layers/width, not both"),
     ("[execution\n", "not valid TOML"),
+    ("[execution]\nschedule = \"gpipe\"\nschedule_file = \"s.txt\"\n", "schedule or schedule_file, not both"),
 ])
 def test_bad_spec_files_are_one_line_errors(tmp_path, capsys, text, expected):
     path = tmp_path / "bad.toml"
@@ -158,3 +159,16 @@ def test_every_spec_flag_names_a_spec_field_and_every_command_has_a_handler():
     for name in ("predict", "run", "optimize", "sweep", "schedule"):
         dests = {action.dest for action in commands[name]._actions}
         assert {"config", "save_config", "stages", "microbatches", "schedule"} <= dests, name
+
+
+def test_a_schedule_file_in_the_config_gives_way_to_a_schedule_flag_and_back(tmp_path, capsys):
+    schedule = tmp_path / "s.txt"
+    assert main(["schedule", "--stages", "2", "--microbatches", "4", "--out", str(schedule)]) == 0
+    path = tmp_path / "x.toml"
+    path.write_text('[execution]\nschedule_file = "s.txt"\n')
+    code, data, _ = run_json(capsys, "predict", "--config", str(path), "--json")
+    assert code == 0 and data["num_microbatches"] == 4 and data["spec"]["execution"]["schedule_file"]
+    code, data, _ = run_json(capsys, "predict", "--config", str(path), "--schedule", "gpipe", "--json")
+    assert code == 0 and data["schedule"] == "gpipe" and "schedule_file" not in data["spec"]["execution"]
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert "sweep builds its schedules by name" in capsys.readouterr().err
