@@ -41,13 +41,12 @@ from .engine import simulate
 from .errors import UserError
 from .partition import Partition, check_stage_count, even_split, min_max_partition
 from .plan import Plan
-from .predict import Prediction, predict, prediction_json
+from .predict import Prediction, predict
 from .schedule import Schedule, ScheduleError
 from .timeline import compute_metrics
 
 __all__ = ["Candidate", "InfeasibleError", "OptimizeError", "Optimum", "Problem", "StageCosts",
-           "lower_bound_s", "optimize", "optimum_json", "parse_bytes", "peak_memory_bytes", "search",
-           "searched_json", "searched_text"]
+           "lower_bound_s", "optimize", "parse_bytes", "peak_memory_bytes", "search"]
 
 MAX_SIMULATIONS = 200
 MAX_EXPANSIONS = 20_000
@@ -154,7 +153,7 @@ def simulate_partition(problem: Problem, schedule: Schedule, partition: Partitio
     return metrics.iteration_time_s, tuple(r.peak_memory_bytes for r in metrics.ranks)
 
 
-def _fits(problem: Problem, memory: tuple[int, ...]) -> bool:
+def fits_cap(problem: Problem, memory: tuple[int, ...]) -> bool:
     return problem.memory_cap_bytes is None or max(memory) <= problem.memory_cap_bytes
 
 
@@ -188,7 +187,7 @@ class _Search:
             return
         time_s, memory = simulate_partition(self.problem, self.schedule, partition)
         self.simulated[partition.counts] = Candidate(partition, bound, time_s, memory)
-        if _fits(self.problem, memory):
+        if fits_cap(self.problem, memory):
             self.best_s = min(self.best_s, time_s)
 
     def expand(self, priority: float, node: PartialPartition) -> None:
@@ -241,52 +240,16 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
     """The partition with the smallest simulated iteration time that fits the memory cap,
     and the even split by layer count for comparison."""
     candidates, proven, remaining = search(problem, max_simulations, max_expansions)
-    fitting = [c for c in candidates if _fits(problem, c.peak_memory_bytes)]
+    fitting = [c for c in candidates if fits_cap(problem, c.peak_memory_bytes)]
     if not fitting:  # several chunks per rank: per-piece memory bounds let through ranks over the cap
         raise _infeasible(problem, StageCosts(problem))
     schedule = problem.build_schedule()
     best = _prediction(problem, schedule, fitting[0].partition)
     even = _prediction(problem, schedule, even_split(problem.model.num_layers, problem.num_pieces))
-    return Optimum(problem, best, even, _fits(problem, tuple(r.peak_memory_bytes for r in even.metrics.ranks)),
+    return Optimum(problem, best, even, fits_cap(problem, tuple(r.peak_memory_bytes for r in even.metrics.ranks)),
                    tuple(candidates), proven, remaining)
 
 
 def _prediction(problem: Problem, schedule: Schedule, partition: Partition) -> Prediction:
     plan = Plan(problem.model, partition, schedule, problem.batch_size)
     return predict(plan, problem.costs, problem.profile_name)
-
-
-def optimum_json(optimum: Optimum, top: int = 5) -> dict:
-    problem = optimum.problem
-    return {
-        **prediction_json(optimum.best),
-        "memory_cap_bytes": problem.memory_cap_bytes,
-        "proven_optimal": optimum.proven,
-        "remaining_lower_bound_s": None if math.isinf(optimum.remaining_bound_s) else optimum.remaining_bound_s,
-        "partitions_total": count_partitions(problem.model.num_layers, problem.num_pieces),
-        "partitions_simulated": len(optimum.candidates),
-        "gain_over_even": optimum.gain_over_even,
-        "even_split": {**prediction_json(optimum.even), "fits_memory_cap": optimum.even_fits},
-        "candidates": [
-            {"partition": list(c.partition.counts), "iteration_time_s": c.iteration_time_s,
-             "lower_bound_s": c.lower_bound_s, "peak_memory_bytes": max(c.peak_memory_bytes),
-             "fits_memory_cap": _fits(problem, c.peak_memory_bytes)}
-            for c in optimum.candidates[:top]
-        ],
-    }
-
-
-def searched_json(optima: list[Optimum]) -> list[dict]:
-    """One entry per (schedule, chunks) searched, fastest first."""
-    return [{"schedule": o.problem.build_schedule().name, "num_chunks": o.problem.build_schedule().num_chunks,
-             "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
-             "proven_optimal": o.proven} for o in optima]
-
-
-def searched_text(optima: list[Optimum]) -> str:
-    lines = [f"{'schedule':<18} {'chunks':>6} {'iteration':>12}  proven  partition"]
-    for o in optima:
-        lines.append(f"{o.problem.build_schedule().name:<18} {o.problem.build_schedule().num_chunks:>6} "
-                     f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
-                     f"{o.best.plan.partition}")
-    return "\n".join(lines)

@@ -1,10 +1,10 @@
-"""Figures (matplotlib, imported lazily) and markdown tables."""
+"""Figures (matplotlib, imported lazily); the text and markdown around them: formats/."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .show import fmt_bytes, fmt_s, layer_text
+from .formats.text import fmt_s, what_ifs_text
 from .timeline import ACTION_KINDS, Timeline
 
 COLOURS = {"F": "#4C78A8", "B": "#F58518", "I": "#E45756", "W": "#EECA3B", "optimizer": "#54A24B", "send": "#B279A2",
@@ -235,96 +235,6 @@ def plot_sweep_heatmap(sweep, path: str, title: str = "") -> None:
 # --- optimize and sweep: text, figure files, the report page ------------------------
 
 
-def what_ifs_text(costs) -> str:
-    """The heterogeneous-cluster what-ifs of a cost model, for humans ("" when none)."""
-    parts = [f"rank {rank} at {factor:g}x speed" for rank, factor in getattr(costs, "rank_speed", ())]
-    for (a, b), override in getattr(costs, "link_overrides", ()):
-        values = []
-        if override.bandwidth_Bps is not None:
-            values.append(f"{override.bandwidth_Bps:.4g} B/s")
-        if override.latency_s is not None:
-            values.append(f"latency {override.latency_s * 1e6:g} us")
-        parts.append(f"link {a}-{b} " + ", ".join(values))
-    return "; ".join(parts)
-
-
-def _cap_text(cap_bytes: int | None) -> str:
-    return f"memory cap {fmt_bytes(cap_bytes)}" if cap_bytes else "no memory cap"
-
-
-def _search_text(optimum) -> str:
-    from .optimize import count_partitions
-
-    problem = optimum.problem
-    total = count_partitions(problem.model.num_layers, problem.num_pieces)
-    best_s = optimum.best.metrics.iteration_time_s
-    head = f"search: {total:,} partitions, {len(optimum.candidates)} simulated; "
-    if optimum.proven:
-        return head + "optimal (every other partition's lower bound is at least the best simulated time)"
-    gap = (best_s - optimum.remaining_bound_s) / best_s
-    return head + (f"best found, not proven: no partition can be more than {gap:.2%} faster "
-                   f"(lower bound {fmt_s(optimum.remaining_bound_s)})")
-
-
-def optimum_text(optimum) -> str:
-    problem, best, even = optimum.problem, optimum.best, optimum.even
-    what_ifs = what_ifs_text(problem.costs)
-    lines = [
-        f"model      {problem.model.describe()}",
-        f"profile    {problem.profile_name}" + (f"; what-ifs: {what_ifs}" if what_ifs else ""),
-        f"pipeline   {problem.schedule.name}, {problem.num_stages} stages x {problem.schedule.num_chunks} chunk(s), "
-        f"{problem.num_microbatches} micro-batches "
-        f"x {problem.microbatch_size} samples (batch {problem.batch_size}); {_cap_text(problem.memory_cap_bytes)}",
-        "",
-        f"{'':<11} {'partition':<24} {'iteration':>12} {'speedup':>8} {'peak memory':>12}",
-    ]
-    for label, p, fits in (("optimized", best, True), ("even split", even, optimum.even_fits)):
-        lines.append(f"{label:<11} {p.plan.partition!s:<24} {fmt_s(p.metrics.iteration_time_s):>12} "
-                     f"{p.speedup:>7.2f}x {fmt_bytes(p.metrics.peak_memory_bytes):>12}"
-                     + ("" if fits else "  (over the cap)"))
-    lines += [
-        "",
-        f"the optimized partition is {optimum.gain_over_even:.3f}x as fast as the even split "
-        f"({(1 - 1 / optimum.gain_over_even):.1%} less time per step)",
-        _search_text(optimum),
-        "",
-        f"{'rank':>4}  {'layers':<8} {'busy':>12} {'idle':>12} {'peak memory':>12}   "
-        f"{'even: layers':<12} {'peak memory':>12}",
-    ]
-    for r, e in zip(best.metrics.ranks, even.metrics.ranks):
-        lines.append(f"{r.rank:>4}  {layer_text(best.plan, r.rank):<8} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
-                     f"{fmt_bytes(r.peak_memory_bytes):>12}   {layer_text(even.plan, r.rank):<12} "
-                     f"{fmt_bytes(e.peak_memory_bytes):>12}")
-    return "\n".join(lines)
-
-
-def sweep_text(sweep) -> str:
-    lines = [f"model {sweep.model_name} ({sweep.num_layers} layers); batch {sweep.batch_size}; partition "
-             f"{sweep.partition_mode}; one rank {fmt_s(sweep.baseline_time_s)}; {_cap_text(sweep.memory_cap_bytes)}",
-             f"{'schedule':<8} {'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'pm/(m+p-1)':>10} "
-             f"{'bubble':>7} {'peak memory':>12} {'fits':>5}  partition"]
-    for r in sweep.results:
-        p = r.point
-        if not r.ok:
-            lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6}  skipped: {r.skipped}")
-            continue
-        lines.append(f"{p.schedule:<8} {p.num_stages:>6} {p.num_microbatches:>6} {fmt_s(r.iteration_time_s):>12} "
-                     f"{sweep.speedup(r):>7.2f}x {p.closed_form_speedup:>9.2f}x {r.bubble_fraction:>7.1%} "
-                     f"{fmt_bytes(r.peak_memory_bytes):>12} {'yes' if sweep.fits(r) else 'NO':>5}  "
-                     f"{','.join(map(str, r.partition))}")
-    best = sweep.recommended()
-    lines.append("")
-    if best is None:
-        lines.append(f"no configuration fits the {_cap_text(sweep.memory_cap_bytes)}")
-    else:
-        lines.append(f"recommended ({_cap_text(sweep.memory_cap_bytes)}): {best.point.schedule}, "
-                     f"{best.point.num_stages} stages, {best.point.num_microbatches} micro-batches: "
-                     f"{fmt_s(best.iteration_time_s)}, {sweep.speedup(best):.2f}x, peak memory "
-                     f"{fmt_bytes(best.peak_memory_bytes)}")
-    lines.append(f"{len(sweep.results)} configurations in {sweep.wall_s:.2f} s")
-    return "\n".join(lines)
-
-
 def optimize_figures(optimum, out) -> dict[str, str]:
     """Write the optimize figures into directory `out`; returns caption -> file name."""
     from pathlib import Path
@@ -360,60 +270,3 @@ def sweep_figures(sweep, out) -> dict[str, str]:
     plot_sweep_speedup(sweep, str(Path(out) / names["speedup against stages"]), title)
     plot_sweep_heatmap(sweep, str(Path(out) / names["speedup and peak memory over the grid"]), title)
     return names
-
-
-def _matrix(sweep, schedule: str, cell) -> list[str]:
-    micro = sweep.microbatches
-    lines = ["| stages \\ micro-batches | " + " | ".join(map(str, micro)) + " |",
-             "|---:|" + "---:|" * len(micro)]
-    for p in sweep.stages:
-        cells = []
-        for m in micro:
-            r = sweep.result(p, m, schedule)
-            cells.append("n/a" if r is None or not r.ok else cell(r))
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def report_markdown(optimum, sweep, figures: dict[str, str], command: str) -> str:
-    problem, best, even = optimum.problem, optimum.best, optimum.even
-    what_ifs = what_ifs_text(problem.costs) or "none"
-    lines = [
-        f"# pipesim report: `{problem.model.name}`",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Model: {problem.model.describe()}. Profile: `{problem.profile_name}`. What-ifs: {what_ifs}. "
-        f"Batch {problem.batch_size}; {_cap_text(problem.memory_cap_bytes)}.",
-        "",
-        f"## Best partition: {problem.schedule.name}, {problem.num_stages} stages, "
-        f"{problem.num_microbatches} micro-batches",
-        "",
-        "| | partition | predicted iteration | speedup over one rank | peak memory (largest rank) | fits |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for label, p, fits in (("optimized", best, True), ("even split by layer count", even, optimum.even_fits)):
-        lines.append(f"| {label} | {p.plan.partition} | {fmt_s(p.metrics.iteration_time_s)} | {p.speedup:.2f}x | "
-                     f"{fmt_bytes(p.metrics.peak_memory_bytes)} | {'yes' if fits else 'no'} |")
-    lines += ["", f"The optimized partition is **{optimum.gain_over_even:.3f}x** as fast as the even split. "
-              f"{_search_text(optimum)[0].upper()}{_search_text(optimum)[1:]}.", ""]
-    captions = list(figures)
-    lines += [f"![{c}]({figures[c]})" for c in captions[:2]]
-    recommended = sweep.recommended()
-    lines += ["", f"## Sweep: {len(sweep.results)} configurations ({sweep.partition_mode} partitions)", "",
-              f"One rank, whole mini-batch: {fmt_s(sweep.baseline_time_s)}. "
-              f"Swept in {sweep.wall_s:.2f} s."]
-    if recommended is not None:
-        lines += ["", f"**Recommended** ({_cap_text(sweep.memory_cap_bytes)}): {recommended.point.schedule}, "
-                      f"{recommended.point.num_stages} stages, {recommended.point.num_microbatches} micro-batches, "
-                      f"partition {','.join(map(str, recommended.partition))}: "
-                      f"{fmt_s(recommended.iteration_time_s)}, {sweep.speedup(recommended):.2f}x, "
-                      f"peak memory {fmt_bytes(recommended.peak_memory_bytes)}."]
-    for schedule in sweep.schedules:
-        lines += ["", f"### {schedule}: speedup over one rank (closed form pm/(m+p-1) in brackets)", ""]
-        lines += _matrix(sweep, schedule, lambda r: f"{sweep.speedup(r):.2f}x ({r.point.closed_form_speedup:.2f})"
-                         + ("" if sweep.fits(r) else " over cap"))
-        lines += ["", f"### {schedule}: peak memory of the largest rank", ""]
-        lines += _matrix(sweep, schedule, lambda r: fmt_bytes(r.peak_memory_bytes))
-    lines += [""] + [f"![{c}]({figures[c]})" for c in captions[2:]]
-    return "\n".join(lines) + "\n"

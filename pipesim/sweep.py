@@ -196,7 +196,7 @@ def run_sweep(
     if jobs is not None and jobs < 1:
         raise PartitionError(f"--jobs must be >= 1, got {jobs}")
     started = time.perf_counter()
-    baseline = _baseline_s(model, costs, batch_size)
+    baseline = baseline_time_s(model, batch_size, costs)
     args = (model, costs, batch_size, partition_mode, memory_cap_bytes)
     jobs = jobs or os.cpu_count() or 1
     advance = progress.advance if isinstance(progress, ProgressBar) else (progress or (lambda: None))
@@ -233,34 +233,3 @@ def _ignore_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _baseline_s(model: ModelSpec, costs: CostModel, batch_size: int) -> float:
-    single = make_plan(model, 1, 1, batch_size, "gpipe", str(model.num_layers))
-    return baseline_time_s(single, costs)
-
-
-def sweep_json(sweep: Sweep) -> dict:
-    best = sweep.recommended()
-    return {
-        "model": sweep.model_name,
-        "num_layers": sweep.num_layers,
-        "batch_size": sweep.batch_size,
-        "partition_mode": sweep.partition_mode,
-        "baseline_time_s": sweep.baseline_time_s,
-        "memory_cap_bytes": sweep.memory_cap_bytes,
-        "wall_s": sweep.wall_s,
-        "recommended": None if best is None else _point_json(sweep, best),
-        "points": [_point_json(sweep, r) for r in sweep.results],
-    }
-
-
-def _point_json(sweep: Sweep, r: PointResult) -> dict:
-    data = {"num_stages": r.point.num_stages, "num_microbatches": r.point.num_microbatches,
-            "schedule": r.point.schedule, "closed_form_speedup": r.point.closed_form_speedup}
-    if not r.ok:
-        return {**data, "skipped": r.skipped}
-    return {**data, "partition": list(r.partition), "iteration_time_s": r.iteration_time_s,
-            "speedup": sweep.speedup(r), "bubble_fraction": r.bubble_fraction,
-            "peak_memory_bytes": r.peak_memory_bytes, "rank_peak_memory_bytes": list(r.rank_peak_memory_bytes),
-            "fits_memory_cap": sweep.fits(r)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipesim import cli
+from pipesim import workflows
 from pipesim.cli import main
 from pipesim.costs import WhatIfError
 from pipesim.errors import UserError
@@ -23,6 +23,7 @@ from pipesim.partition import PartitionError
 from pipesim.profile import ProfileError
 from pipesim.runner.launch import RunFailed, RunnerUnavailable
 from pipesim.schedule import ScheduleError
+from pipesim.spec import SpecError
 from pipesim.validate import GridError, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def assert_one_error(code, out, err, expected=""):
 
 
 @pytest.mark.parametrize("error", [ModelError, PartitionError, ScheduleError, ProfileError, GridError,
-                                   WhatIfError, OptimizeError, InfeasibleError, cli.UsageError,
+                                   WhatIfError, OptimizeError, InfeasibleError, SpecError,
                                    RunnerUnavailable])
 def test_every_user_error_class_is_a_user_error(error):
     assert issubclass(error, UserError)
@@ -248,7 +249,7 @@ def test_neighbour_links_and_spread_nodes_do_not_warn(capsys):
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "predict", interrupted)
+    monkeypatch.setattr(workflows, "predict", interrupted)
     code, out, err = run_main(capsys, "predict")
     assert code == 130 and out == "" and err == "pipesim: interrupted\n"
 

@@ -10,12 +10,13 @@ import pytest
 
 from pipesim.cli import main
 from pipesim.costs import ProfileCostModel
+from pipesim.formats.jsondata import sweep_json
 from pipesim.model import fc
 from pipesim.plan import make_plan
 from pipesim.predict import predict
 from pipesim.profile import constant_profile
 from pipesim.schedule import ScheduleError
-from pipesim.sweep import PointResult, ProgressBar, Sweep, SweepPoint, grid, run_sweep, sweep_json
+from pipesim.sweep import PointResult, ProgressBar, Sweep, SweepPoint, grid, run_sweep
 
 REL = 1e-9
 PNG = b"\x89PNG\r\n\x1a\n"

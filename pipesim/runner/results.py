@@ -9,8 +9,8 @@ from typing import Any, Unpack
 
 import numpy as np
 
+from ..formats.jsondata import result_json
 from ..plan import Plan
-from ..predict import result_json
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
 from .config import RunConfig, RunOptions
 from .launch import launch

@@ -1,0 +1,92 @@
+"""Validation grids as a base execution spec plus axes (grid.py), and the older [[groups]] form."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pipesim.grid import GridError, load_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+OLD = """
+name = "t"
+[[groups]]
+layers = [8]
+widths = [64]
+batch_sizes = [32]
+stages = [2]
+microbatches = [2, 4]
+partitions = ["balanced", "2,6"]
+schedules = ["1f1b"]
+[[groups]]
+layers = [8]
+widths = [64]
+batch_sizes = [32]
+stages = [2]
+microbatches = [4]
+partitions = ["balanced"]
+schedules = ["gpipe", "zb-v"]
+chunks = [2]
+"""
+
+NEW = """
+name = "t"
+[base.model]
+layers = 8
+width = 64
+[base.execution]
+batch_size = 32
+stages = 2
+schedule = "1f1b"
+[[axes]]
+microbatches = [2, 4]
+partition = ["balanced", "2,6"]
+[[axes]]
+microbatches = 4
+schedule = ["gpipe", "zb-v"]
+chunks = [2]
+"""
+
+
+def load(tmp_path, text: str):
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    return load_grid(path)
+
+
+def test_base_plus_axes_gives_the_cases_of_the_groups_form(tmp_path):
+    new, old = load(tmp_path, NEW), load(tmp_path, OLD)
+    assert new.cases == old.cases
+    assert len(new.cases) == 1 + 2 * 2 + 2  # the baseline, then each entry's product
+    assert new.cases[-1].schedule == "zb-v" and new.cases[-1].chunks == 2
+
+
+def test_a_base_alone_is_one_case_plus_its_baseline(tmp_path):
+    grid = load(tmp_path, "[base.model]\nlayers = 8\nwidth = 16\n[base.execution]\nbatch_size = 16\n")
+    assert [(c.stages, c.microbatches) for c in grid.cases] == [(1, 1), (2, 8)]
+
+
+@pytest.mark.parametrize("text, message", [
+    (NEW + "[[groups]]\nlayers = [4]\n", "not both"),
+    (NEW.replace("microbatches = 4", "microbatch = 4"), "axes[1]: unknown key 'microbatch'"),
+    (NEW.replace("stages = 2", "stages = 2\nbogus = 1"), "[base] [execution]: unknown key 'bogus'"),
+    (NEW + "[base.what_ifs]\nranks_per_node = 2\n", "validation grids do not take ranks_per_node"),
+    (NEW.replace("[base.model]\nlayers = 8\nwidth = 64", '[base.model]\nfile = "m.toml"'),
+     "validation grids do not take model_file"),
+    (NEW.replace("stages = 2", "stages = 2\noptimizer = \"adam\""), "measure with sgd"),
+    (NEW.replace("microbatches = [2, 4]", "microbatches = [0]"), "microbatches must hold integers in"),
+    ("axes = 3\n", "axes must be tables"),
+])
+def test_bad_base_or_axes_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(GridError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load(tmp_path, text)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "validation").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_grid_is_in_the_base_and_axes_form(path):
+    data = tomllib.loads(path.read_text())
+    assert "groups" not in data and "base" in data and "axes" in data
+    assert load_grid(path).cases
