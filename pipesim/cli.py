@@ -227,7 +227,7 @@ def cmd_predict(args) -> int:
     costs.check_ranks(max(stage_list))
     warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stage_list))
     for stages in stage_list:
-        lim.check_size(model.num_layers, stages, max(args.microbatches), args.chunks or 1)
+        lim.check_size(model.num_layers, stages, max(args.microbatches), args.chunks or 1, spans=bool(trace or gantt))
     lim.check_work(sum(lim.work_s(model.num_layers, p, m) for p in stage_list for m in args.microbatches),
                    f"predicting {len(stage_list) * len(args.microbatches)} configuration(s)")
     predictions = [

@@ -107,14 +107,19 @@ def make_plan(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
     microbatch_size = batch_size // num_microbatches
-    check_size(model.num_layers, num_stages, num_microbatches, num_chunks or 1)  # before building anything
-    if isinstance(schedule, str):
-        schedule = build_schedule(schedule, num_stages, num_microbatches, num_chunks)
+    if isinstance(schedule, Schedule):
+        chunks, name = schedule.num_chunks, schedule.name
+    else:
+        from .builders import DEFAULT_CHUNKS
+
+        chunks, name = num_chunks or DEFAULT_CHUNKS.get(schedule, 1), schedule
     balanced = partition.strip() == "balanced"
-    if balanced:  # before costing every rank
-        check_stage_count(model.num_layers, schedule.num_pieces)
-    check_work(work_s(model.num_layers, schedule.num_pieces, num_microbatches, balanced),
-               f"planning and simulating {model.num_layers} layers in {schedule.num_pieces} pieces")
+    check_size(model.num_layers, num_stages, num_microbatches, chunks)  # before building anything
+    check_stage_count(model.num_layers, num_stages * chunks)  # every piece needs a layer
+    check_work(work_s(model.num_layers, num_stages * chunks, num_microbatches, balanced),
+               f"planning and simulating {model.num_layers} layers in {num_stages * chunks} pieces")
+    if isinstance(schedule, str):
+        schedule = build_schedule(name, num_stages, num_microbatches, num_chunks)
     weights = None
     if costs is not None and balanced:
         per_rank = {r: layer_costs(model, costs, microbatch_size, r) for r in range(schedule.num_stages)}

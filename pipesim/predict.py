@@ -17,6 +17,7 @@ class Prediction:
     timeline: Timeline
     metrics: Metrics
     baseline_time_s: float
+    engine_path: str = "des"  # which path produced the timeline: "fast" (longest path) or "des"
 
     @property
     def speedup(self) -> float:
@@ -37,7 +38,7 @@ def baseline_time_s(plan: Plan, costs: CostModel) -> float:
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
     timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
-                      baseline_time_s(plan, costs))
+                      baseline_time_s(plan, costs), getattr(timeline, "engine_path", "des"))
 
 
 def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
@@ -83,4 +84,5 @@ def prediction_json(prediction: Prediction) -> dict:
         speedup=prediction.speedup,
         profile=prediction.profile,
         source="simulated",
+        engine_path=prediction.engine_path,
     )

@@ -283,9 +283,11 @@ def _as_in_a_terminal() -> None:
 
 
 def test_sigint_during_a_long_prediction_exits_130_in_one_line():
-    # About 260,000 simulated actions: some seconds of work, interrupted after the start-up.
-    process = subprocess.Popen([sys.executable, "-m", "pipesim", "predict", "--layers", "64", "--width", "256",
-                                "--stages", "64", "--microbatches", "2048", "--batch-size", "8192"],
+    # About 2 million actions, a slow link making the event simulation run: some seconds of
+    # work, interrupted after the start-up.
+    process = subprocess.Popen([sys.executable, "-m", "pipesim", "predict", "--layers", "256", "--width", "256",
+                                "--stages", "256", "--microbatches", "4096", "--batch-size", "4096",
+                                "--link", "0-1:1e4Bps"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=_as_in_a_terminal)
     time.sleep(3)

@@ -53,7 +53,39 @@ def test_compute_action_limit_is_checked_before_any_work(capsys):
     assert 2 * stages * microbatches > limits.MAX_COMPUTE_ACTIONS
     err = one_error(capsys, "predict", "--layers", "4", "--stages", str(stages), "--microbatches",
                     str(microbatches), "--batch-size", str(microbatches))
-    assert "beyond the limit of 500,000" in err
+    assert f"beyond the limit of {limits.MAX_COMPUTE_ACTIONS:,}" in err
+
+
+def test_span_output_has_its_own_lower_action_limit(capsys, tmp_path):
+    """A trace makes ~3 spans per action: 400,000 actions simulate, but not with --trace."""
+    microbatches = limits.MAX_SPAN_ACTIONS // 4 + 1
+    argv = ["predict", "--layers", "4", "--stages", "2", "--microbatches", str(microbatches),
+            "--batch-size", str(microbatches)]
+    err = one_error(capsys, *argv, "--trace", str(tmp_path / "t.json"))
+    assert f"beyond the limit of {limits.MAX_SPAN_ACTIONS:,} with --trace or --gantt" in err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_the_action_ceilings_fit_the_memory_and_time_ceilings():
+    """Whatever check_size accepts needs at most MAX_MEMORY_BYTES and about a minute (estimated)."""
+    top = limits.MAX_COMPUTE_ACTIONS // 2  # stages x micro-batches at the ceiling
+    assert limits.step_memory_bytes(1, top) <= limits.MAX_MEMORY_BYTES
+    assert limits.step_memory_bytes(1, limits.MAX_SPAN_ACTIONS // 2, spans=True) <= limits.MAX_MEMORY_BYTES
+    assert limits.work_s(1, 1, top, balanced=False) <= 1.5 * limits.MAX_WORK_S
+    assert limits.work_s(1, 1, limits.MAX_SPAN_ACTIONS // 2, balanced=False, spans=True) <= 1.5 * limits.MAX_WORK_S
+
+
+def test_more_pieces_than_layers_is_refused_before_the_schedule_is_built(monkeypatch):
+    import pipesim.plan
+
+    monkeypatch.setattr(pipesim.plan, "build_schedule", lambda *a: pytest.fail("built a schedule"))
+    with pytest.raises(PartitionError, match="cannot cut 8 layers into 16 pieces"):
+        make_plan(fc(8, 8), 8, 1000, 1000, "interleaved-1f1b", "0-3,4-7")
+
+
+def test_more_microbatches_than_samples_is_refused(capsys):
+    err = one_error(capsys, "predict", "--microbatches", "1024", "--batch-size", "512")
+    assert "--batch-size 512 must be a positive multiple of --microbatches 1024" in err
 
 
 def test_stages_beyond_layers_fail_before_costing_every_rank():
