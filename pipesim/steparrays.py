@@ -20,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .compact import KINDS, CompactSchedule
+from .compact import KINDS, CompactSchedule, paused_gc
 from .timeline import SENDS, SPAN_KINDS, MemorySample, Metrics, RankMetrics, Span
 
 
@@ -110,6 +110,10 @@ class ArrayTimeline:
 
     @cached_property
     def spans(self) -> tuple[Span, ...]:
+        with paused_gc():
+            return self._spans()
+
+    def _spans(self) -> tuple[Span, ...]:
         c, t, per = self.compact, self.times, self._per_rank
         rank, piece, kind, mb = c.rank.tolist(), c.piece.tolist(), c.kind.tolist(), c.microbatch.tolist()
         start, end = t.start_s.tolist(), t.end_s.tolist()
