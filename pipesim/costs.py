@@ -82,7 +82,12 @@ class ProfileCostModel:
     rank_speed: tuple[tuple[int, float], ...] = ()
     link_overrides: tuple[tuple[tuple[int, int], LinkOverride], ...] = ()
 
+    # What the engine and the optimizer may assume (fastpath.py, stagecosts.py):
+    runtime_inputs = frozenset()  # no cost depends on what happens during the run
+    additive_layers = True  # compute_s(layers) = per-action overhead + a sum over the layers
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_layer_seconds", {})  # layer_s's answers (not a field)
         if self.optimizer not in OPTIMIZER_STATE_COPIES:
             raise ProfileError(
                 f"unknown optimizer {self.optimizer!r} (allowed: {', '.join(OPTIMIZER_STATE_COPIES)})"
@@ -147,10 +152,18 @@ class ProfileCostModel:
                 assert_never(kind)
 
     def layer_s(self, layer: LayerSpec, kind: Kind, microbatch_size: int) -> float:
-        width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
-        _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
-        law = self.law(layer.kind, Kind(kind))
-        return law.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
+        """One layer's time, worked out once per distinct (layer kind, size, action kind,
+        micro-batch size): the simulator and the optimizer ask for the same layers again
+        and again (the answer is the same number every time)."""
+        key = (layer.kind, layer.params, layer.forward_flops_per_sample, kind, microbatch_size)
+        seconds = self._layer_seconds.get(key)
+        if seconds is None:
+            width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
+            _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
+            law = self.law(layer.kind, Kind(kind))
+            seconds = self._layer_seconds[key] = law.time_s(microbatch_size, layer.params,
+                                                            layer.forward_flops_per_sample)
+        return seconds
 
     def compute_s(self, layers: Sequence[LayerSpec], kind: Kind, microbatch_size: int,
                   rank: int | None = None) -> float:

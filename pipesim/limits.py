@@ -28,9 +28,9 @@ MAX_BATCH_SIZE = 1 << 24
 MAX_STAGES = 1024
 """Pipeline stages (one rank each); the schedule validator's grid grows as stages squared."""
 
-MAX_OPTIMIZE_STAGES = 128
-"""Stages `optimize` searches: its bounds are dynamic programmes whose recursion is a few
-frames deep per stage, and Python allows about 1000 frames."""
+MAX_OPTIMIZE_STAGES = MAX_STAGES
+"""Stages `optimize` searches: its dynamic programmes run bottom-up over stages (no
+recursion), in blocks of rows, so the work estimate (`optimize_work_s`) is what binds."""
 
 MAX_COMPUTE_ACTIONS = 8_000_000
 """F and B actions of one step, 2 x pieces x micro-batches (zero-bubble schedules run up to
@@ -78,8 +78,11 @@ _BYTES_PER_ACTION = 512    # peak memory per F or B action, the event simulation
 _BYTES_PER_SPAN_ACTION = 4096  # ... and with its spans made for a trace or Gantt chart
 _S_PER_SPAN_ACTION = 40e-6  # make the spans of one action and write them as trace JSON
 _S_PER_LAYER_COST = 10e-6  # cost one layer's F and B on one rank (balanced partitions)
-_S_PER_DP_STEP = 0.6e-6    # one option of the balanced partition's dynamic programme
-_S_PER_CHILD_LAYER = 2.2e-6  # optimize: bound one child of a heap expansion, per layer of a stage
+_S_PER_DP_STEP = 40e-9     # one option of the balanced partition's dynamic programme (numpy)
+_S_PER_TABLE_CELL = 25e-9  # optimize: one (stage, first, last) cell of a bound's programme (numpy)
+_S_PER_EXPANSION = 60e-6   # optimize: one heap expansion, plus per child (layer it may end at) ...
+_S_PER_CHILD = 0.7e-6
+_S_PER_SIMULATION = 2e-3   # optimize: resolving costs and metrics of one simulated partition
 
 
 def check_number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
@@ -115,17 +118,17 @@ def work_s(num_layers: int, num_stages: int, num_microbatches: int, balanced: bo
 
 def optimize_work_s(num_layers: int, num_stages: int, num_microbatches: int,
                     max_simulations: int, max_expansions: int) -> float:
-    """Estimated seconds of optimize's search at its budgets: every expansion bounds up to
-    (layers - stages + 1) children, each costing its stage's layers (measured: 34 s for 128
-    layers on 16 stages, 100 s for 200 layers, both at 20,000 expansions); every simulation
-    runs the step."""
+    """Estimated seconds of optimize's search at its budgets: four programmes over
+    (stage, first layer, stage size) cells (three bounds and the min-max seed; measured:
+    2.7 s for 1,024 layers on 64 stages), every expansion bounds up to (layers - stages + 1)
+    children, every simulation runs the step."""
     p, n = num_stages, num_layers
+    width = max(n - p + 1, 1)
     partials = math.comb(n - 1, p - 1) * p if n >= p else 0
     expansions = min(max_expansions, partials)
-    child_s = _S_PER_CHILD_LAYER * max(n / p, 4)
-    return (work_s(n, p, num_microbatches) + 3 * dp_steps(n, p) * _S_PER_DP_STEP
-            + expansions * max(n - p + 1, 1) * child_s
-            + max_simulations * 2 * p * num_microbatches * _S_PER_ACTION)
+    return (work_s(n, p, num_microbatches) + 4 * p * width * width * _S_PER_TABLE_CELL
+            + expansions * (_S_PER_EXPANSION + width * _S_PER_CHILD)
+            + max_simulations * (_S_PER_SIMULATION + 2 * p * num_microbatches * _S_PER_ACTION))
 
 
 def step_memory_bytes(num_stages: int, num_microbatches: int, num_chunks: int = 1,

@@ -27,6 +27,8 @@ from __future__ import annotations
 import heapq
 import math
 import re
+import sys
+import time
 from dataclasses import dataclass
 
 from .bounds import (
@@ -161,7 +163,7 @@ def _seeds(problem: Problem, table: StageCosts) -> list[Partition]:
     """Good guesses simulated first so that pruning starts early: the even split
     and the cut minimising the slowest stage (each if it fits the cap)."""
     n, p = problem.model.num_layers, problem.num_pieces
-    seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s)]
+    seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s, stage_band=table.compute_matrix)]
     fitting = [s for s in seeds if all(table.fits(i, a, b) for i, (a, b) in enumerate(s.bounds))]
     return list({s.counts: s for s in fitting}.values())
 
@@ -179,6 +181,7 @@ class _Search:
         self.expansions = 0
         root = PartialPartition()
         self.heap = [(self.bounds.partial(root), root.counts, root)]
+        self.progress = _Progress(problem.describe())
 
     def confirm(self, partition: Partition) -> None:
         """Simulate a whole partition unless its own bound already loses."""
@@ -191,18 +194,20 @@ class _Search:
             self.best_s = min(self.best_s, time_s)
 
     def expand(self, priority: float, node: PartialPartition) -> None:
-        """Push every next stage that fits and whose completions could still win."""
+        """Push every next stage that fits and whose completions could still win
+        (their bounds computed together, Bounds.children)."""
         self.expansions += 1
-        for last in self.bounds.ranges(node.stage, node.start):
-            if self.table.fits(node.stage, node.start, last):
+        lasts, bounds = self.bounds.children(node)
+        for last, bound in zip(lasts.tolist(), bounds.tolist()):
+            child_priority = max(priority, bound)
+            if child_priority < self.best_s:
                 child = self.bounds.child(node, last)
-                child_priority = max(priority, self.bounds.partial(child))
-                if child_priority < self.best_s:
-                    heapq.heappush(self.heap, (child_priority, child.counts, child))
+                heapq.heappush(self.heap, (child_priority, child.counts, child))
 
     def run(self, max_simulations: int, max_expansions: int) -> tuple[bool, float]:
         """(proven, least bound of what was not examined)."""
         while self.heap:
+            self.progress.tick(self)
             priority, _, node = heapq.heappop(self.heap)
             if priority >= self.best_s:
                 return True, priority
@@ -213,6 +218,30 @@ class _Search:
             else:
                 self.expand(priority, node)
         return True, math.inf
+
+
+class _Progress:
+    """One line on stderr, redrawn at most twice a second, once a search has run for a second."""
+
+    def __init__(self, what: str, stream=None, after_s: float = 1.0):
+        self.what, self.stream, self.after_s = what, stream, after_s
+        self.started = self.shown = time.perf_counter()
+        self.drawn = False
+
+    def tick(self, state: _Search) -> None:
+        now = time.perf_counter()
+        if now - self.started < self.after_s or now - self.shown < 0.5:
+            return
+        self.shown, self.drawn = now, True
+        best = "none yet" if math.isinf(state.best_s) else f"{state.best_s * 1e3:.3f} ms"
+        stream = self.stream or sys.stderr
+        stream.write(f"\roptimize {self.what}: {state.expansions:,} expansions, {len(state.simulated)} "
+                     f"simulated, best {best}, {now - self.started:.0f} s ")
+        stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            (self.stream or sys.stderr).write("\n")
 
 
 def search(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
@@ -226,7 +255,10 @@ def search(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
         raise _infeasible(problem, state.table)
     for seed in _seeds(problem, state.table):
         state.confirm(seed)
-    proven, remaining = state.run(max_simulations, max_expansions)
+    try:
+        proven, remaining = state.run(max_simulations, max_expansions)
+    finally:
+        state.progress.close()
     return _ranked(state.simulated), proven, remaining
 
 
