@@ -127,7 +127,7 @@ def test_a_profile_that_costs_nothing_is_an_error_not_a_division_by_zero(tmp_pat
     (["predict", "--partition", "8,-8,16,16"], "'-8' is negative"),
     (["predict", "--stages", "2,4", "--partition", "8,8,8,8"], "explicit --partition"),
     (["predict", "--stages", "1500"], "must be in 1..1024"),
-    (["optimize", "--stages", "200"], "must be in 1..128"),
+    (["optimize", "--stages", "2000"], "must be in 1..1024"),
     (["predict", "--microbatches", "3"], "--batch-size 512 must be a positive multiple of --microbatches 3"),
     (["sweep", "--microbatches", "3", "--quiet"], "every point of the sweep was skipped"),
 ])
