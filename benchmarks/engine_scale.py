@@ -77,7 +77,7 @@ def run(script: str, args: list[str], path: str, timeout_s: float) -> dict:
     env = {**os.environ, "PYTHONPATH": path}
     try:
         done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                              env=env, timeout=timeout_s, cwd=path)
+                              env=env, timeout=timeout_s, cwd=path, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout_s:.0f} s"}
     if done.returncode:

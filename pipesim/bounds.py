@@ -204,8 +204,8 @@ class Bounds:
                 for firsts in _blocks(self.firsts(stage), self.width):
                     for name, least in self._least_terms(stage, firsts, nxt).items():
                         here[name][firsts] = least
-                for name in tables:
-                    tables[name].insert(0, here[name])
+                for name, rows in tables.items():
+                    rows.insert(0, here[name])
             self._suffix = tables
         return self._suffix
 

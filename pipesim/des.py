@@ -50,8 +50,7 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
                 if arrival[k] != arrival[k]:  # nan: not sent yet
                     event = waiting[k] = env.event()
                     yield event
-                if arrival[k] > t:
-                    t = arrival[k]
+                t = max(t, arrival[k])
             if ask is not None:
                 if t > env.now:
                     yield env.timeout(t - env.now)

@@ -54,7 +54,7 @@ def runtime_inputs(costs: CostModel) -> frozenset[str]:
 
 def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: CostModel,
             microbatch_size: int) -> Resolved:
-    from .engine import ledger_change, message_bytes_per_sample, stage_shapes
+    from .engine import ledger_change, stage_shapes
 
     schedule = c.schedule
     shapes = stage_shapes(model, partition)

@@ -12,6 +12,7 @@ latency and bandwidth, duplex and shared links, two nodes, rank speeds.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -48,7 +49,7 @@ def steps(draw, duplex=None):
     cuts = sorted(draw(st.sets(st.integers(1, num_layers - 1), min_size=pieces - 1, max_size=pieces - 1))
                   ) if pieces > 1 else []
     edges = [0, *cuts, num_layers]
-    partition = Partition.from_counts([b - a for a, b in zip(edges, edges[1:])])
+    partition = Partition.from_counts([b - a for a, b in itertools.pairwise(edges)])
     seconds = st.floats(1e-5, 1e-2)
     latency = draw(st.sampled_from([0.0, 1e-5, 1e-3]))
     bandwidth = draw(st.sampled_from([math.inf, 1e6, 1e8, 1e10]))
