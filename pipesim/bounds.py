@@ -184,7 +184,7 @@ class Bounds:
         fits = self.table.fits_matrix(stage, firsts, self.width)
         return ok if fits is None else ok & fits
 
-    def suffix(self) -> dict[str, list[np.ndarray]]:
+    def suffix(self, progress=None) -> dict[str, list[np.ndarray]]:
         """For every stage s and first layer a, the least of each bound term over the
         completions of stages s.. from layer a (inf: none fits), bottom-up over stages
         and in blocks of rows (memory stays small):
@@ -192,6 +192,8 @@ class Bounds:
         k1[s][a] = min over last of max(m*c, step + k1[s+1][last+1])
         steps[s][a] = min over last of step + steps[s+1][last+1]
         g[s][a] = min over last of max(g, g[s+1][last+1])
+
+        ``progress(stages to go)`` is called before each stage.
         """
         if self._suffix is None:
             n = self.n
@@ -199,6 +201,8 @@ class Bounds:
             k1[n], steps[n], g[n] = -np.inf, 0.0, -np.inf
             tables = {"k1": [k1], "steps": [steps], "g": [g]}
             for stage in range(self.p - 1, -1, -1):
+                if progress is not None:
+                    progress(stage + 1)
                 nxt = {name: rows[0] for name, rows in tables.items()}
                 here = {name: np.full(n + 1, np.inf) for name in tables}
                 for firsts in _blocks(self.firsts(stage), self.width):

@@ -3,7 +3,7 @@
 Every number read from the command line, a model, a profile or a grid is
 checked where it enters against these ranges, so that nothing that is not a
 finite number reaches the simulator. Sizes are checked before any work starts,
-so that anything accepted finishes in about a minute within a few GiB on the
+so that anything accepted finishes in about a minute within 12 GiB on the
 reference machine (2-core VM); tests/test_limits.py tests each limit.
 """
 

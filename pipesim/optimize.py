@@ -173,6 +173,7 @@ class _Search:
 
     def __init__(self, problem: Problem):
         self.problem = problem
+        self.progress = _Progress(problem.describe())
         self.table = StageCosts(problem)
         self.bounds = Bounds(self.table)
         self.schedule = problem.build_schedule()
@@ -180,8 +181,8 @@ class _Search:
         self.best_s = math.inf
         self.expansions = 0
         root = PartialPartition()
+        self.bounds.suffix(lambda stage: self.progress.tick(self, f"bounds: {stage} stages to go"))
         self.heap = [(self.bounds.partial(root), root.counts, root)]
-        self.progress = _Progress(problem.describe())
 
     def confirm(self, partition: Partition) -> None:
         """Simulate a whole partition unless its own bound already loses."""
@@ -225,22 +226,26 @@ class _Progress:
 
     def __init__(self, what: str, stream=None, after_s: float = 1.0):
         self.what, self.stream, self.after_s = what, stream, after_s
-        self.started = self.shown = time.perf_counter()
+        self.started, self.shown = time.perf_counter(), -math.inf
         self.drawn = False
+        self.live = getattr(stream or sys.stderr, "isatty", lambda: False)()
 
-    def tick(self, state: _Search) -> None:
+    def tick(self, state: _Search, doing: str = "") -> None:
+        """Redrawn in place on a terminal (twice a second); elsewhere a line every 5 s."""
         now = time.perf_counter()
-        if now - self.started < self.after_s or now - self.shown < 0.5:
+        if now - self.started < self.after_s or now - self.shown < (0.5 if self.live else 5.0):
             return
         self.shown, self.drawn = now, True
-        best = "none yet" if math.isinf(state.best_s) else f"{state.best_s * 1e3:.3f} ms"
+        if not doing:
+            best = "none yet" if math.isinf(state.best_s) else f"{state.best_s * 1e3:.3f} ms"
+            doing = f"{state.expansions:,} expansions, {len(state.simulated)} simulated, best {best}"
         stream = self.stream or sys.stderr
-        stream.write(f"\roptimize {self.what}: {state.expansions:,} expansions, {len(state.simulated)} "
-                     f"simulated, best {best}, {now - self.started:.0f} s ")
+        line = f"optimize {self.what}: {doing}, {now - self.started:.0f} s"
+        stream.write(f"\r{line}\033[K" if self.live else f"{line}\n")
         stream.flush()
 
     def close(self) -> None:
-        if self.drawn:
+        if self.drawn and self.live:
             (self.stream or sys.stderr).write("\n")
 
 

@@ -188,3 +188,14 @@ def test_a_cost_model_with_run_time_inputs_runs_the_event_simulation_and_is_aske
     assert timeline.engine_path == "des"
     assert len(asked) >= 3 * 4 * 2  # every action asked at least once during the run
     _same_metrics(timeline, reference_simulate(*step))
+
+
+def test_predict_json_says_which_path_answered(capsys):
+    import json
+
+    from pipesim.cli import main
+
+    assert main(["predict", "--layers", "8", "--stages", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine_path"] == "fast"
+    assert main(["predict", "--layers", "8", "--stages", "4", "--link", "1-2:1e3Bps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine_path"] == "des"

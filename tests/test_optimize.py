@@ -367,3 +367,20 @@ def test_optimize_and_sweep_do_not_import_torch():
             "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_search_longer_than_a_second_reports_progress_on_stderr():
+    import io
+
+    from pipesim.optimize import _Progress
+
+    class State:
+        best_s, expansions, simulated = 0.25, 12, {1: None}
+
+    quiet, loud = io.StringIO(), io.StringIO()
+    _Progress("x", quiet, after_s=3600).tick(State())
+    progress = _Progress("64 layers", loud, after_s=0.0)
+    progress.tick(State())
+    progress.close()
+    assert quiet.getvalue() == ""
+    assert loud.getvalue() == "optimize 64 layers: 12 expansions, 1 simulated, best 250.000 ms, 0 s\n"
