@@ -20,15 +20,18 @@ pieces, so dynamic programmes bound every completion of a partial partition.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
-from functools import cache
+
+import numpy as np
 
 from .costs import CostModel
-from .lowering import lower
 from .model import ModelSpec
 from .partition import Partition
 from .schedule import Kind, Schedule, build_schedule
+from .stagecosts import StageCosts, ledger_states, piece_actions
+
+__all__ = ["Bounds", "PartialPartition", "Problem", "StageCosts", "bound_form", "held_microbatches",
+           "ledger_states", "lower_bound_s", "peak_memory_bytes", "piece_actions"]
 
 
 @dataclass(frozen=True)
@@ -70,97 +73,9 @@ class Problem:
                 f"{self.num_microbatches} micro-batches of {self.microbatch_size})")
 
 
-def piece_actions(schedule: Schedule, piece: int) -> list[Kind]:
-    """The kinds of a piece's actions, in its rank's order."""
-    return [a.kind for a in schedule.ranks[schedule.rank_of(piece)] if a.piece == piece]
-
-
-def ledger_states(schedule: Schedule, piece: int) -> set[tuple[int, int]]:
-    """(micro-batches holding their saved activations, micro-batches holding what W needs)
-    after each of the piece's actions; the engine's ledger for this piece is
-    saved_bytes x the first + weight_bytes x the second."""
-    saved = weight = 0
-    states = {(0, 0)}
-    for kind in piece_actions(schedule, piece):
-        saved += {Kind.F: 1, Kind.B: -1, Kind.I: -1}.get(kind, 0)
-        weight += {Kind.I: 1, Kind.W: -1}.get(kind, 0)
-        states.add((saved, weight))
-    return states
-
-
 def held_microbatches(schedule: Schedule, piece: int) -> int:
     """Micro-batches whose activations a piece holds at its peak (F until B, or until W)."""
     return max(a + b for a, b in ledger_states(schedule, piece))
-
-
-class StageCosts:
-    """Cost-model figures of stage s holding layers first..last, cached."""
-
-    def __init__(self, problem: Problem):
-        self.problem = problem
-        self.schedule = problem.build_schedule()
-        self.model = problem.model
-        self.costs = problem.costs
-        self.mbs = problem.microbatch_size
-        self.counts = [Counter(piece_actions(self.schedule, s)) for s in range(self.schedule.num_pieces)]
-        lowered = lower(self.schedule)  # which pieces hand their activation on by message
-        self.sends_forward = {a.piece for row in lowered.ranks for a in row
-                              if a.kind == Kind.SEND and a.direction == Kind.F}
-        self.states = [ledger_states(self.schedule, s) for s in range(self.schedule.num_pieces)]
-        self.compute_s = cache(self._compute_s)
-        self.work_s = cache(self._work_s)
-        self.forward_s = cache(self._forward_s)
-        self.link_s = cache(self._link_s)
-        self.optimizer_s = cache(self._optimizer_s)
-        self.memory_bytes = cache(self._memory_bytes)
-
-    def _layers(self, first: int, last: int):
-        return self.model.layers[first : last + 1]
-
-    def _params(self, first: int, last: int) -> int:
-        return sum(layer.params for layer in self._layers(first, last))
-
-    def _action_s(self, stage: int, first: int, last: int, kind: Kind) -> float:
-        rank = self.schedule.rank_of(stage)
-        return self.costs.compute_s(self._layers(first, last), kind, self.mbs, rank=rank)
-
-    def _forward_s(self, stage: int, first: int, last: int) -> float:
-        return self._action_s(stage, first, last, Kind.F)
-
-    def _compute_s(self, stage: int, first: int, last: int) -> float:
-        """Forward + backward of one micro-batch."""
-        return self.forward_s(stage, first, last) + self._action_s(stage, first, last, Kind.B)
-
-    def _work_s(self, stage: int, first: int, last: int) -> float:
-        """All the piece's actions in the schedule (its F, B, I and W)."""
-        return sum(count * self._action_s(stage, first, last, kind) for kind, count in self.counts[stage].items())
-
-    def _link_s(self, stage: int, last: int) -> tuple[float, float]:
-        """(activation to piece+1, gradient back from it) for a piece ending at `last`;
-        nothing between pieces on one rank (the lowered schedule has no message there)."""
-        if stage not in self.sends_forward:  # the last piece, or a hand-off on one rank
-            return 0.0, 0.0
-        src, dst = self.schedule.rank_of(stage), self.schedule.rank_of(stage + 1)
-        nbytes = self.model.layers[last].output_bytes_per_sample * self.mbs
-        return self.costs.transfer_s(src, dst, nbytes), self.costs.transfer_s(dst, src, nbytes)
-
-    def _optimizer_s(self, stage: int, first: int, last: int) -> float:
-        return self.costs.optimizer_s(self._params(first, last), rank=self.schedule.rank_of(stage))
-
-    def _memory_bytes(self, stage: int, first: int, last: int) -> int:
-        saved = self.model.stage_saved_bytes(first, last) * self.mbs
-        weight = self.model.stage_weight_bytes(first, last) * self.mbs
-        activations = max(a * saved + b * weight for a, b in self.states[stage])
-        return self.costs.static_bytes(self._params(first, last)) + activations
-
-    def fits(self, stage: int, first: int, last: int) -> bool:
-        cap = self.problem.memory_cap_bytes
-        return cap is None or self.memory_bytes(stage, first, last) <= cap
-
-    def step_s(self, stage: int, first: int, last: int) -> float:
-        """Critical-path contribution of a stage before the bottleneck: c + messages."""
-        forward, backward = self.link_s(stage, last)
-        return self.compute_s(stage, first, last) + forward + backward
 
 
 def forwards_after_first_backward(schedule: Schedule, rank: int) -> int:
@@ -220,9 +135,9 @@ class Bounds:
         problem = table.problem
         self.p, self.n, self.m = problem.num_pieces, table.model.num_layers, problem.num_microbatches
         self.form = bound_form(problem.build_schedule())
-        self.k1_suffix = cache(self._k1_suffix)
-        self.step_suffix = cache(self._step_suffix)
-        self.g_suffix = cache(self._g_suffix)
+        self.after = [forwards_after_first_backward(problem.build_schedule(), problem.build_schedule().rank_of(s))
+                      for s in range(self.p)]
+        self._suffix: dict[str, list[np.ndarray]] | None = None
 
     def g(self, stage: int, first: int, last: int) -> float:
         t = self.table
@@ -232,8 +147,19 @@ class Bounds:
             return (self.m - 1) * t.compute_s(stage, first, last)
         forward = t.forward_s(stage, first, last)
         backward = t.compute_s(stage, first, last) - forward
-        after = forwards_after_first_backward(self.table.schedule, stage)
-        return (self.m - 1) * backward + after * forward
+        return (self.m - 1) * backward + self.after[stage] * forward
+
+    def g_matrix(self, stage: int, firsts: np.ndarray, width: int) -> np.ndarray:
+        """g like StageCosts.action_matrix (nan or inf past the model's end)."""
+        t = self.table
+        with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf past the model's end
+            if self.form == "generic":
+                return t.work_matrix(stage, firsts, width)
+            if self.form == "gpipe":
+                return (self.m - 1) * t.compute_matrix(stage, firsts, width)
+            forward = t.action_matrix(stage, Kind.F, firsts, width)
+            backward = t.compute_matrix(stage, firsts, width) - forward
+            return (self.m - 1) * backward + self.after[stage] * forward
 
     def ranges(self, stage: int, start: int) -> range:
         """Last layers stage `stage` may take when it starts at `start`."""
@@ -241,40 +167,98 @@ class Bounds:
             return range(self.n - 1, self.n)
         return range(start, self.n - (self.p - stage - 1))
 
-    def _best(self, stage: int, start: int, value) -> float:
-        """min over this stage's sizes that fit, of value(last) (inf: nothing fits)."""
-        options = [value(last) for last in self.ranges(stage, start) if self.table.fits(stage, start, last)]
-        return min(options, default=math.inf)
+    @property
+    def width(self) -> int:
+        """The most layers one stage can hold (every other stage holds at least one)."""
+        return self.n - self.p + 1
 
-    def _k1_suffix(self, stage: int, start: int) -> float:
-        """least max_{r>=stage} (sum_{stage<=q<r} step_q + m*c_r) over completions."""
-        t = self.table
-        if stage == self.p:
-            return -math.inf if start == self.n else math.inf
-        return self._best(stage, start, lambda last: max(
-            self.m * t.compute_s(stage, start, last),
-            t.step_s(stage, start, last) + self.k1_suffix(stage + 1, last + 1)))
+    def firsts(self, stage: int) -> np.ndarray:
+        """First layers stage `stage` can start at."""
+        return np.array([0]) if stage == 0 else np.arange(stage, stage + self.width)
 
-    def _step_suffix(self, stage: int, start: int) -> float:
-        if stage == self.p:
-            return 0.0 if start == self.n else math.inf
-        return self._best(stage, start, lambda last: self.table.step_s(stage, start, last)
-                          + self.step_suffix(stage + 1, last + 1))
+    def allowed(self, stage: int, firsts: np.ndarray) -> np.ndarray:
+        """[first, k]: the stage may hold first..first+k (room left for the later stages, fits the cap)."""
+        n = self.n
+        lasts = firsts[:, None] + np.arange(self.width)[None, :]
+        if stage == self.p - 1:
+            ok = lasts == n - 1
+        else:
+            ok = lasts <= n - (self.p - stage - 1) - 1
+        fits = self.table.fits_matrix(stage, firsts, self.width)
+        return ok if fits is None else ok & fits
 
-    def _g_suffix(self, stage: int, start: int) -> float:
-        if stage == self.p:
-            return -math.inf if start == self.n else math.inf
-        return self._best(stage, start, lambda last: max(self.g(stage, start, last),
-                                                         self.g_suffix(stage + 1, last + 1)))
+    def suffix(self, progress=None) -> dict[str, list[np.ndarray]]:
+        """For every stage s and first layer a, the least of each bound term over the
+        completions of stages s.. from layer a (inf: none fits), bottom-up over stages
+        and in blocks of rows (memory stays small):
+
+        k1[s][a] = min over last of max(m*c, step + k1[s+1][last+1])
+        steps[s][a] = min over last of step + steps[s+1][last+1]
+        g[s][a] = min over last of max(g, g[s+1][last+1])
+
+        ``progress(stages to go)`` is called before each stage.
+        """
+        if self._suffix is None:
+            n = self.n
+            k1, steps, g = [np.full(n + 1, np.inf) for _ in range(3)]
+            k1[n], steps[n], g[n] = -np.inf, 0.0, -np.inf
+            tables = {"k1": [k1], "steps": [steps], "g": [g]}
+            for stage in range(self.p - 1, -1, -1):
+                if progress is not None:
+                    progress(stage + 1)
+                nxt = {name: rows[0] for name, rows in tables.items()}
+                here = {name: np.full(n + 1, np.inf) for name in tables}
+                for firsts in _blocks(self.firsts(stage), self.width):
+                    for name, least in self._least_terms(stage, firsts, nxt).items():
+                        here[name][firsts] = least
+                for name, rows in tables.items():
+                    rows.insert(0, here[name])
+            self._suffix = tables
+        return self._suffix
+
+    def _least_terms(self, stage: int, firsts: np.ndarray, nxt: dict) -> dict[str, np.ndarray]:
+        allowed = self.allowed(stage, firsts)
+        after = np.minimum(firsts[:, None] + np.arange(self.width)[None, :], self.n - 1) + 1
+        with np.errstate(invalid="ignore"):
+            out = {"g": _least(allowed, np.maximum(self.g_matrix(stage, firsts, self.width), nxt["g"][after]))}
+            if self.form != "generic":
+                compute = self.table.compute_matrix(stage, firsts, self.width)
+                step = self.table.step_matrix(stage, firsts, self.width, compute)
+                out["k1"] = _least(allowed, np.maximum(self.m * compute, step + nxt["k1"][after]))
+                out["steps"] = _least(allowed, step + nxt["steps"][after])
+        return out
 
     def partial(self, node: PartialPartition) -> float:
         """Least bound of any completion of `node` (inf when none fits)."""
         s, start = node.stage, node.start
+        table = self.suffix()
         if self.form == "generic":
-            return max(node.g, self.g_suffix(s, start))
-        k1 = max(node.k1, node.steps + self.k1_suffix(s, start))
-        k2 = node.steps + self.step_suffix(s, start) + max(node.g, self.g_suffix(s, start))
-        return node.opt0 + max(k1, k2)
+            return float(max(node.g, table["g"][s][start]))
+        k1 = max(node.k1, node.steps + table["k1"][s][start])
+        k2 = node.steps + table["steps"][s][start] + max(node.g, table["g"][s][start])
+        return float(node.opt0 + max(k1, k2))
+
+    def children(self, node: PartialPartition) -> tuple[np.ndarray, np.ndarray]:
+        """(last layers of the next stage that fit, the least bound of each child's completions),
+        vectorised: what `partial(child(node, last))` gives for each."""
+        s, a, m, t, w = node.stage, node.start, self.m, self.table, self.width
+        firsts = np.array([a])
+        ks = np.flatnonzero(self.allowed(s, firsts)[0])
+        lasts = a + ks
+        if not lasts.size:
+            return lasts, np.zeros(0)
+        table = self.suffix()
+        g = np.maximum(node.g, self.g_matrix(s, firsts, w)[0, ks])
+        with np.errstate(invalid="ignore"):
+            if self.form == "generic":
+                return lasts, np.maximum(g, table["g"][s + 1][lasts + 1])
+            compute = t.compute_matrix(s, firsts, w)
+            steps = node.steps + t.step_matrix(s, firsts, w, compute)[0, ks]
+            k1 = np.maximum(node.k1, node.steps + m * compute[0, ks])
+            opt0 = np.array([t.optimizer_s(0, 0, last) for last in lasts.tolist()]) if s == 0 else node.opt0
+            k1 = np.maximum(k1, steps + table["k1"][s + 1][lasts + 1])
+            k2 = steps + table["steps"][s + 1][lasts + 1] + np.maximum(g, table["g"][s + 1][lasts + 1])
+            return lasts, opt0 + np.maximum(k1, k2)
 
     def whole(self, partition: Partition) -> float:
         """The partial bound and, per rank r, its own optimizer step after the
@@ -289,7 +273,7 @@ class Bounds:
         for rank in range(schedule.num_ranks):
             pieces = schedule.pieces_of(rank)
             busy = sum(t.work_s(s, *partition.bounds[s]) for s in pieces)
-            params = sum(t._params(*partition.bounds[s]) for s in pieces)
+            params = sum(t.params(*partition.bounds[s]) for s in pieces)
             optimizer = self.table.costs.optimizer_s(params, rank=rank)
             own_optimizer = max(own_optimizer, heads[min(pieces)] + busy + optimizer)
         return max(self.partial(node), own_optimizer)
@@ -338,6 +322,18 @@ def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...
             s = action.piece
             held += {Kind.F: saved[s], Kind.B: -saved[s], Kind.I: weight[s] - saved[s], Kind.W: -weight[s]}[action.kind]
             peak = max(peak, held)
-        static = sum(table.costs.static_bytes(table._params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
+        static = sum(table.costs.static_bytes(table.params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
         peaks.append(static + peak)
     return tuple(peaks)
+
+
+def _least(allowed: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per first layer (row), the least value over the allowed last layers (inf: none)."""
+    return np.where(allowed, values, np.inf).min(axis=1)
+
+
+def _blocks(rows: np.ndarray, width: int, cells: int = 1 << 20):
+    """`rows` in slices of about `cells` matrix cells each."""
+    step = max(1, cells // max(width, 1))
+    for i in range(0, len(rows), step):
+        yield rows[i : i + step]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
+from .compact import paused_gc
 from .schedule import SCHEDULES, Action, Kind, Schedule, ScheduleError, validate
 
 F, B, I, W = Kind.F, Kind.B, Kind.I, Kind.W
@@ -41,9 +42,16 @@ class _Order:
 # --- one chunk per rank -------------------------------------------------------
 
 
+def _actions(piece: int, kind: Kind, microbatches: range) -> list[Action]:
+    """Action(piece, kind, i) for each i, made without Action.__new__'s argument handling
+    (millions of actions at 256 stages x 4096 micro-batches)."""
+    make = tuple.__new__
+    return [make(Action, (piece, kind, i, None, -1, -1)) for i in microbatches]
+
+
 def gpipe(p: int, m: int) -> list[list[Action]]:
     """Fill-drain (Huang et al., GPipe, NeurIPS 2019, §2.2): every forward, then every backward."""
-    return [[Action(r, F, i) for i in range(m)] + [Action(r, B, i) for i in range(m)] for r in range(p)]
+    return [_actions(r, F, range(m)) + _actions(r, B, range(m)) for r in range(p)]
 
 
 def one_f_one_b(p: int, m: int) -> list[list[Action]]:
@@ -53,10 +61,10 @@ def one_f_one_b(p: int, m: int) -> list[list[Action]]:
     ranks = []
     for r in range(p):
         warmup = min(p - r - 1, m)
-        order = [Action(r, F, i) for i in range(warmup)]
-        for i in range(m - warmup):  # steady state
-            order += [Action(r, F, warmup + i), Action(r, B, i)]
-        ranks.append(order + [Action(r, B, i) for i in range(m - warmup, m)])  # cool-down
+        steady: list = [None] * (2 * (m - warmup))  # one forward and one backward in turn
+        steady[0::2] = _actions(r, F, range(warmup, m))
+        steady[1::2] = _actions(r, B, range(m - warmup))
+        ranks.append(_actions(r, F, range(warmup)) + steady + _actions(r, B, range(m - warmup, m)))
     return ranks
 
 
@@ -241,6 +249,13 @@ def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int | N
     p, m = num_stages, num_microbatches
     v = DEFAULT_CHUNKS[name] if num_chunks is None else num_chunks
     _check(name, p, v, m)
+    with paused_gc():
+        schedule = _build(name, p, v, m)
+    validate(schedule)
+    return schedule
+
+
+def _build(name: str, p: int, v: int, m: int) -> Schedule:
     match name:
         case "gpipe":
             ranks = gpipe(p, m)
@@ -254,6 +269,4 @@ def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int | N
             ranks = zb_v(p, m)
         case "dualpipev":
             ranks = dualpipev(p, m)
-    schedule = Schedule(name, p, v, m, PLACEMENT[name], tuple(tuple(r) for r in ranks))
-    validate(schedule)
-    return schedule
+    return Schedule(name, p, v, m, PLACEMENT[name], tuple(tuple(r) for r in ranks))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
-from typing import Protocol, assert_never
+from typing import Any, ClassVar, Protocol, assert_never
 
 from .errors import UserError
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
@@ -82,6 +82,13 @@ class ProfileCostModel:
     rank_speed: tuple[tuple[int, float], ...] = ()
     link_overrides: tuple[tuple[tuple[int, int], LinkOverride], ...] = ()
 
+    # What the engine and the optimizer may assume (fastpath.py, stagecosts.py):
+    runtime_inputs: ClassVar[frozenset[str]] = frozenset()  # no cost depends on what happens during the run
+    additive_layers: ClassVar[bool] = True  # compute_s(layers) = per-action overhead + a sum over the layers
+
+    _layer_seconds: dict[Any, float] = field(default_factory=dict, init=False, repr=False,
+                                              compare=False)  # layer_s's answers, not part of the model
+
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZER_STATE_COPIES:
             raise ProfileError(
@@ -147,10 +154,18 @@ class ProfileCostModel:
                 assert_never(kind)
 
     def layer_s(self, layer: LayerSpec, kind: Kind, microbatch_size: int) -> float:
-        width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
-        _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
-        law = self.law(layer.kind, Kind(kind))
-        return law.time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
+        """One layer's time, worked out once per distinct (layer kind, size, action kind,
+        micro-batch size): the simulator and the optimizer ask for the same layers again
+        and again (the answer is the same number every time)."""
+        key = (layer.kind, layer.params, layer.forward_flops_per_sample, kind, microbatch_size)
+        seconds = self._layer_seconds.get(key)
+        if seconds is None:
+            width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
+            _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
+            law = self.law(layer.kind, Kind(kind))
+            seconds = self._layer_seconds[key] = law.time_s(microbatch_size, layer.params,
+                                                            layer.forward_flops_per_sample)
+        return seconds
 
     def compute_s(self, layers: Sequence[LayerSpec], kind: Kind, microbatch_size: int,
                   rank: int | None = None) -> float:

@@ -1,11 +1,23 @@
-"""The simpy simulation of one training step.
+"""The simpy simulation of one training step, and the choice of path.
 
-One process per rank walks its lowered action list (lowering.py): a RECV
-waits for its message, a compute action (F, B, I, W) takes its cost, a SEND
-starts a transfer process that triggers the receiver's event when the message
-has crossed its link. A link is a simpy Resource of capacity one: transfers
-that share it are serialised. Sending never blocks the sender. After its last
-action a rank waits for its sends and runs its optimizer step.
+`simulate` resolves every cost once (fastpath.resolve), tries the exact fast
+path (a longest path over the action graph) and runs the event simulation
+only when the fast path is not exact: when two transfers would overlap on a
+link, or the cost model declares inputs that change during the run.
+
+The event simulation: one process per rank walks its actions in the lowered
+order (compact.py holds it as arrays): a RECV waits for its message, a compute
+action (F, B, I, W) takes its cost, a SEND puts the message on its link. A
+link carries one message at a time, first come first served: a message starts
+when it is sent or when the link's previous message has arrived, whichever is
+later, so no process or Resource is needed per message (a link's "free at"
+time is the queue). Sending never blocks the sender. After its last action a
+rank waits for its sends and runs its optimizer step.
+
+A rank keeps its own clock and yields to simpy only where another rank can
+change what happens next: when its message has not been sent yet, and before
+it sends on a link that more than one rank sends on (so that requests reach
+the link in time order); with run-time cost inputs, before every action.
 
 Memory ledger per (piece, micro-batch): F holds what the piece saves for
 backward; B frees it; I swaps it for what W still needs (each layer's input
@@ -19,14 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-import simpy
-
 from .costs import CostModel
-from .lowering import LoweredSchedule, lower
+from .lowering import LoweredSchedule
 from .model import LayerSpec, ModelSpec
 from .partition import Partition
-from .schedule import Action, Kind, MessageKey, Schedule
-from .timeline import SENDS, MemorySample, Span, Timeline
+from .schedule import Kind, MessageKey, Schedule
 
 
 @dataclass(frozen=True)
@@ -99,83 +108,7 @@ def message_bytes_per_sample(key: MessageKey, shapes: list[StageShape]) -> int:
             assert_never(key.direction)
 
 
-class _Step:
-    """State of one simulated step: the environment, messages, links and records."""
-
-    def __init__(self, lowered: LoweredSchedule, partition, model, costs, microbatch_size):
-        self.env = simpy.Environment()
-        self.lowered = lowered
-        self.costs = costs
-        self.microbatch_size = microbatch_size
-        self.shapes = stage_shapes(model, partition)
-        self.messages: dict[MessageKey, simpy.Event] = {}
-        self.links: dict[object, simpy.Resource] = {}
-        self.spans: list[Span] = []
-        self.memory: list[MemorySample] = []
-        self.held = [0] * lowered.num_ranks
-        self.finished = [False] * lowered.num_ranks
-
-    def arrived(self, key: MessageKey) -> simpy.Event:
-        if key not in self.messages:
-            self.messages[key] = self.env.event()
-        return self.messages[key]
-
-    def rank(self, rank: int):
-        """The process of one rank: its lowered actions in order, then the optimizer step."""
-        outgoing = []
-        for action in self.lowered.ranks[rank]:
-            match role(action.kind):
-                case "receive":
-                    yield from self.receive(rank, action)
-                case "send":
-                    outgoing.append(self.env.process(self.transfer(rank, action)))
-                case "compute":
-                    yield from self.compute(rank, action)
-        waited_from = self.env.now
-        yield simpy.AllOf(self.env, outgoing)  # like the runner: sends complete before the step
-        if self.env.now > waited_from:
-            self.spans.append(Span(rank, "wait", waited_from, self.env.now, direction=SENDS))
-        start = self.env.now
-        schedule = self.lowered.schedule
-        params = sum(self.shapes[s].params for s in schedule.pieces_of(rank))
-        yield self.env.timeout(self.costs.optimizer_s(params, rank=rank))
-        self.spans.append(Span(rank, "optimizer", start, self.env.now))
-        self.finished[rank] = True
-
-    def receive(self, rank: int, action: Action):
-        waited_from = self.env.now
-        yield self.arrived(self.lowered.key(action))
-        if self.env.now > waited_from:
-            self.spans.append(Span(rank, "wait", waited_from, self.env.now, action.piece, action.microbatch,
-                                   action.peer, str(action.direction)))
-
-    def compute(self, rank: int, action: Action):
-        shape, env = self.shapes[action.piece], self.env
-        at_start, at_end = ledger_change(action.kind, shape)
-        start = env.now
-        if at_start:
-            self.held[rank] += at_start * self.microbatch_size
-            self.memory.append(MemorySample(rank, start, self.held[rank]))
-        yield env.timeout(self.costs.compute_s(shape.layers, action.kind, self.microbatch_size, rank=rank))
-        self.spans.append(Span(rank, str(action.kind), start, env.now, action.piece, action.microbatch))
-        if at_end:
-            self.held[rank] += at_end * self.microbatch_size
-            self.memory.append(MemorySample(rank, env.now, self.held[rank]))
-
-    def transfer(self, src: int, action: Action):
-        """Carry a message over the (serialised) link to its peer."""
-        key, dst = self.lowered.key(action), action.peer
-        nbytes = message_bytes_per_sample(key, self.shapes) * self.microbatch_size
-        link_id = self.costs.link_id(src, dst)
-        if link_id not in self.links:
-            self.links[link_id] = simpy.Resource(self.env, capacity=1)
-        with self.links[link_id].request() as turn:
-            yield turn
-            start = self.env.now
-            yield self.env.timeout(self.costs.transfer_s(src, dst, nbytes))
-        self.spans.append(Span(src, "send", start, self.env.now, action.piece, action.microbatch, dst,
-                               str(action.direction)))
-        self.arrived(key).succeed()
+PATHS = ("auto", "fast", "des")
 
 
 def simulate(
@@ -184,22 +117,31 @@ def simulate(
     model: ModelSpec,
     costs: CostModel,
     microbatch_size: int,
-) -> Timeline:
-    """Simulate one training step of `schedule` (lowered here unless it already is)."""
-    lowered = schedule if isinstance(schedule, LoweredSchedule) else lower(schedule)
-    schedule = lowered.schedule
+    path: str = "auto",
+):
+    """Simulate one training step of `schedule`; returns an ArrayTimeline (a Timeline's
+    interface) whose ``engine_path`` says which path produced it. ``path``: "auto" (the
+    fast path where it is exact, else the event simulation), "fast" (None where it is
+    not exact) or "des" (always the event simulation)."""
+    from .compact import blocked_ranks, compact
+    from .fastpath import longest_path, resolve, runtime_inputs
+    from .steparrays import ArrayTimeline
+
+    schedule = schedule.schedule if isinstance(schedule, LoweredSchedule) else schedule
     if partition.num_stages != schedule.num_pieces:
         raise ValueError(f"partition has {partition.num_stages} pieces, schedule {schedule.num_pieces}")
-    step = _Step(lowered, partition, model, costs, microbatch_size)
-    for rank in range(schedule.num_ranks):
-        step.memory.append(MemorySample(rank, 0.0, 0))
-        step.env.process(step.rank(rank))
-    step.env.run()
-    stuck = [r for r, done in enumerate(step.finished) if not done]
-    if stuck:
-        raise RuntimeError(f"simulation ended with ranks {stuck} blocked: schedule deadlocks")
-    static = [0] * schedule.num_ranks
-    for piece, shape in enumerate(step.shapes):
-        static[schedule.rank_of(piece)] += costs.static_bytes(shape.params)
-    spans = sorted(step.spans, key=lambda s: (s.start_s, s.rank))
-    return Timeline(schedule.num_ranks, tuple(spans), tuple(step.memory), tuple(static), "simulated")
+    c = compact(schedule)
+    if c.waves is None:
+        raise RuntimeError(f"simulation ended with ranks {blocked_ranks(c)} blocked: schedule deadlocks")
+    resolved = resolve(c, partition, model, costs, microbatch_size)
+    times, used = None, "des"
+    if path != "des" and not runtime_inputs(costs):
+        times, used = longest_path(c, resolved), "fast"
+    if times is None and path == "fast":
+        return None
+    if times is None:
+        from .des import run_des
+
+        times, used = run_des(c, resolved, partition, model, costs, microbatch_size), "des"
+    return ArrayTimeline(c, times, resolved.ledger_start_bytes, resolved.ledger_end_bytes,
+                         resolved.static_bytes, "simulated", used)

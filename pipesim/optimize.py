@@ -27,6 +27,8 @@ from __future__ import annotations
 import heapq
 import math
 import re
+import sys
+import time
 from dataclasses import dataclass
 
 from .bounds import (
@@ -161,7 +163,7 @@ def _seeds(problem: Problem, table: StageCosts) -> list[Partition]:
     """Good guesses simulated first so that pruning starts early: the even split
     and the cut minimising the slowest stage (each if it fits the cap)."""
     n, p = problem.model.num_layers, problem.num_pieces
-    seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s)]
+    seeds = [even_split(n, p), min_max_partition(n, p, table.compute_s, stage_band=table.compute_matrix)]
     fitting = [s for s in seeds if all(table.fits(i, a, b) for i, (a, b) in enumerate(s.bounds))]
     return list({s.counts: s for s in fitting}.values())
 
@@ -171,6 +173,7 @@ class _Search:
 
     def __init__(self, problem: Problem):
         self.problem = problem
+        self.progress = _Progress(problem.describe())
         self.table = StageCosts(problem)
         self.bounds = Bounds(self.table)
         self.schedule = problem.build_schedule()
@@ -178,6 +181,7 @@ class _Search:
         self.best_s = math.inf
         self.expansions = 0
         root = PartialPartition()
+        self.bounds.suffix(lambda stage: self.progress.tick(self, f"bounds: {stage} stages to go"))
         self.heap = [(self.bounds.partial(root), root.counts, root)]
 
     def confirm(self, partition: Partition) -> None:
@@ -191,18 +195,20 @@ class _Search:
             self.best_s = min(self.best_s, time_s)
 
     def expand(self, priority: float, node: PartialPartition) -> None:
-        """Push every next stage that fits and whose completions could still win."""
+        """Push every next stage that fits and whose completions could still win
+        (their bounds computed together, Bounds.children)."""
         self.expansions += 1
-        for last in self.bounds.ranges(node.stage, node.start):
-            if self.table.fits(node.stage, node.start, last):
+        lasts, bounds = self.bounds.children(node)
+        for last, bound in zip(lasts.tolist(), bounds.tolist()):
+            child_priority = max(priority, bound)
+            if child_priority < self.best_s:
                 child = self.bounds.child(node, last)
-                child_priority = max(priority, self.bounds.partial(child))
-                if child_priority < self.best_s:
-                    heapq.heappush(self.heap, (child_priority, child.counts, child))
+                heapq.heappush(self.heap, (child_priority, child.counts, child))
 
     def run(self, max_simulations: int, max_expansions: int) -> tuple[bool, float]:
         """(proven, least bound of what was not examined)."""
         while self.heap:
+            self.progress.tick(self)
             priority, _, node = heapq.heappop(self.heap)
             if priority >= self.best_s:
                 return True, priority
@@ -213,6 +219,34 @@ class _Search:
             else:
                 self.expand(priority, node)
         return True, math.inf
+
+
+class _Progress:
+    """One line on stderr, redrawn at most twice a second, once a search has run for a second."""
+
+    def __init__(self, what: str, stream=None, after_s: float = 1.0):
+        self.what, self.stream, self.after_s = what, stream, after_s
+        self.started, self.shown = time.perf_counter(), -math.inf
+        self.drawn = False
+        self.live = getattr(stream or sys.stderr, "isatty", lambda: False)()
+
+    def tick(self, state: _Search, doing: str = "") -> None:
+        """Redrawn in place on a terminal (twice a second); elsewhere a line every 5 s."""
+        now = time.perf_counter()
+        if now - self.started < self.after_s or now - self.shown < (0.5 if self.live else 5.0):
+            return
+        self.shown, self.drawn = now, True
+        if not doing:
+            best = "none yet" if math.isinf(state.best_s) else f"{state.best_s * 1e3:.3f} ms"
+            doing = f"{state.expansions:,} expansions, {len(state.simulated)} simulated, best {best}"
+        stream = self.stream or sys.stderr
+        line = f"optimize {self.what}: {doing}, {now - self.started:.0f} s"
+        stream.write(f"\r{line}\033[K" if self.live else f"{line}\n")
+        stream.flush()
+
+    def close(self) -> None:
+        if self.drawn and self.live:
+            (self.stream or sys.stderr).write("\n")
 
 
 def search(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
@@ -226,7 +260,10 @@ def search(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
         raise _infeasible(problem, state.table)
     for seed in _seeds(problem, state.table):
         state.confirm(seed)
-    proven, remaining = state.run(max_simulations, max_expansions)
+    try:
+        proven, remaining = state.run(max_simulations, max_expansions)
+    finally:
+        state.progress.close()
     return _ranked(state.simulated), proven, remaining
 
 

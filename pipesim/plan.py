@@ -55,13 +55,21 @@ class Plan:
 
 
 def layer_costs(model: ModelSpec, costs: CostModel, microbatch_size: int,
-                rank: int | None = None) -> list[float]:
-    """Forward + backward seconds of each layer at one micro-batch size (on `rank`)."""
-    return [
-        costs.compute_s([layer], Kind.F, microbatch_size, rank=rank)
-        + costs.compute_s([layer], Kind.B, microbatch_size, rank=rank)
-        for layer in model.layers
-    ]
+                rank: int | None = None, distinct: tuple | None = None) -> list[float]:
+    """Forward + backward seconds of each layer at one micro-batch size (on `rank`); asked
+    once per distinct layer (a model of 1,000 equal layers asks once). `distinct`:
+    `distinct_layers(model)`, when the caller asks for several ranks."""
+    layers, index = distinct or distinct_layers(model)
+    seconds = [costs.compute_s([layer], Kind.F, microbatch_size, rank=rank)
+               + costs.compute_s([layer], Kind.B, microbatch_size, rank=rank) for layer in layers]
+    return [seconds[i] for i in index]
+
+
+def distinct_layers(model: ModelSpec) -> tuple[tuple, list[int]]:
+    """The model's distinct layers, and for each layer the index of its equal among them."""
+    first: dict = {}
+    index = [first.setdefault(layer, len(first)) for layer in model.layers]
+    return tuple(first), index
 
 
 def check_schedule_shape(schedule: Schedule, num_stages: int | None, num_chunks: int | None,
@@ -107,17 +115,23 @@ def make_plan(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
     microbatch_size = batch_size // num_microbatches
-    check_size(model.num_layers, num_stages, num_microbatches, num_chunks or 1)  # before building anything
-    if isinstance(schedule, str):
-        schedule = build_schedule(schedule, num_stages, num_microbatches, num_chunks)
+    if isinstance(schedule, Schedule):
+        chunks, name = schedule.num_chunks, schedule.name
+    else:
+        from .builders import DEFAULT_CHUNKS
+
+        chunks, name = num_chunks or DEFAULT_CHUNKS.get(schedule, 1), schedule
     balanced = partition.strip() == "balanced"
-    if balanced:  # before costing every rank
-        check_stage_count(model.num_layers, schedule.num_pieces)
-    check_work(work_s(model.num_layers, schedule.num_pieces, num_microbatches, balanced),
-               f"planning and simulating {model.num_layers} layers in {schedule.num_pieces} pieces")
+    check_size(model.num_layers, num_stages, num_microbatches, chunks)  # before building anything
+    check_stage_count(model.num_layers, num_stages * chunks)  # every piece needs a layer
+    check_work(work_s(model.num_layers, num_stages * chunks, num_microbatches, balanced),
+               f"planning and simulating {model.num_layers} layers in {num_stages * chunks} pieces")
+    if isinstance(schedule, str):
+        schedule = build_schedule(name, num_stages, num_microbatches, num_chunks)
     weights = None
     if costs is not None and balanced:
-        per_rank = {r: layer_costs(model, costs, microbatch_size, r) for r in range(schedule.num_stages)}
+        distinct = distinct_layers(model)
+        per_rank = {r: layer_costs(model, costs, microbatch_size, r, distinct) for r in range(schedule.num_stages)}
         weights = [per_rank[schedule.rank_of(s)] for s in range(schedule.num_pieces)]
     cut = parse_partition(partition, model.num_layers, schedule.num_pieces, stage_layer_costs=weights)
     return Plan(model, cut, schedule, batch_size)

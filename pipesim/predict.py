@@ -18,6 +18,7 @@ class Prediction:
     timeline: Timeline
     metrics: Metrics
     baseline_time_s: float
+    engine_path: str = "des"  # which path produced the timeline: "fast" (longest path) or "des"
 
     @property
     def speedup(self) -> float:
@@ -44,4 +45,4 @@ def baseline_time_s(model: ModelSpec, batch_size: int, costs: CostModel) -> floa
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
     timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
-                      baseline_time_s(plan.model, plan.batch_size, costs))
+                      baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"))

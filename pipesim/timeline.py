@@ -97,6 +97,8 @@ class Metrics:
 
 
 def peak_activation_bytes(timeline: Timeline) -> list[int]:
+    if hasattr(timeline, "peak_activation_bytes"):  # steparrays.ArrayTimeline: from its arrays
+        return timeline.peak_activation_bytes()
     peaks = [0] * timeline.num_ranks
     for sample in timeline.memory:
         peaks[sample.rank] = max(peaks[sample.rank], sample.activation_bytes)
@@ -105,6 +107,8 @@ def peak_activation_bytes(timeline: Timeline) -> list[int]:
 
 def compute_metrics(timeline: Timeline) -> Metrics:
     """Iteration time is first start to last end; busy = F + B + I + W + optimizer."""
+    if hasattr(timeline, "metrics"):  # steparrays.ArrayTimeline: from its arrays, no spans made
+        return timeline.metrics()
     start = min(s.start_s for s in timeline.spans)
     end = max(s.end_s for s in timeline.spans)
     iteration = end - start

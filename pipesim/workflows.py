@@ -160,7 +160,7 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
     warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stage_list))
     chunks = single(spec.chunks, "chunk count", "predict")
     for stages in stage_list:
-        lim.check_size(model.num_layers, stages, max(microbatches), chunks or 1)
+        lim.check_size(model.num_layers, stages, max(microbatches), chunks or 1, spans=single_only)
     lim.check_work(sum(lim.work_s(model.num_layers, p, m) for p in stage_list for m in microbatches),
                    f"predicting {len(stage_list) * len(microbatches)} configuration(s)")
     spec, batch = _common(spec, model)

@@ -128,7 +128,7 @@ def test_a_profile_that_costs_nothing_is_an_error_not_a_division_by_zero(tmp_pat
     (["predict", "--partition", "8,-8,16,16"], "'-8' is negative"),
     (["predict", "--stages", "2,4", "--partition", "8,8,8,8"], "explicit --partition"),
     (["predict", "--stages", "1500"], "must be in 1..1024"),
-    (["optimize", "--stages", "200"], "must be in 1..128"),
+    (["optimize", "--stages", "2000"], "must be in 1..1024"),
     (["predict", "--microbatches", "3"], "--batch-size 512 must be a positive multiple of --microbatches 3"),
     (["sweep", "--microbatches", "3", "--quiet"], "every point of the sweep was skipped"),
 ])
@@ -284,9 +284,11 @@ def _as_in_a_terminal() -> None:
 
 
 def test_sigint_during_a_long_prediction_exits_130_in_one_line():
-    # About 260,000 simulated actions: some seconds of work, interrupted after the start-up.
-    process = subprocess.Popen([sys.executable, "-m", "pipesim", "predict", "--layers", "64", "--width", "256",
-                                "--stages", "64", "--microbatches", "2048", "--batch-size", "8192"],
+    # About 2 million actions, a slow link making the event simulation run: some seconds of
+    # work, interrupted after the start-up.
+    process = subprocess.Popen([sys.executable, "-m", "pipesim", "predict", "--layers", "256", "--width", "256",
+                                "--stages", "256", "--microbatches", "4096", "--batch-size", "4096",
+                                "--link", "0-1:1e4Bps"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=_as_in_a_terminal)
     time.sleep(3)

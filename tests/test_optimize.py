@@ -367,3 +367,43 @@ def test_optimize_and_sweep_do_not_import_torch():
             "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_search_longer_than_a_second_reports_progress_on_stderr():
+    import io
+
+    from pipesim.optimize import _Progress
+
+    class State:
+        best_s, expansions, simulated = 0.25, 12, {1: None}
+
+    quiet, loud = io.StringIO(), io.StringIO()
+    _Progress("x", quiet, after_s=3600).tick(State())
+    progress = _Progress("64 layers", loud, after_s=0.0)
+    progress.tick(State())
+    progress.close()
+    assert quiet.getvalue() == ""
+    assert loud.getvalue() == "optimize 64 layers: 12 expansions, 1 simulated, best 250.000 ms, 0 s\n"
+
+
+def test_a_cost_model_whose_stages_do_not_add_up_is_asked_per_range_with_the_same_answer():
+    """Without `additive_layers` the bounds ask the cost model for every layer range (slow,
+    exact); with costs that do add up, both ways give the same figures and partition."""
+    import numpy as np
+
+    class PerRange(ProfileCostModel):
+        additive_layers = False
+
+    model = load_model(str(Path(__file__).parent.parent / "models" / "uneven.toml"))
+    profile = constant_profile(1e-4, 2e-4, 1e-5, 1e9, 1e-9, 1e-5)
+    problems = [Problem(model, "1f1b", 3, 6, 12, costs) for costs in (ProfileCostModel(profile), PerRange(profile))]
+    summed, ranged = (StageCosts(problem) for problem in problems)
+    assert summed.additive and not ranged.additive
+    firsts = np.arange(model.num_layers + 1)
+    for stage in range(3):
+        a, b = summed.compute_matrix(stage, firsts, 6), ranged.compute_matrix(stage, firsts, 6)
+        assert np.array_equal(np.isinf(a), np.isinf(b))
+        assert np.allclose(a[~np.isinf(a)], b[~np.isinf(b)], rtol=1e-12, atol=0)
+    best = [optimize(problem).best for problem in problems]
+    assert best[0].plan.partition == best[1].plan.partition
+    assert best[0].metrics.iteration_time_s == pytest.approx(best[1].metrics.iteration_time_s, rel=1e-12)

@@ -178,3 +178,29 @@ def test_cli_main_bad_partition_returns_2(capsys):
     assert main(["predict", "--partition", "0-9,5-31"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "overlaps" in err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_vectorised_min_max_programme_gives_the_loops_answer(data):
+    """min_max_partition with a stage_band (numpy, a stage at a time) equals the plain loop,
+    ties included (equal costs are common: the smallest first stage wins in both)."""
+    from pipesim.partition import _range_sums, min_max_partition
+
+    n = data.draw(st.integers(1, 24))
+    p = data.draw(st.integers(1, n))
+    costs = [data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.1, 3.7]), min_size=n, max_size=n))
+             for _ in range(p)]
+    prefixes = []
+    for row in costs:
+        prefix = [0.0]
+        for cost in row:
+            prefix.append(prefix[-1] + cost)
+        prefixes.append(prefix)
+
+    def cost(stage, first, last):
+        return prefixes[stage][last + 1] - prefixes[stage][first]
+
+    loop = min_max_partition(n, p, cost)
+    vectorised = min_max_partition(n, p, cost, stage_band=lambda s, firsts, w: _range_sums(prefixes[s], firsts, w))
+    assert vectorised == loop

@@ -58,6 +58,7 @@ def prediction_json(prediction: Prediction) -> dict:
         speedup=prediction.speedup,
         profile=prediction.profile,
         source="simulated",
+        engine_path=prediction.engine_path,
     )
 
 

@@ -1,0 +1,209 @@
+"""Cost-model figures of a piece holding a layer range, in O(1) per range.
+
+A cost model that declares ``additive_layers`` (ProfileCostModel: an action's
+time is a per-action term plus a sum over its layers) is asked once per rank,
+kind and distinct layer; a range's cost is then a difference of prefix sums
+(equal to the model's own sum up to rounding, ~1e-16 relative; bounds.py
+allows for that). Any other cost model is asked per range, cached: exact, but
+as slow as there are ranges (layers squared per piece), so `optimize` on
+hundreds of layers then takes minutes.
+
+Memory figures are integer prefix sums of the model's per-layer bytes: exact.
+Every figure exists as a scalar (piece, first, last) and as a matrix over all
+(first, last) of one piece, which the dynamic programmes of bounds.py read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import cache
+
+import numpy as np
+
+from .lowering import lower
+from .plan import distinct_layers
+from .schedule import Kind, Schedule
+
+INF = np.inf
+
+
+def piece_actions(schedule: Schedule, piece: int) -> list[Kind]:
+    """The kinds of a piece's actions, in its rank's order."""
+    return [a.kind for a in schedule.ranks[schedule.rank_of(piece)] if a.piece == piece]
+
+
+def ledger_states(schedule: Schedule, piece: int) -> set[tuple[int, int]]:
+    """(micro-batches holding their saved activations, micro-batches holding what W needs)
+    after each of the piece's actions; the engine's ledger for this piece is
+    saved_bytes x the first + weight_bytes x the second."""
+    saved = weight = 0
+    states = {(0, 0)}
+    for kind in piece_actions(schedule, piece):
+        saved += {Kind.F: 1, Kind.B: -1, Kind.I: -1}.get(kind, 0)
+        weight += {Kind.I: 1, Kind.W: -1}.get(kind, 0)
+        states.add((saved, weight))
+    return states
+
+
+class StageCosts:
+    """Cost-model figures of stage s holding layers first..last."""
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.schedule = schedule = problem.build_schedule()
+        self.model = model = problem.model
+        self.costs = problem.costs
+        self.mbs = problem.microbatch_size
+        self.n = model.num_layers
+        self.counts = [Counter(piece_actions(schedule, s)) for s in range(schedule.num_pieces)]
+        lowered = lower(schedule)  # which pieces hand their activation on by message
+        self.sends_forward = {a.piece for row in lowered.ranks for a in row
+                              if a.kind == Kind.SEND and a.direction == Kind.F}
+        self.states = [ledger_states(schedule, s) for s in range(schedule.num_pieces)]
+        self.additive = bool(getattr(self.costs, "additive_layers", False))
+        self._laws: dict[tuple[int, Kind], tuple[float, np.ndarray]] = {}
+        layers = model.layers
+        self._params = _prefix([layer.params for layer in layers])
+        self._saved = _prefix([layer.saved_bytes_per_sample for layer in layers])
+        self._weight = _prefix([layer.input_bytes_per_sample + layer.output_grad_bytes_per_sample
+                                for layer in layers])
+        self._input = [layer.input_bytes_per_sample for layer in layers]
+        self.link_s = cache(self._link_s)
+        self.optimizer_s = cache(self._optimizer_s)
+        self._ranged = cache(self._ranged_s)
+        self._link_rows: dict[int, np.ndarray] = {}
+
+    # --- compute -------------------------------------------------------------------
+
+    def _law(self, rank: int, kind: Kind) -> tuple[float, np.ndarray]:
+        """(per-action seconds, prefix sums of each layer's seconds) of `kind` on `rank`."""
+        key = (rank, kind)
+        if key not in self._laws:
+            base = self.costs.compute_s([], kind, self.mbs, rank=rank)
+            distinct, index = distinct_layers(self.model)
+            per = np.array([self.costs.compute_s([layer], kind, self.mbs, rank=rank) - base for layer in distinct])
+            self._laws[key] = base, np.concatenate(([0.0], np.cumsum(per[index])))
+        return self._laws[key]
+
+    def _ranged_s(self, stage: int, first: int, last: int, kind: Kind) -> float:
+        rank = self.schedule.rank_of(stage)
+        return self.costs.compute_s(self.model.layers[first : last + 1], kind, self.mbs, rank=rank)
+
+    def action_s(self, stage: int, first: int, last: int, kind: Kind) -> float:
+        if not self.additive:
+            return self._ranged(stage, first, last, kind)
+        base, prefix = self._law(self.schedule.rank_of(stage), kind)
+        return float(base + (prefix[last + 1] - prefix[first]))
+
+    def action_matrix(self, stage: int, kind: Kind, firsts: np.ndarray, width: int) -> np.ndarray:
+        """action_s of first..last for first in `firsts` (rows) and last = first + k,
+        k in 0..width-1 (columns); inf where last is past the model's end."""
+        n = self.n
+        lasts = firsts[:, None] + np.arange(width)[None, :]
+        clipped = np.minimum(lasts, n - 1)
+        if self.additive:
+            base, prefix = self._law(self.schedule.rank_of(stage), kind)
+            matrix = base + (prefix[clipped + 1] - prefix[firsts][:, None])
+        else:
+            matrix = np.array([[self._ranged(stage, a, l, kind) for l in row]
+                               for a, row in zip(firsts.tolist(), clipped.tolist())])
+        return np.where(lasts < n, matrix, INF)
+
+    def forward_s(self, stage: int, first: int, last: int) -> float:
+        return self.action_s(stage, first, last, Kind.F)
+
+    def compute_s(self, stage: int, first: int, last: int) -> float:
+        """Forward + backward of one micro-batch."""
+        return self.forward_s(stage, first, last) + self.action_s(stage, first, last, Kind.B)
+
+    def compute_matrix(self, stage: int, firsts: np.ndarray, width: int) -> np.ndarray:
+        return self.action_matrix(stage, Kind.F, firsts, width) + self.action_matrix(stage, Kind.B, firsts, width)
+
+    def work_s(self, stage: int, first: int, last: int) -> float:
+        """All the piece's actions in the schedule (its F, B, I and W)."""
+        return sum(count * self.action_s(stage, first, last, kind) for kind, count in self.counts[stage].items())
+
+    def work_matrix(self, stage: int, firsts: np.ndarray, width: int) -> np.ndarray:
+        return sum(count * self.action_matrix(stage, kind, firsts, width)
+                   for kind, count in self.counts[stage].items())
+
+    def _link_s(self, stage: int, last: int) -> tuple[float, float]:
+        """(activation to piece+1, gradient back from it) for a piece ending at `last`;
+        nothing between pieces on one rank (the lowered schedule has no message there)."""
+        if stage not in self.sends_forward:  # the last piece, or a hand-off on one rank
+            return 0.0, 0.0
+        src, dst = self.schedule.rank_of(stage), self.schedule.rank_of(stage + 1)
+        nbytes = self.model.layers[last].output_bytes_per_sample * self.mbs
+        return self.costs.transfer_s(src, dst, nbytes), self.costs.transfer_s(dst, src, nbytes)
+
+    def step_s(self, stage: int, first: int, last: int) -> float:
+        """Critical-path contribution of a stage before the bottleneck: c + messages."""
+        forward, backward = self.link_s(stage, last)
+        return self.compute_s(stage, first, last) + forward + backward
+
+    def step_matrix(self, stage: int, firsts: np.ndarray, width: int,
+                    compute: np.ndarray | None = None) -> np.ndarray:
+        """step_s like action_matrix; `compute`: compute_matrix(stage, firsts, width) if made."""
+        compute = self.compute_matrix(stage, firsts, width) if compute is None else compute
+        lasts = np.minimum(firsts[:, None] + np.arange(width)[None, :], self.n - 1)
+        return compute + self._links(stage)[lasts]
+
+    def _links(self, stage: int) -> np.ndarray:
+        """Per last layer: the messages to the next piece and back."""
+        if stage not in self._link_rows:
+            self._link_rows[stage] = np.array([sum(self.link_s(stage, last)) for last in range(self.n)])
+        return self._link_rows[stage]
+
+    # --- optimizer and memory --------------------------------------------------------
+
+    def params(self, first: int, last: int) -> int:
+        return int(self._params[last + 1] - self._params[first])
+
+    def _optimizer_s(self, stage: int, first: int, last: int) -> float:
+        return self.costs.optimizer_s(self.params(first, last), rank=self.schedule.rank_of(stage))
+
+    def memory_bytes(self, stage: int, first: int, last: int) -> int:
+        saved = (self._input[first] + int(self._saved[last + 1] - self._saved[first])) * self.mbs
+        weight = int(self._weight[last + 1] - self._weight[first]) * self.mbs
+        activations = max(a * saved + b * weight for a, b in self.states[stage])
+        return self.costs.static_bytes(self.params(first, last)) + activations
+
+    def fits(self, stage: int, first: int, last: int) -> bool:
+        cap = self.problem.memory_cap_bytes
+        return cap is None or self.memory_bytes(stage, first, last) <= cap
+
+    def fits_matrix(self, stage: int, firsts: np.ndarray, width: int) -> np.ndarray | None:
+        """fits like action_matrix (False past the model's end); None when there is no cap."""
+        cap = self.problem.memory_cap_bytes
+        if cap is None:
+            return None
+        n, mbs = self.n, self.mbs
+        lasts = firsts[:, None] + np.arange(width)[None, :]
+        ok = lasts < n
+        lasts = np.minimum(lasts, n - 1)
+        held = max(a + b for a, b in self.states[stage])
+        exact = int(self._saved[-1] + self._weight[-1] + max(self._input)) * mbs * max(held, 1) < 2**62
+        dtype = np.int64 if exact and int(self._params[-1]) < 2**50 else object
+        inputs = np.array(self._input, dtype=dtype)[firsts][:, None]
+        saved = (inputs + _spans(self._saved, dtype, firsts, lasts)) * mbs
+        weight = _spans(self._weight, dtype, firsts, lasts) * mbs
+        activations = np.max([a * saved + b * weight for a, b in self.states[stage]], axis=0)
+        params = np.where(ok, _spans(self._params, dtype, firsts, lasts), 0)
+        try:
+            static = self.costs.static_bytes(params)
+        except TypeError:  # a cost model that takes plain ints only
+            static = np.vectorize(self.costs.static_bytes, otypes=[object])(params)
+        return ok & np.asarray(static + activations <= cap, dtype=bool)
+
+
+def _spans(prefix: np.ndarray, dtype, firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
+    """prefix[last + 1] - prefix[first] for each row's first and each of its lasts."""
+    values = prefix.astype(dtype)
+    return values[lasts + 1] - values[firsts][:, None]
+
+
+def _prefix(values: list[int]) -> np.ndarray:
+    """Integer prefix sums (object dtype: exact for any size)."""
+    out = np.zeros(len(values) + 1, dtype=object)
+    out[1:] = np.cumsum(np.array(values, dtype=object))
+    return out
