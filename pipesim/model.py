@@ -13,12 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .layers import DTYPE_BYTES, FLOAT32_BYTES, KINDS, LAYER_KINDS, MAX_LAYER_ELEMENTS, ModelError, ShapeError, get_kind
+from .layers import (
+    DTYPE_BYTES,
+    FLOAT32_BYTES,
+    KINDS,
+    LAYER_KINDS,
+    MAX_LAYER_ELEMENTS,
+    ModelError,
+    ShapeError,
+    get_kind,
+)
 from .limits import MAX_LAYERS, MAX_WIDTH
 from .tomlfile import read_toml
 
-__all__ = ["FLOAT32_BYTES", "LAYER_KINDS", "LayerSpec", "ModelError", "ModelSpec", "fc", "fc_layer", "layer",
-           "load_model", "parse_model"]
+__all__ = ["FLOAT32_BYTES", "LAYER_KINDS", "LayerRow", "LayerSpec", "ModelError", "ModelSpec", "fc", "fc_layer",
+           "layer", "layer_table", "load_model", "parse_model"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ def _layer(kind: str, config: tuple[tuple[str, Any], ...], input_shape: tuple[in
     entry = KINDS[kind]
     sizes = entry.sizes(dict(config), input_shape)
     if sizes.params > MAX_LAYER_ELEMENTS or math.prod(sizes.output_shape) > MAX_LAYER_ELEMENTS:
-        raise ModelError(f"{kind} layer is too large: beyond {MAX_LAYER_ELEMENTS:,} parameters or output elements")
+        raise ShapeError(f"{kind} layer is too large: beyond {MAX_LAYER_ELEMENTS:,} parameters or output elements")
     out_bytes = math.prod(sizes.output_shape) * DTYPE_BYTES[sizes.output_dtype]
     return LayerSpec(
         kind=kind, config=config, input_shape=input_shape, input_dtype=entry.input_dtype,
@@ -183,6 +192,38 @@ class ModelSpec:
             counts[x.kind] = counts.get(x.kind, 0) + 1
         kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         return f"{self.name}: {self.num_layers} layers ({kinds}), {self.params:,} params"
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One line of a model's per-layer table (per sample), for writing partitions by hand.
+
+    ``saved_bytes_per_sample`` attributes each saved tensor to the layer that produces it
+    (row 0 also holds the model's input if it is saved), so the rows sum to what one stage
+    holding the whole model saves. ``message_bytes_per_sample`` is what a cut after the
+    layer sends each way (its output forward, that output's gradient backward); None after
+    the last layer."""
+
+    index: int
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    forward_flops_per_sample: float
+    saved_bytes_per_sample: int
+    message_bytes_per_sample: int | None
+
+
+def layer_table(model: ModelSpec) -> tuple[LayerRow, ...]:
+    last = model.num_layers - 1
+    rows = []
+    for i, x in enumerate(model.layers):
+        inner = x.saved_bytes_per_sample - (x.output_bytes_per_sample if x.saves_output else 0)
+        saved = inner + (x.output_bytes_per_sample if model.boundary_saved(i, 0, last) else 0)
+        if i == 0 and x.saves_input:
+            saved += x.input_bytes_per_sample
+        rows.append(LayerRow(i, x.kind, x.output_shape, x.params, x.forward_flops_per_sample, saved,
+                             x.output_bytes_per_sample if i < last else None))
+    return tuple(rows)
 
 
 def fc(num_layers: int = 32, width: int = 512, name: str | None = None) -> ModelSpec:

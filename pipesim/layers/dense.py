@@ -7,7 +7,7 @@ activation, normalisation, residual add, softmax, scale and mask.
 
 from __future__ import annotations
 
-from .base import Config, Field, LayerKind, ShapeError, Shape, Sizes, expect_rank, float_bytes
+from .base import Config, Field, LayerKind, Shape, ShapeError, Sizes, expect_rank, float_bytes
 
 INT64_BYTES = 8
 
@@ -82,7 +82,7 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     is fixed. Per sample, S = seq_len, H = hidden, A = heads; F saves the input x, then
     LN1 mean+rstd (2S), LN1 out (SH), q, k, v (3SH, contiguous copies), softmax result
     (A S^2), merged heads (SH), x1 = x + attention (SH), LN2 mean+rstd (2S), LN2 out (SH),
-    MLP hidden before and after GELU (8SH): 14SH + AS^2 + 4S floats besides x.
+    MLP hidden before and after GELU (8SH): 15SH + AS^2 + 4S floats besides x.
     W reads x, LN1 out, merged, x1, LN2 out, GELU out and the LN statistics (9SH + 4S) and
     the gradients of LN1 out, qkv, x1, LN2 out, MLP hidden and the block output (11SH)."""
     hidden, heads = c["hidden"], c["heads"]
@@ -92,7 +92,7 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     sh, attn = s * hidden, heads * s * s
     return Sizes(output_shape=(s, hidden), output_dtype="float32", params=12 * hidden * hidden + 13 * hidden,
                  matmul_flops=2.0 * (12 * sh * hidden + 2 * s * sh), elementwise_flops=float(8 * sh + 3 * attn),
-                 saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(14 * sh + attn + 4 * s),
+                 saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(15 * sh + attn + 4 * s),
                  weight_activation_bytes=float_bytes(9 * sh + 4 * s), weight_grad_bytes=float_bytes(11 * sh))
 
 

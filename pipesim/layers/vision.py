@@ -8,7 +8,18 @@ of the per-sample counts.
 
 from __future__ import annotations
 
-from .base import Config, Field, LayerKind, ShapeError, Shape, Sizes, conv_out, expect_rank, float_bytes, numel
+from .base import (
+    Config,
+    Field,
+    LayerKind,
+    Shape,
+    ShapeError,
+    Sizes,
+    conv_out,
+    expect_rank,
+    float_bytes,
+    numel,
+)
 from .dense import _build
 
 INT64_BYTES = 8
@@ -40,8 +51,9 @@ def _conv_sizes(c: Config, shape: Shape) -> Sizes:
 
 CONV2D = LayerKind(
     name="conv2d",
-    fields=(Field("in_channels"), Field("out_channels"), Field("kernel", high=1024), Field("stride", default=1, high=1024),
-            Field("padding", default=0, low=0, high=1024), Field("batch_norm", bool, False)),
+    fields=(Field("in_channels"), Field("out_channels"), Field("kernel", high=1024),
+            Field("stride", default=1, high=1024), Field("padding", default=0, low=0, high=1024),
+            Field("batch_norm", bool, False)),
     sizes=_conv_sizes, build=_build("conv2d"),
 )
 
