@@ -164,13 +164,15 @@ class ModelSpec:
 
     def stage_saved_bytes(self, first: int, last: int) -> int:
         """Bytes per sample a stage of layers first..last keeps for backward: each layer's
-        inner saved tensors, and every tensor between layers (the stage's input and output
-        included) that its producer or its consumer saves, once."""
+        own saved bytes (its output included when it saves it), the stage's input when the
+        first layer saves it, and a layer's output that only the next layer saves, each
+        tensor once."""
         layers = self.layers[first : last + 1]
-        inner = sum(x.saved_bytes_per_sample - (x.output_bytes_per_sample if x.saves_output else 0) for x in layers)
-        between = sum(self.layers[i].output_bytes_per_sample for i in range(first, last + 1)
-                      if self.boundary_saved(i, first, last))
-        return inner + between + (layers[0].input_bytes_per_sample if layers[0].saves_input else 0)
+        total = layers[0].input_bytes_per_sample if layers[0].saves_input else 0
+        for x, after in zip(layers, layers[1:]):
+            if after.saves_input and not x.saves_output:
+                total += x.output_bytes_per_sample
+        return total + sum(x.saved_bytes_per_sample for x in layers)
 
     def stage_weight_bytes(self, first: int, last: int) -> int:
         """Bytes per sample a piece keeps from its I (input gradient) until its W
