@@ -8,6 +8,7 @@ build it (kind and shape).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,7 @@ class ModelSpec:
         tensor once."""
         layers = self.layers[first : last + 1]
         total = layers[0].input_bytes_per_sample if layers[0].saves_input else 0
-        for x, after in zip(layers, layers[1:]):
+        for x, after in itertools.pairwise(layers):
             if after.saves_input and not x.saves_output:
                 total += x.output_bytes_per_sample
         return total + sum(x.saved_bytes_per_sample for x in layers)

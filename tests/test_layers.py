@@ -293,3 +293,14 @@ def test_every_registered_kind_states_its_fields_once():
     for kind in KINDS.values():
         assert len(set(kind.keys)) == len(kind.keys)
         assert not {"kind", "repeat"} & set(kind.keys)
+
+
+def test_models_readme_lists_every_kind_field_and_model():
+    text = (MODELS / "README.md").read_text()
+    for kind in KINDS.values():
+        assert f"| `{kind.name}` |" in text
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{kind.name}` |"))
+        assert all(f"`{key}`" in row for key in kind.keys), kind.name
+    for name in ALL_MODELS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}.toml` |"))
+        assert f"{load_model(MODELS / f'{name}.toml').params:,}" in row, name
