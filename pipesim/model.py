@@ -70,13 +70,19 @@ class LayerSpec:
 
     @property
     def in_features(self) -> int:
-        """Elements of one sample's input (for fc: its in_features)."""
-        return math.prod(self.input_shape)
+        """An fc layer's in_features. Other kinds have none: the code that still reads
+        features (the runner's RunConfig, fc calibration) must not take them for an fc."""
+        return self._fc_option("in_features")
 
     @property
     def out_features(self) -> int:
-        """Elements of one sample's output (for fc: its out_features)."""
-        return math.prod(self.output_shape)
+        return self._fc_option("out_features")
+
+    def _fc_option(self, name: str) -> int:
+        if self.kind != "fc":
+            raise ModelError(f"a {self.kind} layer has no {name}: only models of fc layers can be run or "
+                             "calibrated so far (other kinds: issue 14)")
+        return self.options[name]
 
     @property
     def cost_key(self) -> str:

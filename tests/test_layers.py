@@ -304,3 +304,14 @@ def test_models_readme_lists_every_kind_field_and_model():
     for name in ALL_MODELS:
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}.toml` |"))
         assert f"{load_model(MODELS / f'{name}.toml').params:,}" in row, name
+
+
+def test_features_are_an_fc_notion():
+    """Code that still rebuilds every layer as fc from (in_features, out_features) gets a
+    one-line error for other kinds, never a silently different model."""
+    conv = layer("conv2d", (3, 8, 8), in_channels=3, out_channels=4, kernel=3)
+    with pytest.raises(ModelError, match="a conv2d layer has no in_features"):
+        conv.in_features  # noqa: B018
+    with pytest.raises(ModelError, match="has no out_features"):
+        load_model(MODELS / "gpt2-mini.toml").output_features  # noqa: B018
+    assert load_model(MODELS / "vgg16-mini.toml").output_features == 10
