@@ -1,8 +1,12 @@
 """Model specifications: a network is a chain of layers with known costs.
 
-Knows nothing of torch or simpy. A layer states what the simulator needs
-(parameters, forward FLOPs, activation bytes) and what the runner needs to
-build it (kind and shape).
+Knows nothing of torch or simpy. A layer is one of the registry's kinds
+(pipesim/layers: fc, conv2d, maxpool, avgpool, flatten, bottleneck, embedding,
+transformer_block, lm_head) with its config and per-sample input shape; it states
+what the simulator needs (parameters, forward FLOPs, bytes saved for backward and
+kept from I to W, the bytes a cut after it sends) and what the runner needs to
+build it (``LayerSpec.module``). ``load_model`` reads models/*.toml
+(models/README.md describes them).
 """
 
 from __future__ import annotations
@@ -91,10 +95,19 @@ class LayerSpec:
         options = ",".join(f"{k}={v}" for k, v in self.config)
         return f"{self.kind}({options})@{'x'.join(map(str, self.input_shape))}"
 
-    def module(self):
-        """This layer as a torch.nn module (torch imported here), default-initialised;
-        build it under ``torch.device("meta")`` to count without allocating."""
-        return KINDS[self.kind].build(self.options, self.input_shape)
+    def module(self, seed: int | None = None):
+        """This layer as a torch.nn module (torch imported here) with torch's default
+        initialisation, drawn from ``seed`` when given (the global RNG is left as it was),
+        so that a layer is the same however the model is cut. Build it under
+        ``torch.device("meta")`` to count without allocating."""
+        build = KINDS[self.kind].build
+        if seed is None:
+            return build(self.options, self.input_shape)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build(self.options, self.input_shape)
 
 
 @functools.lru_cache(maxsize=4096)

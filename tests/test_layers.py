@@ -315,3 +315,14 @@ def test_features_are_an_fc_notion():
     with pytest.raises(ModelError, match="has no out_features"):
         load_model(MODELS / "gpt2-mini.toml").output_features  # noqa: B018
     assert load_model(MODELS / "vgg16-mini.toml").output_features == 10
+
+
+def test_a_seeded_module_is_the_same_wherever_it_is_built():
+    spec = spec_of("transformer_block")
+    state = torch.random.get_rng_state()
+    a, b, c = spec.module(seed=7), spec.module(seed=7), spec.module(seed=8)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+        if pa.numel() > 1 and pa.std() > 0:
+            assert not torch.equal(pa, pc)
