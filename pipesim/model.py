@@ -44,8 +44,10 @@ class LayerSpec:
     (its inner tensors, and its output when it saves it). Whether it saves its input
     (``saves_input``) matters at a stage's first layer and where the previous layer does
     not save its output; ``ModelSpec.stage_saved_bytes`` counts each tensor once.
-    From I until W a layer keeps ``weight_activation_bytes_per_sample`` (what its
-    parametrised ops read) and ``output_grad_bytes_per_sample`` (their output gradients).
+    From I until W a piece keeps the gradients at its parametrised ops' outputs
+    (``output_grad_bytes_per_sample``) and what F saved, less its last parametrised
+    layer's ``tail_saved_bytes_per_sample`` and what the layers after that saved
+    (``ModelSpec.stage_weight_bytes``).
     """
 
     kind: str
@@ -61,7 +63,7 @@ class LayerSpec:
     saved_bytes_per_sample: int
     saves_input: bool
     saves_output: bool
-    weight_activation_bytes_per_sample: int
+    tail_saved_bytes_per_sample: int
     output_grad_bytes_per_sample: int  # kept from the layer's I until its W (see stage_weight_bytes)
 
     @property
@@ -124,7 +126,7 @@ def _layer(kind: str, config: tuple[tuple[str, Any], ...], input_shape: tuple[in
         output_bytes_per_sample=out_bytes,
         saved_bytes_per_sample=sizes.internal_saved_bytes + (out_bytes if sizes.saves_output else 0),
         saves_input=sizes.saves_input, saves_output=sizes.saves_output,
-        weight_activation_bytes_per_sample=sizes.weight_activation_bytes,
+        tail_saved_bytes_per_sample=sizes.tail_saved_bytes,
         output_grad_bytes_per_sample=sizes.weight_grad_bytes,
     )
 
@@ -195,14 +197,18 @@ class ModelSpec:
         return total + sum(x.saved_bytes_per_sample for x in layers)
 
     def stage_weight_bytes(self, first: int, last: int) -> int:
-        """Bytes per sample a piece keeps from its I (input gradient) until its W
-        (weight gradients): what the weight gradients need, each layer's activations read
-        by its parametrised ops and the gradients of those ops' outputs, which I computes
-        (pipesim/layers/base.py Sizes). What only I needed (for fc, the last ReLU's saved
-        output) is freed at I; the rest at W. For fc layers the ledger therefore grows at I:
-        the output gradients W needs outweigh the one saved output I frees."""
-        layers = self.layers[first : last + 1]
-        return sum(x.weight_activation_bytes_per_sample + x.output_grad_bytes_per_sample for x in layers)
+        """Bytes per sample a piece keeps from its I (input gradient) until its W (weight
+        gradients), as torch's split backward does (pipesim/layers/base.py Sizes): the
+        gradients at its parametrised ops' outputs, which I computes, and the autograd graph
+        below its last parametrised op. I frees what that op's successors saved (for fc, the
+        last ReLU's result); the rest goes at W. A piece without parameters keeps nothing.
+        For fc layers the ledger therefore grows at I: the output gradients W needs outweigh
+        the one saved output I frees."""
+        last_weighted = next((i for i in range(last, first - 1, -1) if self.layers[i].params), None)
+        if last_weighted is None:
+            return 0
+        kept = self.stage_saved_bytes(first, last_weighted) - self.layers[last_weighted].tail_saved_bytes_per_sample
+        return kept + sum(x.output_grad_bytes_per_sample for x in self.layers[first : last_weighted + 1])
 
     def describe(self) -> str:
         if all(layer.kind == "fc" for layer in self.layers):

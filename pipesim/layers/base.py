@@ -63,10 +63,15 @@ class Sizes:
     Saved bytes (what F keeps for backward, every tensor once, parameters excluded) are
     split so that a stage can count a tensor shared by two layers once: the layer's input
     (``saves_input``), its output (``saves_output``) and everything in between
-    (``internal_saved_bytes``). W (weight gradients) keeps, from I until W, the
-    activations its parametrised ops read (``weight_activation_bytes``, each tensor once,
-    counted by the layer whose op reads it) and the gradients of those ops' outputs
-    (``weight_grad_bytes``); I frees the rest of what F saved.
+    (``internal_saved_bytes``).
+
+    I and W follow torch's split backward (``stage_backward_input`` /
+    ``stage_backward_weight``, what the runner calls): I keeps the gradients at the
+    parametrised ops' outputs (``weight_grad_bytes``, summed as the runner counts them) and
+    the autograd graph below the piece's last parametrised op, so of what F saved it frees
+    only what that last op's successors saved: the last parametrised layer's
+    ``tail_saved_bytes`` (e.g. its final ReLU's result) and everything saved by the
+    parameter-free layers after it. W frees the rest. (``ModelSpec.stage_weight_bytes``.)
     """
 
     output_shape: Shape
@@ -77,7 +82,7 @@ class Sizes:
     saves_input: bool
     saves_output: bool
     internal_saved_bytes: int
-    weight_activation_bytes: int
+    tail_saved_bytes: int  # saved after the layer's last parametrised op (read only for layers with parameters)
     weight_grad_bytes: int
 
     @property

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from .base import Config, Field, LayerKind, Shape, ShapeError, Sizes, expect_rank, float_bytes
 
-INT64_BYTES = 8
-
 
 def _fc_sizes(c: Config, shape: Shape) -> Sizes:
-    """Linear saves its input; ReLU saves its result (so no ReLU, no saved output).
-    W reads the Linear's input and the gradient of its output."""
+    """Linear saves its input; ReLU saves its result (so no ReLU, no saved output), the tail
+    freed at I. I keeps the gradient of the Linear's output."""
     n_in, n_out = c["in_features"], c["out_features"]
     if len(shape) != 1:
         raise ShapeError(f"fc needs a flat input, got shape {shape}; put a flatten layer before it")
@@ -24,7 +22,7 @@ def _fc_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=(n_out,), output_dtype="float32", params=n_in * n_out + n_out,
                  matmul_flops=2.0 * n_in * n_out, elementwise_flops=float(n_out if relu else 0),
                  saves_input=True, saves_output=relu, internal_saved_bytes=0,
-                 weight_activation_bytes=float_bytes(n_in), weight_grad_bytes=float_bytes(n_out))
+                 tail_saved_bytes=float_bytes(n_out) if relu else 0, weight_grad_bytes=float_bytes(n_out))
 
 
 def _build(name: str):
@@ -48,7 +46,9 @@ FC = LayerKind(
 def _embedding_sizes(c: Config, shape: Shape) -> Sizes:
     """Token embedding plus (with max_positions) a learned position embedding added to it.
     Saves the token ids (int64); the position lookup is a slice of the weight and the add
-    saves nothing. W reads the ids and the gradient of the output."""
+    saves nothing. I keeps the output's gradient, which a correct split needs for W; torch's
+    split backward, given token ids that carry no gradient, finds no parametrised op on the
+    input's path and computes no weight gradient at all (see the report of issue 14)."""
     seq, hidden, positions = c["seq_len"], c["hidden"], c["max_positions"]
     if shape != (seq,):
         raise ShapeError(f"embedding expects token ids of shape ({seq},), got {shape}")
@@ -58,7 +58,7 @@ def _embedding_sizes(c: Config, shape: Shape) -> Sizes:
                  params=(c["vocab_size"] + positions) * hidden, matmul_flops=0.0,
                  elementwise_flops=float(seq * hidden if positions else 0),
                  saves_input=True, saves_output=False, internal_saved_bytes=0,
-                 weight_activation_bytes=INT64_BYTES * seq, weight_grad_bytes=float_bytes(seq * hidden))
+                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(seq * hidden))
 
 
 EMBEDDING = LayerKind(
@@ -83,7 +83,7 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     LN1 mean+rstd (2S), LN1 out (SH), q, k, v (3SH, contiguous copies), softmax result
     (A S^2), merged heads (SH), x1 = x + attention (SH), LN2 mean+rstd (2S), LN2 out (SH),
     MLP hidden before and after GELU (8SH): 15SH + AS^2 + 4S floats besides x.
-    W reads x, LN1 out, merged, x1, LN2 out, GELU out and the LN statistics (9SH + 4S) and
+    Nothing after the last Linear saves anything (tail 0), so I frees none of it; I keeps
     the gradients of LN1 out, qkv, x1, LN2 out, MLP hidden and the block output (11SH)."""
     hidden, heads = c["hidden"], c["heads"]
     if hidden % heads:
@@ -93,7 +93,7 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=(s, hidden), output_dtype="float32", params=12 * hidden * hidden + 13 * hidden,
                  matmul_flops=2.0 * (12 * sh * hidden + 2 * s * sh), elementwise_flops=float(8 * sh + 3 * attn),
                  saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(15 * sh + attn + 4 * s),
-                 weight_activation_bytes=float_bytes(9 * sh + 4 * s), weight_grad_bytes=float_bytes(11 * sh))
+                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(11 * sh))
 
 
 TRANSFORMER_BLOCK = LayerKind(
@@ -111,7 +111,7 @@ def _head_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=(s, vocab), output_dtype="float32", params=hidden * vocab + (2 * hidden if norm else 0),
                  matmul_flops=2.0 * sh * vocab, elementwise_flops=float(sh if norm else 0),
                  saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(sh + 2 * s) if norm else 0,
-                 weight_activation_bytes=float_bytes(2 * sh + 2 * s if norm else sh),
+                 tail_saved_bytes=0,
                  weight_grad_bytes=float_bytes(s * vocab + (sh if norm else 0)))
 
 

@@ -34,8 +34,17 @@ def avgpool(c: Config, shape: Shape) -> nn.Module:
     return nn.AdaptiveAvgPool2d(1)
 
 
+class Flatten(nn.Module):
+    """(B, C, H, W) -> (B, C*H*W) as a copy, not a view: torch's split backward
+    (stage_backward_input, the runner's I) detaches a piece's output in place, which a view
+    refuses, so a piece ending in a view could not run I. The copy saves nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).clone()
+
+
 def flatten(c: Config, shape: Shape) -> nn.Module:
-    return nn.Flatten()
+    return Flatten()
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:

@@ -34,8 +34,8 @@ def _image(shape: Shape, channels: int | None = None) -> tuple[int, int, int]:
 
 def _conv_sizes(c: Config, shape: Shape) -> Sizes:
     """Conv2d (bias only without batch-norm) [+ BatchNorm2d] + ReLU. The convolution saves
-    its input, batch-norm the convolution's output, ReLU its result (the layer's output).
-    W reads the convolution's input (and the batch-norm's) and their output gradients."""
+    its input, batch-norm the convolution's output, ReLU its result (the layer's output, the
+    tail freed at I). I keeps the gradients of the convolution's (and batch-norm's) output."""
     cin, cout, k, stride, pad, bn = (c[x] for x in ("in_channels", "out_channels", "kernel", "stride",
                                                     "padding", "batch_norm"))
     _, h, w = _image(shape, cin)
@@ -45,7 +45,7 @@ def _conv_sizes(c: Config, shape: Shape) -> Sizes:
                  params=cout * cin * k * k + (2 * cout if bn else cout),
                  matmul_flops=2.0 * n * cin * k * k, elementwise_flops=float(n * (3 if bn else 1)),
                  saves_input=True, saves_output=True, internal_saved_bytes=float_bytes(n) if bn else 0,
-                 weight_activation_bytes=float_bytes(shape) + (float_bytes(n) if bn else 0),
+                 tail_saved_bytes=float_bytes(n),
                  weight_grad_bytes=float_bytes(2 * n if bn else n))
 
 
@@ -61,7 +61,7 @@ CONV2D = LayerKind(
 def _no_weights(out: Shape, elementwise: float, saves_input: bool, internal: int = 0) -> Sizes:
     return Sizes(output_shape=out, output_dtype="float32", params=0, matmul_flops=0.0,
                  elementwise_flops=float(elementwise), saves_input=saves_input, saves_output=False,
-                 internal_saved_bytes=internal, weight_activation_bytes=0, weight_grad_bytes=0)
+                 internal_saved_bytes=internal, tail_saved_bytes=0, weight_grad_bytes=0)
 
 
 def _maxpool_sizes(c: Config, shape: Shape) -> Sizes:
@@ -91,7 +91,7 @@ AVGPOOL = LayerKind(name="avgpool", fields=(), sizes=_avgpool_sizes, build=_buil
 
 
 def _flatten_sizes(c: Config, shape: Shape) -> Sizes:
-    """A view: (c, h, w) -> (c*h*w,); saves nothing."""
+    """(c, h, w) -> (c*h*w,), copied (torch_modules.Flatten says why); saves nothing."""
     return _no_weights((numel(shape),), 0, False)
 
 
@@ -104,9 +104,9 @@ def _bottleneck_sizes(c: Config, shape: Shape) -> Sizes:
     a 1x1 stride-s convolution + batch-norm on the shortcut when stride > 1 or in != out.
     F saves the input, the three convolutions' outputs (batch-norm inputs), the two inner
     ReLU results, the shortcut convolution's output, and the final ReLU result (the output).
-    W reads x, the convolution outputs and inner ReLU results, and the gradients of each
-    convolution's and batch-norm's output (the last batch-norm's and the shortcut's are the
-    gradient of the sum, counted once)."""
+    The final ReLU's result is the tail freed at I. I keeps the gradients of each
+    convolution's and batch-norm's output (the last batch-norm's and the shortcut
+    batch-norm's are both the gradient of the sum, held twice)."""
     cin, mid, cout, stride = (c[x] for x in ("in_channels", "mid_channels", "out_channels", "stride"))
     _, h, w = _image(shape, cin)
     hw, out = h * w, (cout, conv_out(h, 3, stride, 1), conv_out(w, 3, stride, 1))
@@ -119,9 +119,9 @@ def _bottleneck_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=out, output_dtype="float32", params=params, matmul_flops=2.0 * macs,
                  elementwise_flops=float(elementwise), saves_input=True, saves_output=True,
                  internal_saved_bytes=float_bytes(inner),
-                 weight_activation_bytes=float_bytes(cin * hw + inner),
+                 tail_saved_bytes=float_bytes(out),
                  weight_grad_bytes=float_bytes(2 * mid * hw + 2 * mid * hw2 + 2 * cout * hw2
-                                               + (cout * hw2 if shortcut else 0)))
+                                               + (2 * cout * hw2 if shortcut else 0)))
 
 
 BOTTLENECK = LayerKind(
