@@ -175,7 +175,7 @@ def kept_after_input_gradient(specs, modules, batch, generator) -> tuple[int, in
             out = module(out)
     _, groups = stage_backward_input([out], [torch.randn_like(out)], [x], iter(params))
     del x, out
-    gc.collect()
+    gc.collect(0)
     alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in refs)
              if t is not None}
     grads = sum(g.numel() * g.element_size() for group in groups for grad in group.get("grads") or ()
@@ -185,8 +185,8 @@ def kept_after_input_gradient(specs, modules, batch, generator) -> tuple[int, in
 
 def kept_per_sample(specs, modules) -> float:
     generator = torch.Generator().manual_seed(2)
-    (a2, g2), (a4, g4) = (kept_after_input_gradient(specs, modules, b, generator) for b in (2, 4))
-    return (a4 - a2 + g4 - g2) / 2
+    (a1, g1), (a2, g2) = (kept_after_input_gradient(specs, modules, b, generator) for b in (1, 2))
+    return a2 - a1 + g2 - g1  # per sample: what does not grow with the batch drops out
 
 
 # The embedding is left out: its input, token ids, carries no gradient, and torch's split
@@ -208,7 +208,7 @@ def test_weight_bytes_match_torch_split_backward_per_stage_of_mini_models(name):
     first_float = 1 if model.layers[0].input_dtype == "int64" else 0
     n = model.num_layers
     ranges = [(first_float, n - 1), (first_float, n // 2), (n // 2, n - 1),
-              *((i, min(i + 2, n - 1)) for i in range(first_float, n - 1, 2))]
+              *((i, min(i + 2, n - 1)) for i in range(first_float, n - 1))]
     for first, last in ranges:
         measured = kept_per_sample(model.layers[first:], modules[first : last + 1])
         assert measured == pytest.approx(model.stage_weight_bytes(first, last), rel=0.01), (first, last)
