@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipesim.layers import KINDS, LAYER_KINDS
 from pipesim.model import ModelError, ModelSpec, layer, layer_table, load_model, parse_model
@@ -409,3 +411,30 @@ def test_a_seeded_module_is_the_same_wherever_it_is_built():
         assert torch.equal(pa, pb)
         if pa.numel() > 1 and pa.std() > 0:
             assert not torch.equal(pa, pc)
+
+
+# --- any table of any kind: a model or a one-line ModelError, never a traceback ----------
+
+ALL_KEYS = sorted({key for kind in KINDS.values() for key in kind.keys})
+VALUES = st.one_of(st.integers(-3, 300), st.booleans(), st.sampled_from(["relu", "none", "gelu", ""]),
+                   st.floats(allow_nan=True), st.lists(st.integers(-1, 40), max_size=5), st.none())
+GOOD_SHAPES = st.sampled_from([[3, 32, 32], [16, 8, 8], [64], [12, 32], [3, 5]])
+ENTRY = st.builds(lambda kind, fields: {"kind": kind, **fields},
+                  st.sampled_from([*LAYER_KINDS, "conv", 3]),
+                  st.dictionaries(st.sampled_from([*ALL_KEYS, "repeat", "bias"]), VALUES, max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(ENTRY, min_size=1, max_size=4), shape=st.one_of(st.none(), GOOD_SHAPES, VALUES))
+def test_any_layer_tables_give_a_model_or_a_one_line_error(entries, shape):
+    data = {"name": "fuzz", "layers": [{k: v for k, v in e.items() if v is not None} for e in entries]}
+    if shape is not None:
+        data["input_shape"] = shape
+    try:
+        model = parse_model(data)
+    except ModelError as exc:
+        assert "\n" not in str(exc)
+        return
+    for a, b in zip(model.layers, model.layers[1:]):
+        assert a.output_shape == b.input_shape
+    assert model.params >= 0 and all(x.output_bytes_per_sample > 0 for x in model.layers)
