@@ -36,4 +36,4 @@ __all__ = ["DTYPE_BYTES", "FLOAT32_BYTES", "KINDS", "LAYER_KINDS", "MAX_LAYER_EL
 def get_kind(name: object, where: str) -> LayerKind:
     if name not in KINDS:
         raise ModelError(f"{where}: kind must be one of {', '.join(LAYER_KINDS)}, got {name!r}")
-    return KINDS[name]  # type: ignore[index]
+    return KINDS[name]

@@ -29,7 +29,8 @@ def _image(shape: Shape, channels: int | None = None) -> tuple[int, int, int]:
     expect_rank(shape, 3, "(channels, height, width)")
     if channels is not None and shape[0] != channels:
         raise ShapeError(f"in_channels {channels} does not match the input's {shape[0]} channels")
-    return shape
+    c, h, w = shape
+    return c, h, w
 
 
 def _conv_sizes(c: Config, shape: Shape) -> Sizes:
