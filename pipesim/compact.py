@@ -94,8 +94,9 @@ def compact(schedule: Schedule) -> CompactSchedule:
         return hit[1]
     result = _build(schedule)
     key = id(schedule)
-    def forget(_: object) -> None:
-        _CACHE.pop(key, None)
+
+    def forget(_: object, cache: dict = _CACHE) -> None:  # bound now: at exit _CACHE may be gone
+        cache.pop(key, None)
 
     _CACHE[key] = (weakref.ref(schedule, forget), result)
     return result

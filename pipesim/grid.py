@@ -26,10 +26,13 @@ union of every entry's product over the base::
     microbatches = [8]
     schedule = ["gpipe", "my-schedule.txt"]   # a name or a schedule file (pipesim text or torch CSV)
     chunks = [1, 2]                           # chunks per rank (default: each schedule's own)
+    [[axes]]
+    model_file = ["../models/uneven.toml"]    # a model file (relative to the grid) instead of fc layers x width
 
-Axes keys: layers, width, batch_size, stages, microbatches, partition, schedule,
-chunks. For every (layers, width, batch size) a single-rank baseline case is
-added, so that measured and predicted speedups can be compared. The first form,
+Axes keys: model_file, layers, width, batch_size, stages, microbatches,
+partition, schedule, chunks (``models = [...]`` in the older form). For every
+(model, batch size) a single-rank baseline case is added, so that measured and
+predicted speedups can be compared. The first form,
 ``[[groups]]`` of plural lists (``widths = [512]``, ``batch_sizes = [512]``...),
 is still read.
 """
@@ -38,22 +41,29 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from .costs import ProfileCostModel
 from .errors import UserError
 from .limits import MAX_BATCH_SIZE, MAX_LAYERS, MAX_STAGES, MAX_WIDTH
-from .model import fc
+from .model import ModelSpec, fc, load_model
 from .plan import Plan, make_plan
 from .schedule import SCHEDULES, Schedule
 from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups", "base", "axes"}
-_GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules", "chunks"}
+_GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules", "chunks",
+               "models"}
 
 
 class GridError(UserError):
     """A grid file that cannot be used; one line for the user."""
+
+
+@cache
+def _model_file(path: str) -> ModelSpec:
+    return load_model(path)
 
 
 @dataclass(frozen=True)
@@ -66,16 +76,24 @@ class Case:
     partition: str
     schedule: str  # a schedule's name or a schedule file
     chunks: int = 0  # chunks per rank; 0: the schedule's own
+    model_file: str = ""  # a model file (models/*.toml) instead of fc layers x width
+
+    def model(self) -> ModelSpec:
+        return _model_file(self.model_file) if self.model_file else fc(self.layers, self.width)
+
+    @property
+    def model_name(self) -> str:
+        return self.model().name
 
     @property
     def label(self) -> str:
         chunks = f" v{self.chunks}" if self.chunks else ""
-        return (f"fc{self.layers}x{self.width} b{self.batch_size} p{self.stages} m{self.microbatches} "
+        return (f"{self.model_name} b{self.batch_size} p{self.stages} m{self.microbatches} "
                 f"{self.schedule}{chunks} [{self.partition}]")
 
     @property
-    def model_key(self) -> tuple[int, int, int]:
-        return self.layers, self.width, self.batch_size
+    def model_key(self) -> tuple[str, int]:
+        return self.model_name, self.batch_size
 
     @property
     def is_baseline(self) -> bool:
@@ -126,6 +144,18 @@ def _setting(data: dict, key: str, default, low: int, path: Path):
     return value
 
 
+def _relative(model_file: str, grid: Path) -> str:
+    """A grid's model file, relative to the grid's folder unless absolute; it must load."""
+    from .errors import UserError as _Error
+
+    path = str(model_file if Path(model_file).is_absolute() else grid.parent / model_file)
+    try:
+        _model_file(path)
+    except _Error as exc:
+        raise GridError(f"{grid}: {exc}") from None
+    return path
+
+
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     data = read_toml(path, GridError, "grid")
@@ -148,14 +178,17 @@ def load_grid(path: str | Path) -> Grid:
         lists = [_list(group, key, where) for key in ("layers", "widths", "batch_sizes", "stages",
                                                        "microbatches", "partitions", "schedules")]
         lists.append(_list(group, "chunks", where) if "chunks" in group else [0])
+        lists.append([_relative(item, path) for item in _list(group, "models", where)] if "models" in group else [""])
         for values in itertools.product(*lists):
             case = Case(*values)
             if case not in cases:
                 cases.append(case)
     if not cases:
         raise GridError(f"{path}: no cases (add [[groups]])")
-    for layers, width, batch in dict.fromkeys(c.model_key for c in cases):
-        baseline = Case(layers, width, batch, 1, 1, str(layers), "gpipe")
+    for first in {c.model_key: c for c in reversed(cases)}.values():
+        layers = first.model().num_layers
+        baseline = Case(first.layers, first.width, first.batch_size, 1, 1, str(layers), "gpipe", 0,
+                        first.model_file)
         if baseline not in cases:
             cases.insert(0, baseline)
     return Grid(_setting(data, "name", path.stem, 0, path), _setting(data, "iterations", 20, 1, path),
@@ -167,7 +200,7 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The fc widths and micro-batch sizes a grid's cases compute at: what
     `pipesim calibrate --widths ... --microbatch-sizes ...` must measure so
     that every cost the grid uses is a measured cell."""
-    widths = sorted({c.width for c in grid.cases})
+    widths = sorted({layer.out_features for c in grid.cases for layer in c.model().layers})
     sizes = sorted({c.batch_size // c.microbatches for c in grid.cases})
     return tuple(widths), tuple(sizes)
 
@@ -179,7 +212,7 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
     if schedule not in SCHEDULES:  # a schedule file
         schedule, _ = load_schedule_file(case.schedule, case.stages, case.chunks or None, case.microbatches,
                                          case.schedule)
-    return make_plan(fc(case.layers, case.width), case.stages, case.microbatches, case.batch_size,
+    return make_plan(case.model(), case.stages, case.microbatches, case.batch_size,
                      schedule, case.partition, costs, case.chunks or None)
 
 
@@ -188,11 +221,11 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
 # --- base spec + axes -> groups ---------------------------------------------------------
 
 # axis key (a spec field) -> the group key of the [[groups]] form
-_AXES = {"layers": "layers", "width": "widths", "batch_size": "batch_sizes", "stages": "stages",
+_AXES = {"model_file": "models", "layers": "layers", "width": "widths", "batch_size": "batch_sizes", "stages": "stages",
          "microbatches": "microbatches", "partition": "partitions", "schedule": "schedules", "chunks": "chunks"}
 _DEFAULTS = {"layers": 32, "width": 512, "batch_size": 512, "stages": 2, "microbatches": 8,
              "partition": "balanced", "schedule": "1f1b"}
-_UNUSED = ("model_file", "profile", "profile_sha256", "schedule_file", "partition_counts", "memory_cap",
+_UNUSED = ("profile", "profile_sha256", "schedule_file", "partition_counts", "memory_cap",
            "rank_speed", "links", "ranks_per_node")
 
 

@@ -23,7 +23,7 @@ def validation_csv(results) -> str:
     for r in results:
         c = r.case
         low, high = r.spread_s()
-        writer.writerow([c.label, c.layers, c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
+        writer.writerow([c.label, c.model().num_layers, "" if c.model_file else c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
                          c.partition, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}", f"{r.error:.4f}",
                          f"{low:.6f}", f"{high:.6f}", " ".join(f"{m:.6f}" for m in r.round_medians_s),
                          f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}"])
@@ -62,16 +62,16 @@ def plot_speedups(rows, path: str, title: str) -> None:
         c = result.case
         if c.partition != "balanced":
             continue
-        key = (c.layers, c.width, c.batch_size, c.schedule, c.microbatches)
+        key = (*c.model_key, c.schedule, c.microbatches)
         series.setdefault(key, []).append((c.stages, measured, predicted))
     for index, (key, points) in enumerate(sorted(series.items())):
         points = sorted([(1, 1.0, 1.0)] + points)
         stages = [p for p, _, _ in points]
         colour = f"C{index % 10}"
-        label = f"fc{key[0]}x{key[1]} b{key[2]} {key[3]} m{key[4]}"
+        label = f"{key[0]} b{key[1]} {key[2]} m{key[3]}"
         ax.plot(stages, [m for _, m, _ in points], "o-", color=colour, label=f"{label} measured")
         ax.plot(stages, [p for _, _, p in points], "x--", color=colour, label=f"{label} predicted")
-        m = key[4]
+        m = key[3]
         ax.plot(stages, [p * m / (m + p - 1) for p in stages], ":", color=colour, alpha=0.6,
                 label=f"ideal pm/(m+p-1), m={m}")
     ax.set_xlabel("stages (ranks)")
@@ -137,7 +137,7 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
         c = group[0].case
         measured_order = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.measured_s))
         predicted_order = " < ".join(r.case.partition for r in sorted(group, key=lambda r: r.predicted_s))
-        lines.append(f"| fc{c.layers}x{c.width} p{c.stages} m{c.microbatches} {c.schedule} | {measured_order} | "
+        lines.append(f"| {c.model_name} p{c.stages} m{c.microbatches} {c.schedule} | {measured_order} | "
                      f"{predicted_order} | {'yes' if ranking_matches(group) else 'no'} |")
     lines += ["", "## Where the error comes from", "",
               "Per case, the median iteration of the last round minus the simulated step, per rank "

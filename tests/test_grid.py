@@ -75,7 +75,7 @@ def test_a_base_alone_is_one_case_plus_its_baseline(tmp_path):
     (NEW.replace("stages = 2", "stages = 2\nbogus = 1"), "[base] [execution]: unknown key 'bogus'"),
     (NEW + "[base.what_ifs]\nranks_per_node = 2\n", "validation grids do not take ranks_per_node"),
     (NEW.replace("[base.model]\nlayers = 8\nwidth = 64", '[base.model]\nfile = "m.toml"'),
-     "validation grids do not take model_file"),
+     "model file not found"),
     (NEW.replace("stages = 2", "stages = 2\noptimizer = \"adam\""), "measure with sgd"),
     (NEW.replace("microbatches = [2, 4]", "microbatches = [0]"), "microbatches must hold integers in"),
     ("axes = 3\n", "axes must be tables"),
@@ -90,3 +90,26 @@ def test_every_shipped_grid_is_in_the_base_and_axes_form(path):
     data = tomllib.loads(path.read_text())
     assert "groups" not in data and "base" in data and "axes" in data
     assert load_grid(path).cases
+
+
+def test_a_grid_can_measure_a_model_file(tmp_path):
+    """A model file in the base or an axis: its cases plan that model, are named by it,
+    get their own one-rank baseline, and ask calibration for its widths."""
+    from pipesim.grid import calibration_cells, load_grid, plan_case
+    from pipesim.costs import ProfileCostModel
+    from pipesim.profile import load_profile
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text(
+        "[base.model]\nlayers = 8\nwidth = 64\n[base.execution]\nbatch_size = 64\nstages = 2\n"
+        "microbatches = 4\n[[axes]]\nschedule = [\"1f1b\"]\n"
+        f"[[axes]]\nmodel_file = [\"{models / 'uneven.toml'}\"]\nschedule = [\"gpipe\"]\n")
+    grid = load_grid(grid_file)
+    labels = [c.label for c in grid.cases]
+    assert labels == ["fc8x64 b64 p1 m1 gpipe [8]", "uneven16 b64 p1 m1 gpipe [16]",
+                      "fc8x64 b64 p2 m4 1f1b [balanced]", "uneven16 b64 p2 m4 gpipe [balanced]"], labels
+    costs = ProfileCostModel(load_profile("default"))
+    plan = plan_case(grid.cases[-1], costs)
+    assert plan.model.name == "uneven16" and plan.model.num_layers == 16
+    assert calibration_cells(grid) == ((64, 256, 1024), (16, 64))

@@ -42,7 +42,7 @@ def write_grid(tmp_path, text=GRID) -> Path:
 def test_grid_is_the_product_plus_a_baseline(tmp_path):
     grid = V.load_grid(write_grid(tmp_path))
     assert len(grid.cases) == 2 * 3 * 2 + 1
-    assert grid.cases[0].is_baseline and grid.cases[0].model_key == (8, 64, 32)
+    assert grid.cases[0].is_baseline and grid.cases[0].model_key == ("fc8x64", 32)
     assert (grid.iterations, grid.warmup, grid.rounds) == (3, 1, 2)
 
 
