@@ -7,12 +7,16 @@ and a measurement compare field by field.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from ..optimize import Optimum, count_partitions, fits_cap
 from ..plan import Plan
 from ..predict import Prediction
 from ..sweep import PointResult, Sweep
 from ..timeline import Metrics
+
+if TYPE_CHECKING:  # the runner's module is only imported where a run happened
+    from ..runner.results import Measurement
 
 
 def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
@@ -113,3 +117,22 @@ def searched_json(optima: list[Optimum]) -> list[dict]:
     return [{"schedule": o.problem.build_schedule().name, "num_chunks": o.problem.build_schedule().num_chunks,
              "partition": list(o.best.plan.partition.counts), "iteration_time_s": o.best.metrics.iteration_time_s,
              "proven_optimal": o.proven} for o in optima]
+
+
+def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
+    data = result_json(
+        m.plan,
+        m.metrics,
+        iteration_time_s=m.median_s,
+        iteration_times_s=m.iteration_times_s,
+        p10_s=m.percentile_s(10),
+        p90_s=m.percentile_s(90),
+        source="measured",
+        mpi=m.mpi,
+        **extra,
+    )
+    data["throughput_samples_per_s"] = m.plan.batch_size / m.median_s
+    for rank in data["ranks"]:
+        rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
+        rank["host"] = m.hosts[rank["rank"]]
+    return data

@@ -5,11 +5,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Unpack
+from typing import Unpack
 
 import numpy as np
 
-from ..formats.jsondata import result_json
 from ..plan import Plan
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
 from .config import RunConfig, RunOptions
@@ -78,22 +77,3 @@ def measure(plan: Plan, log: Callable[[str], object] = print,
     config = RunConfig.from_plan(plan, **options)
     result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log)
     return None if result is None else from_result(plan, result)
-
-
-def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
-    data = result_json(
-        m.plan,
-        m.metrics,
-        iteration_time_s=m.median_s,
-        iteration_times_s=m.iteration_times_s,
-        p10_s=m.percentile_s(10),
-        p90_s=m.percentile_s(90),
-        source="measured",
-        mpi=m.mpi,
-        **extra,
-    )
-    data["throughput_samples_per_s"] = m.plan.batch_size / m.median_s
-    for rank in data["ranks"]:
-        rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
-        rank["host"] = m.hosts[rank["rank"]]
-    return data
