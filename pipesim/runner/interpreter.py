@@ -62,7 +62,7 @@ class SavedBytes:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in self.exclude:
             self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        return tensor.detach()  # not the tensor: that would tie it to its own graph node in a cycle
 
     @property
     def total(self) -> int:
