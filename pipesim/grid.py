@@ -146,12 +146,10 @@ def _setting(data: dict, key: str, default, low: int, path: Path):
 
 def _relative(model_file: str, grid: Path) -> str:
     """A grid's model file, relative to the grid's folder unless absolute; it must load."""
-    from .errors import UserError as _Error
-
     path = str(model_file if Path(model_file).is_absolute() else grid.parent / model_file)
     try:
         _model_file(path)
-    except _Error as exc:
+    except UserError as exc:
         raise GridError(f"{grid}: {exc}") from None
     return path
 
