@@ -143,3 +143,15 @@ def test_an_unknown_optimizer_is_an_error_not_none():
 
     with pytest.raises(ValueError, match=r"unknown optimizer 'lamb' \(allowed: sgd, adam\)"):
         make_optimizer("lamb", [torch.zeros(2, requires_grad=True)])
+
+
+@pytest.mark.parametrize("ranks, threads, cores, bind", [
+    (4, 1, 16, "core"),   # one single-threaded rank per core: pinned
+    (2, 2, 16, "none"),   # a rank's threads must be free to use several cores
+    (4, 1, 2, "none"),    # oversubscribed: ranks share cores
+])
+def test_mpiexec_pins_one_thread_ranks_to_cores_only_when_they_fit(monkeypatch, ranks, threads, cores, bind):
+    monkeypatch.setattr(launch_module.os, "cpu_count", lambda: cores)
+    command, _ = launch_module.mpiexec_command(ranks, threads, "job.json")
+    assert command[command.index("--bind-to") + 1] == bind
+    assert ("--oversubscribe" in command) == (ranks * threads > cores)

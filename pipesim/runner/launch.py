@@ -72,12 +72,15 @@ def mpiexec_command(num_ranks: int, threads_per_rank: int, job_path: str) -> tup
         command.append("--allow-run-as-root")
         notes.append("running as root: added --allow-run-as-root")
     cores = os.cpu_count() or 1
-    if num_ranks * threads_per_rank > cores:
+    oversubscribed = num_ranks * threads_per_rank > cores
+    if oversubscribed:
         command.append("--oversubscribe")
         notes.append(f"{num_ranks} ranks x {threads_per_rank} threads > {cores} cores: added "
                      "--oversubscribe (ranks share cores; timings are not those of one rank per core)")
-    if threads_per_rank > 1:
-        command += ["--bind-to", "none"]
+    # One single-threaded rank per core, pinned: Open MPI binds to a whole package
+    # by default above 2 ranks, which lets ranks migrate between cores mid-step.
+    pinned = threads_per_rank == 1 and not oversubscribed
+    command += ["--bind-to", "core" if pinned else "none"]
     command += [sys.executable, "-m", "pipesim.runner.worker", job_path]
     return command, notes
 
