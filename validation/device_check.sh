@@ -4,7 +4,8 @@
 # for one-thread ranks that fit), a profile calibrated there with as many busy
 # ranks as each grid uses, and the noise floor measured before any error.
 # Wheels the machine lacks travel in .whl (see calibration/README.md):
-#   device run --carry .whl 'bash validation/device_check.sh'
+#   device run --carry .whl 'bash validation/device_check.sh [RANKS ...]'   (default: 4 8)
+# One pipeline size takes about 8 minutes there (calibration 1.5, validation 6.5).
 # Each stage's results are packed into $OUT as soon as it ends, so a run cut
 # off by its time limit still returns what it finished.
 set -uo pipefail
@@ -24,7 +25,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 log "where 8 one-thread ranks land"
 "$BIN/mpiexec" -n 8 --bind-to core --report-bindings true 2>&1 | head -8
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
-for ranks in 4 8; do
+for ranks in "${@:-4 8}"; do
   steal0=$(steal)
   log "calibrate --ranks $ranks"
   "$BIN/pipesim" calibrate --ranks "$ranks" --widths 384,512,768 --microbatch-sizes 32,64,128,256,512 \
