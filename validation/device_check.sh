@@ -25,7 +25,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 log "where 8 one-thread ranks land"
 "$BIN/mpiexec" -n 8 --bind-to core --report-bindings true 2>&1 | head -8
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
-for ranks in "${@:-4 8}"; do
+for ranks in ${*:-4 8}; do
   steal0=$(steal)
   log "calibrate --ranks $ranks"
   "$BIN/pipesim" calibrate --ranks "$ranks" --widths 384,512,768 --microbatch-sizes 32,64,128,256,512 \
