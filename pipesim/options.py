@@ -118,7 +118,14 @@ def add_spec_options(p, command: str) -> None:
     if command in ("predict", "run"):
         g.add_argument("--schedule-file", metavar="FILE", help="a schedule instead of --schedule: pipesim's "
                                                                "text form (`pipesim schedule`) or torch's CSV")
-    g.add_argument("--batch-size", type=BATCH, help="samples per mini-batch (default: 512)")
+    g.add_argument("--batch-size", type=BATCH, help="samples per mini-batch, all replicas together (default: 512)")
+    if command != "report":
+        g.add_argument("--data-parallel", type=int_in(1, lim.MAX_STAGES), metavar="D",
+                       help="pipeline replicas, world = stages x D ranks; each trains on batch/D samples "
+                            "and gradients are all-reduced per stage (default: 1)")
+        g.add_argument("--placement", choices=("stage-major", "replica-major"),
+                       help="global rank of replica d, stage s: d*P+s (stage-major: a replica's pipeline on "
+                            "consecutive ranks) or s*D+d (replica-major) (default: stage-major)")
     if command == "sweep":
         g.add_argument("--partition", choices=("balanced", "even", "optimized"),
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "

@@ -125,6 +125,8 @@ class Profile:
     optimizer_table: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # (params, seconds)
     intra_node: Link = Link()
     inter_node: Link = Link()
+    collectives: dict[str, Link] = field(default_factory=dict)  # all-reduce's link per class (version 3)
+    reduce_s_per_byte: float = 0.0  # the all-reduce's additions (collectives.py)
     description: str = ""
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used

@@ -22,8 +22,20 @@ CALIBRATE_HINT = "predictions for your own machine start with `pipesim calibrate
 
 
 def layer_text(plan, rank: int) -> str:
-    """The layer ranges of the pieces a rank holds: ``0-3`` or ``0-3,16-19``."""
-    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(rank))
+    """The layer ranges of the pieces a (global) rank holds: ``0-3`` or ``0-3,16-19``."""
+    stage = plan.layout().stage_of(rank)
+    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(stage))
+
+
+def _where_header(plan) -> str:
+    return f" {'replica':>7} {'stage':>5} {'node':>4}" if plan.data_parallel > 1 else ""
+
+
+def _where(plan, rank: int, ranks_per_node: int | None) -> str:
+    if plan.data_parallel == 1:
+        return ""
+    w = plan.layout(ranks_per_node).describe(rank)
+    return f" {w['replica']:>7} {w['stage']:>5} {w['node']:>4}"
 
 
 def prediction_text(p: Prediction, measured_on: str) -> str:
@@ -34,16 +46,24 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
                  f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
                  f"partition {plan.partition}")
+    if plan.data_parallel > 1:
+        lines.append(f"replicas   {plan.data_parallel} x {plan.num_stages} stages = {plan.world_size} ranks "
+                     f"({plan.placement}), {plan.batch_size // plan.data_parallel} samples each; gradients "
+                     f"all-reduced per stage (ring)")
     lines.append("")
     lines.append(f"iteration time   {fmt_s(m.iteration_time_s)}   "
                  f"(one rank: {fmt_s(p.baseline_time_s)}, speedup {p.speedup:.2f}x)")
     lines.append(f"throughput       {p.throughput_samples_per_s:,.0f} samples/s")
     lines.append(f"bubble fraction  {m.bubble_fraction:.1%}")
     lines.append(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
+    if plan.data_parallel > 1:
+        lines.append(f"all-reduce       {fmt_s(p.exposed_allreduce_s)} exposed (added to the step)")
     lines.append("")
-    lines.append(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
+    lines.append(f"{'rank':>4}{_where_header(plan)}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} "
+                 f"{'peak memory':>12}")
     for r in m.ranks:
-        lines.append(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+        lines.append(f"{r.rank:>4}{_where(plan, r.rank, p.ranks_per_node)}  {layer_text(plan, r.rank):<12} "
+                     f"{fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
                      f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
     return "\n".join(lines)
 
