@@ -45,3 +45,57 @@ def ring_link(ranks: Sequence[int], edge_link: Callable[[int, int], Link]) -> Li
     if not links:
         return Link()
     return Link(max(link.latency_s for link in links), min(link.bandwidth_Bps for link in links))
+
+
+# --- fitting the law to measured all-reduces (calibration) -------------------------------
+
+
+def law_coefficients(group_size: int) -> tuple[float, float]:
+    """(factor of alpha, factor of S/beta) in the ring law for `group_size` ranks."""
+    d = group_size
+    return 2.0 * (d - 1), 2.0 * (d - 1) / d
+
+
+def fit_allreduce(sizes: Sequence[int], medians_s: Sequence[float], group_size: int) -> Link:
+    """alpha and beta of the ring law from median times per size: least squares on the
+    relative error (every size counts alike, 4 KiB as much as 64 MiB), both >= 0."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    if group_size < 2 or len(sizes) < 2:
+        raise ValueError("fitting the all-reduce needs a group of >= 2 ranks and >= 2 sizes")
+    a_factor, b_factor = law_coefficients(group_size)
+    times = np.asarray(medians_s, dtype=float)
+    rows = np.column_stack([np.full(len(times), a_factor), b_factor * np.asarray(sizes, dtype=float)])
+    (alpha, inverse_beta), _ = nnls(rows / times[:, None], np.ones(len(times)))
+    return Link(float(alpha), 1.0 / inverse_beta if inverse_beta > 0 else float("inf"))
+
+
+def law_errors(sizes: Sequence[int], medians_s: Sequence[float], group_size: int, link: Link) -> list[float]:
+    """Relative error (predicted / measured - 1) of the ring law on `link`, per size."""
+    return [ring_allreduce_s(n, group_size, link) / t - 1 for n, t in zip(sizes, medians_s)]
+
+
+def calibrated_collectives(samples, link_class: str, p2p: dict) -> tuple[dict, dict]:
+    """The profile's ``collectives`` table and its ``samples.allreduce`` record from measured
+    all-reduces of one group (runner.records.AllreduceSample), of link class `link_class`;
+    `p2p`: the fitted point-to-point link of that class, which the record compares with."""
+    import statistics
+
+    group = len(samples[0].ranks)
+    sizes = [s.bytes for s in samples]
+    medians = [statistics.median(s.times_s) for s in samples]
+    fitted = fit_allreduce(sizes, medians, group)
+    bandwidth = p2p.get("bandwidth_Bps")
+    point = Link(p2p.get("latency_s", 0.0), float("inf") if bandwidth is None else bandwidth)
+    record = {
+        "group_size": group, "link_class": link_class,
+        "fit": {"latency_s": fitted.latency_s, "bandwidth_Bps": fitted.bandwidth_Bps},
+        "point_to_point": {"latency_s": point.latency_s, "bandwidth_Bps": bandwidth},
+        "sizes": [{"bytes": n, "median_s": t, "error_fit": e1, "error_point_to_point": e2}
+                  for n, t, e1, e2 in zip(sizes, medians, law_errors(sizes, medians, group, fitted),
+                                          law_errors(sizes, medians, group, point))],
+    }
+    table = {link_class: {"latency_s": fitted.latency_s, "bandwidth_Bps": fitted.bandwidth_Bps
+                          if fitted.bandwidth_Bps != float("inf") else None}}
+    return table, record

@@ -193,7 +193,12 @@ class ProfileCostModel:
         class (intra_node, inter_node) when it has one, else its point-to-point link; what-ifs on top."""
         name = "intra_node" if self.same_node(src, dst) else "inter_node"
         link = self.profile.collectives.get(name)
-        return self._link(src, dst) if link is None else self._overridden(link, src, dst)
+        if link is None:
+            _warn_once(f"profile {self.profile.name!r} has no measured {name} all-reduce (profiles before "
+                       "version 3 lack it): the ring law uses its point-to-point link; `pipesim calibrate` "
+                       "measures it")
+            return self._link(src, dst)
+        return self._overridden(link, src, dst)
 
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float:
         """A ring all-reduce of `nbytes` over global `ranks`, in ring order (collectives.py)."""

@@ -108,6 +108,7 @@ class MicrobenchConfig:
     optimizer: str
     seed: int
     stack_bytes: int  # weights per timed stack
+    allreduce_sizes: tuple[int, ...] = ()  # bytes; MPI_Allreduce over the world (runner/collbench.py)
 
 
 JobConfig = RunConfig | RunBatch | MicrobenchConfig
