@@ -109,6 +109,11 @@ def cmd_optimize(args) -> int:
 
     plots = _plots(args)
     save_config_file(args)
+    if args.ranks is not None:
+        from .workflows import run_shapes
+
+        spec, search = run_shapes(spec_from_args(args), args.ranks, args.max_simulations)
+        return finish(args, spec, text.shapes_text(search), jsondata.shapes_json(search))
     result = run_optimize(spec_from_args(args), args.max_simulations)
     _figures(plots, lambda out: report.optimize_figures(result.best, out))
     data = jsondata.optimum_json(result.best)

@@ -178,6 +178,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                                    "predicted iteration time whose every rank fits --memory-cap, and "
                                    "compare it with the even split by layer count.")
     add_spec_options(o, "optimize")
+    o.add_argument("--ranks", type=int_in(1, lim.MAX_STAGES), metavar="N",
+                   help="search the shape too: every stages x data-parallel = N, every micro-batch count "
+                        "that divides batch/D, the schedules and chunks given, and the partition")
     _max_simulations(o, "simulate at most this many candidates (default: 200)")
     _outputs(o, "print one JSON object", plots="write optimize-*.png (Gantt, memory per rank) into DIR")
 

@@ -275,6 +275,39 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     return OptimizeResult(spec, tuple(optima))
 
 
+def run_shapes(spec: ExecutionSpec, ranks: int, max_simulations: int):
+    """optimize --ranks N: the best (stages, replicas, micro-batches, schedule, chunks, partition)."""
+    from .shapes import search_shapes, shapes_for
+
+    _no_schedule_file(spec, "optimize --ranks")
+    for name, value in (("stages", spec.stages), ("microbatches", spec.microbatches)):
+        if value is not None:
+            warn_no_effect(f"{name} {','.join(map(str, value))}: optimize --ranks searches every {name[:-1]} count")
+    if spec.data_parallel != 1:
+        warn_no_effect(f"data_parallel {spec.data_parallel}: optimize --ranks searches every replica count")
+    if spec.partition not in (None, "balanced"):
+        warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
+    model = model_of(spec)
+    profile, costs = costs_of(spec)
+    costs.check_ranks(ranks)
+    spec, batch = _common(spec, model)
+    schedules, chunks = spec.schedule or ("1f1b",), spec.chunks or (None,)
+    shapes, _ = shapes_for(ranks, batch, model.num_layers, schedules, chunks)
+    lim.check_work(sum(lim.work_s(model.num_layers, s.num_stages, s.num_microbatches)
+                       for s in shapes) + 3 * lim.optimize_work_s(model.num_layers, ranks, max(
+                           (s.num_microbatches for s in shapes), default=1), min(max_simulations, 40), 2_000),
+                   f"optimize --ranks {ranks}: {len(shapes)} shapes")
+    search = search_shapes(model, costs, profile.name, ranks, batch, schedules, chunks, memory_cap_bytes(spec),
+                           data_parallel_of(spec)[1], max_simulations=min(max_simulations, 40))
+    best = search.best
+    if best.prediction is None:
+        raise UserError(f"no shape of {ranks} ranks could be predicted, e.g. {best.shape.describe()}: {best.skipped}")
+    s = best.shape
+    return replace(spec, stages=(s.num_stages,), microbatches=(s.num_microbatches,), schedule=(s.schedule,),
+                   chunks=(best.prediction.plan.num_chunks,), data_parallel=s.data_parallel,
+                   partition=",".join(map(str, best.prediction.plan.partition.counts))), search
+
+
 # --- sweep --------------------------------------------------------------------------
 
 

@@ -145,3 +145,19 @@ def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
         rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
         rank["host"] = m.hosts[rank["rank"]]
     return data
+
+
+def shapes_json(search) -> dict:
+    """optimize --ranks: the best shape's prediction, and the best of every stage count."""
+    best = search.best
+    return {**prediction_json(best.prediction), "ranks_searched": search.ranks, "shapes_tried": len(search.results),
+            "partition_searched": best.optimized, "memory_cap_bytes": search.memory_cap_bytes,
+            "best_per_stage_count": [
+                {"num_stages": p, "data_parallel": r.shape.data_parallel, "num_microbatches": r.shape.num_microbatches,
+                 "schedule": r.prediction.plan.schedule.name, "num_chunks": r.prediction.plan.num_chunks,
+                 "partition": list(r.prediction.plan.partition.counts),
+                 "iteration_time_s": r.prediction.metrics.iteration_time_s,
+                 "bubble_fraction": r.prediction.metrics.bubble_fraction,
+                 "exposed_allreduce_s": r.prediction.exposed_allreduce_s,
+                 "peak_memory_bytes": r.prediction.metrics.peak_memory_bytes}
+                for p, r in search.best_per_stage_count().items()]}
