@@ -56,19 +56,32 @@ def law_coefficients(group_size: int) -> tuple[float, float]:
     return 2.0 * (d - 1), 2.0 * (d - 1) / d
 
 
+LARGE_BYTES = 1 << 20  # the bandwidth is fitted on messages of at least this size
+
+
 def fit_allreduce(sizes: Sequence[int], medians_s: Sequence[float], group_size: int) -> Link:
-    """alpha and beta of the ring law from median times per size: least squares on the
-    relative error (every size counts alike, 4 KiB as much as 64 MiB), both >= 0."""
+    """alpha and beta of the ring law from median times per size. Like the point-to-point
+    fit (calibrate.fit_link): beta from the large messages (>= 1 MiB; least squares on the
+    relative error, with an intercept that absorbs a protocol switch), alpha from the
+    smallest message; both >= 0. One line through every size would let the many small
+    sizes set beta, and the large ones are what gradients are."""
     import numpy as np
     from scipy.optimize import nnls
 
     if group_size < 2 or len(sizes) < 2:
         raise ValueError("fitting the all-reduce needs a group of >= 2 ranks and >= 2 sizes")
     a_factor, b_factor = law_coefficients(group_size)
-    times = np.asarray(medians_s, dtype=float)
-    rows = np.column_stack([np.full(len(times), a_factor), b_factor * np.asarray(sizes, dtype=float)])
-    (alpha, inverse_beta), _ = nnls(rows / times[:, None], np.ones(len(times)))
-    return Link(float(alpha), 1.0 / inverse_beta if inverse_beta > 0 else float("inf"))
+    order = np.argsort(sizes)
+    size = np.asarray(sizes, dtype=float)[order]
+    times = np.asarray(medians_s, dtype=float)[order]
+    large = size >= LARGE_BYTES
+    if large.sum() < 2:
+        large = np.arange(len(size)) >= len(size) - 2
+    rows = np.column_stack([np.ones(int(large.sum())), b_factor * size[large]])
+    (_, inverse_beta), _ = nnls(rows / times[large, None], np.ones(int(large.sum())))
+    beta = 1.0 / inverse_beta if inverse_beta > 0 else float("inf")
+    alpha = max(float(times[0]) - b_factor * size[0] / beta, 0.0) / a_factor
+    return Link(alpha, beta)
 
 
 def law_errors(sizes: Sequence[int], medians_s: Sequence[float], group_size: int, link: Link) -> list[float]:
