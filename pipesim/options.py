@@ -114,6 +114,8 @@ def add_spec_options(p, command: str) -> None:
                        metavar="V", help="model chunks per rank: the model is cut into stages x chunks pieces "
                                          "(default: 1; 2 for interleaved-1f1b, zb-v and dualpipev)")
     if command == "schedule":
+        g.add_argument("--data-parallel", type=int_in(1, lim.MAX_STAGES), metavar="D",
+                       help="with --lowered: D > 1 adds each piece's ALLREDUCE (default: 1)")
         return
     if command in ("predict", "run"):
         g.add_argument("--schedule-file", metavar="FILE", help="a schedule instead of --schedule: pipesim's "

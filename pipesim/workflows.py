@@ -413,7 +413,7 @@ def run_schedule(spec: ExecutionSpec, text_format: str, lowered: bool) -> tuple[
     chunks = single(spec.chunks, "chunk count", "schedule")
     lim.check_size(0, stages, microbatches, chunks or 1)
     schedule = build_schedule(single(spec.schedule, "schedule", "schedule") or "1f1b", stages, microbatches, chunks)
-    text = lower(schedule).to_text() + "\n" if lowered else render(schedule, text_format)
+    text = lower(schedule, allreduce=spec.data_parallel > 1).to_text() + "\n" if lowered else render(schedule, text_format)
     return replace(spec, stages=(stages,), microbatches=(microbatches,), chunks=(schedule.num_chunks,),
                    schedule=(schedule.name,)), text
 

@@ -259,3 +259,13 @@ def test_a_config_file_with_data_parallel_round_trips(tmp_path, capsys):
     assert code == 0
     assert json.loads(first)["iteration_time_s"] == json.loads(second)["iteration_time_s"]
     assert not math.isnan(json.loads(second)["iteration_time_s"])
+
+
+def test_schedule_lowered_shows_the_all_reduces(capsys):
+    code, out, _ = run_main(capsys, "schedule", "--lowered", "--data-parallel", "2", "--stages", "2",
+                            "--microbatches", "2", "--schedule", "zb-h1")
+    assert code == 0
+    rows = [line.split(": ")[1].split() for line in out.splitlines()[1:]]
+    assert [row[-1] for row in rows] == ["0ALLREDUCE", "1ALLREDUCE"]
+    assert rows[1][-2] == "1W1"  # after the last W, for a zero-bubble schedule
+    assert LoweredSchedule.from_text(out).ranks[0][-1].kind == Kind.ALLREDUCE
