@@ -35,11 +35,33 @@ def communicators(world: Any, layout: Layout) -> tuple[Any, Any, int, int]:
 
 
 class GradientSync:
-    """One rank's all-reduces: started per piece, finished before the optimizer step."""
+    """One rank's all-reduces: started per piece, finished before the optimizer step.
+
+    Each piece's gradients live in one flat buffer (``bind``: every parameter's ``.grad``
+    is a view into it, as DDP's ``gradient_as_bucket_view``), which autograd accumulates
+    into in place and MPI all-reduces in place: no copy before or after."""
 
     def __init__(self, comm: Any, replica: int, data_parallel: int) -> None:
         self.comm, self.replica, self.data_parallel = comm, replica, data_parallel
-        self.pending: list[list[Any]] = []  # [request, flat buffer, params, piece, start_s, end_s or None]
+        self.buffers: dict[int, torch.Tensor] = {}  # piece -> its flat gradient buffer (float32, on the CPU)
+        self.pending: list[list[Any]] = []  # [request, piece, start_s, end_s or None]
+
+    def bind(self, piece: int, params: list[torch.Tensor]) -> None:
+        """Give the piece's parameters gradients that are views into one flat buffer."""
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            raise ValueError("data parallelism in the runner all-reduces float32 gradients on the CPU")
+        flat = torch.zeros(sum(p.numel() for p in params))
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.buffers[piece] = flat
+
+    def check_bound(self, piece: int, params: list[torch.Tensor]) -> None:
+        """Every gradient still a view into the piece's buffer (autograd accumulated in place)."""
+        base = self.buffers[piece].untyped_storage().data_ptr()
+        if any(p.grad is None or p.grad.untyped_storage().data_ptr() != base for p in params):
+            raise RuntimeError(f"piece {piece}: a gradient left its all-reduce buffer")
 
     def shard(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's samples of the global mini-batch."""
@@ -48,39 +70,29 @@ class GradientSync:
         return inputs[lo : lo + share], targets[lo : lo + share]
 
     def start(self, piece: int, params: list[torch.Tensor], now: float) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
-        request = self.comm.Iallreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-        self.pending.append([request, flat, params, piece, now, None])
+        self.check_bound(piece, params)
+        request = self.comm.Iallreduce(MPI.IN_PLACE, self.buffers[piece].numpy(), op=MPI.SUM)
+        self.pending.append([request, piece, now, None])
 
     def progress(self, clock: Callable[[], float]) -> None:
         """Drive the all-reduces on; note when each is seen done."""
         for entry in self.pending:
-            if entry[5] is None and entry[0].Test():
-                entry[5] = clock()
+            if entry[3] is None and entry[0].Test():
+                entry[3] = clock()
 
     def finish(self, rank: int, clock: Callable[[], float], spans: list) -> None:
-        """Wait for every all-reduce, put the summed gradients back, and record the spans."""
+        """Wait for every all-reduce (the sums are in the gradients already) and record the spans."""
         self.progress(clock)
         start = clock()
         waited = False
         for entry in self.pending:
-            if entry[5] is None:
+            if entry[3] is None:
                 entry[0].Wait()
-                entry[5] = clock()
+                entry[3] = clock()
                 waited = True
         if waited:
             spans.append((rank, "wait", start, clock(), -1, -1, -1, ALLREDUCES))
-        for request, flat, params, piece, began, ended in self.pending:
-            offset = 0
-            for p in params:
-                n = p.numel()
-                summed = flat[offset : offset + n].view_as(p).to(p.device)
-                if p.grad is None:
-                    p.grad = summed.clone()
-                else:
-                    p.grad.copy_(summed)
-                offset += n
+        for _, piece, began, ended in self.pending:
             spans.append((rank, "allreduce", began, ended, piece, -1, -1, ""))
         self.pending = []
 

@@ -116,6 +116,8 @@ class StageWorker:
                                for p in m.parameters()}
         self.actions = plan.lowered.ranks[self.rank]
         self.cuda = self.device.type == "cuda"
+        for piece, module in self.modules.items() if sync is not None else ():
+            sync.bind(piece, list(module.parameters()))
 
     # --- one step -------------------------------------------------------------
 
