@@ -69,22 +69,44 @@ def main() -> None:
                      f"{a * 1e3:.1f} ms | {a / m - 1:+.1%} | {exposed * 1e3:.2f} ms | {b * 1e3:.1f} ms | "
                      f"{b / m - 1:+.1%} |")
     lines += ["", "## Pipeline (p=2, D=1) or replicas (p=1, D=2)?", "",
-              "| model, m | measured winner (by) | predicted winner, measured all-reduce | "
-              "predicted winner, point-to-point | match |", "|---|---|---|---|---|"]
-    for (model, mb), cases in by_key.items():
-        if len(cases) < 2:
+              "Each shape at its best micro-batch count (measured best and predicted best chosen separately), "
+              "and the two shapes at the one micro-batch count both ran.", "",
+              "| model | comparison | measured winner (by) | predicted winner, measured all-reduce (by) | "
+              "predicted winner, point-to-point (by) | match |", "|---|---|---|---|---|---|"]
+    models = sorted({case.model_name for case, *_ in rows})
+    for model in models:
+        mine = [(c, m, pr) for c, m, _, _, pr in rows if c.model_name == model]
+        shapes = sorted({(c.stages, c.data_parallel) for c, _, _ in mine})
+        if len(shapes) != 2:
             continue
-        def name(c):
-            return f"p{c.stages} D{c.data_parallel}"
-        fastest = min(cases, key=lambda x: x[1])
-        slowest = max(cases, key=lambda x: x[1])
-        pa = min(cases, key=lambda x: x[2]["measured all-reduce"][0])
-        pb = min(cases, key=lambda x: x[2]["point-to-point fallback"][0])
-        lines.append(f"| {model}, m={mb} | {name(fastest[0])} ({slowest[1] / fastest[1] - 1:.0%}) | {name(pa[0])} | "
-                     f"{name(pb[0])} | {'yes' if pa[0] == fastest[0] else 'no'} / "
-                     f"{'yes' if pb[0] == fastest[0] else 'no'} |")
+        def best(shape, key):
+            return min((x for x in mine if (x[0].stages, x[0].data_parallel) == shape), key=key)
+        measured_best = [best(s, lambda x: x[1]) for s in shapes]
+        lines.append(_winner_row(model, "best m of each", measured_best,
+                                 {k: [best(s, lambda x, k=k: x[2][k][0]) for s in shapes] for k in profiles}))
+        for mb in sorted({c.microbatches for c, _, _ in mine}):
+            pair = [x for x in mine if x[0].microbatches == mb]
+            if len({(c.stages, c.data_parallel) for c, _, _ in pair}) == 2:
+                lines.append(_winner_row(model, f"m={mb}", pair, {k: pair for k in profiles}))
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _winner_row(model: str, what: str, measured: list, predicted: dict) -> str:
+    def name(case) -> str:
+        return f"p{case.stages} D{case.data_parallel}"
+
+    def pick(pair, value):
+        fast, slow = sorted(pair, key=value)
+        return fast[0], value(slow) / value(fast) - 1
+
+    winner, by = pick(measured, lambda x: x[1])
+    cells, matches = [], []
+    for key, pair in predicted.items():
+        case, margin = pick(pair, lambda x, key=key: x[2][key][0])
+        cells.append(f"{name(case)} ({margin:.0%})")
+        matches.append("yes" if name(case) == name(winner) else "no")
+    return f"| {model} | {what} | {name(winner)} ({by:.0%}) | {cells[0]} | {cells[1]} | {' / '.join(matches)} |"
 
 
 if __name__ == "__main__":
