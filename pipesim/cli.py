@@ -88,7 +88,8 @@ def write_outputs(timeline, trace: Path | None, gantt: Path | None, source: str,
     if gantt:
         from .report import gantt_png
 
-        gantt_png(timeline, str(gantt), title=f"{plan.schedule.name}, {plan.num_stages} stages, "
+        replicas = f" x {plan.data_parallel} replicas" if plan.data_parallel > 1 else ""
+        gantt_png(timeline, str(gantt), title=f"{plan.schedule.name}, {plan.num_stages} stages{replicas}, "
                   f"{plan.num_microbatches} micro-batches ({source})")
         log(f"wrote {gantt}")
 

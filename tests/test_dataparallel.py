@@ -269,3 +269,12 @@ def test_schedule_lowered_shows_the_all_reduces(capsys):
     assert [row[-1] for row in rows] == ["0ALLREDUCE", "1ALLREDUCE"]
     assert rows[1][-2] == "1W1"  # after the last W, for a zero-bubble schedule
     assert LoweredSchedule.from_text(out).ranks[0][-1].kind == Kind.ALLREDUCE
+
+
+def test_trace_and_gantt_show_the_all_reduces(capsys, tmp_path):
+    code, _, _ = run_main(capsys, "predict", "--layers", "8", "--width", "64", "--stages", "2", "--data-parallel", "2",
+                          "--gantt", str(tmp_path / "g.png"), "--trace", str(tmp_path / "t.json"))
+    assert code == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    reduces = [e for e in events if e.get("cat") == "allreduce"]
+    assert sorted(e["tid"] for e in reduces) == [f"all-reduce, rank {r}" for r in range(4)]
