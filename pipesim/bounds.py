@@ -47,6 +47,8 @@ class Problem:
     memory_cap_bytes: int | None = None
     profile_name: str = ""
     num_chunks: int | None = None
+    data_parallel: int = 1  # D replicas; `costs` is over global ranks (see `replica_costs`)
+    placement: str = "stage-major"
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, str):
@@ -59,7 +61,19 @@ class Problem:
 
     @property
     def microbatch_size(self) -> int:
-        return self.batch_size // self.num_microbatches
+        return self.batch_size // (self.data_parallel * self.num_microbatches)
+
+    @property
+    def replica_costs(self) -> CostModel:
+        """The costs replica 0 sees on its local ranks: what the bounds use (any replica's
+        pipeline time is a lower bound of the data-parallel step)."""
+        if self.data_parallel == 1:
+            return self.costs
+        from .dataparallel import Layout, replica_costs
+
+        layout = Layout(self.num_stages, self.data_parallel, self.placement,
+                        getattr(self.costs, "ranks_per_node", None))
+        return replica_costs(self.costs, layout)
 
     def build_schedule(self) -> Schedule:
         """The schedule (__post_init__ has built it from its name)."""

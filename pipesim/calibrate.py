@@ -58,6 +58,7 @@ class CalibrationSettings:
     seed: int = 0
     stack_bytes: int = 16 * MiB  # weights per timed stack: like a real stage's, beyond the caches
     overhead_iterations: int = 20
+    allreduce_sizes: tuple[int, ...] = tuple(4 * KiB * 4**k for k in range(8))  # 4 KiB .. 64 MiB
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def microbench(self) -> MicrobenchConfig:
@@ -66,7 +67,7 @@ class CalibrationSettings:
             widths=self.widths, microbatch_sizes=self.microbatch_sizes, message_sizes=self.message_sizes,
             repeats=self.repeats, warmup=self.warmup, pingpong_repeats=self.pingpong_repeats,
             threads_per_rank=self.threads_per_rank, optimizer=self.optimizer, seed=self.seed,
-            stack_bytes=self.stack_bytes)
+            stack_bytes=self.stack_bytes, allreduce_sizes=self.allreduce_sizes)
 
 
 # --- fitting (pure numpy/scipy: tested without MPI) ----------------------------
@@ -300,5 +301,18 @@ def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResul
                       for r in raw.ranks for s in r.links],
         },
     }
+    if raw.allreduce:
+        _add_collectives(profile, raw, links)
     parse_profile(profile)  # what we write must load
     return profile
+
+
+def _add_collectives(profile: dict[str, Any], raw: MicrobenchResult, links: dict[str, Any]) -> None:
+    """The measured all-reduce's alpha, beta (collectives.py) and how the point-to-point fit compares."""
+    from .collectives import calibrated_collectives
+
+    processors = {r.processor for r in raw.ranks if r.rank in raw.allreduce[0].ranks}
+    name = "intra_node" if len(processors) == 1 else "inter_node"
+    table, record = calibrated_collectives(raw.allreduce, name, links.get(name, links["intra_node"]))
+    profile["collectives"] = table
+    profile["samples"]["allreduce"] = record

@@ -61,16 +61,33 @@ def warn_no_effect(message: str) -> None:
     warnings.warn(f"{message} (the option has no effect)", stacklevel=2)
 
 
-def warn_unused_what_ifs(links, ranks_per_node: int | None, num_ranks: int) -> None:
-    """--link between ranks that never exchange a message (only neighbours do), and a
+def warn_unused_what_ifs(links, ranks_per_node: int | None, num_ranks: int, layout=None) -> None:
+    """--link between ranks that never exchange a message (only neighbours do, and with
+    data parallelism (`layout`) the neighbours of an all-reduce ring), and a
     --ranks-per-node that puts the whole pipeline on one node, change nothing."""
+    used = None if layout is None else _used_pairs(layout)
     for (a, b), _ in links:
-        if b - a != 1:
+        if used is not None and (a, b) not in used:
+            warn_no_effect(f"--link {a}-{b}: ranks {a} and {b} never exchange a message: they are neither "
+                           "neighbours in a replica's pipeline nor in an all-reduce ring")
+        elif used is None and b - a != 1:
             warn_no_effect(f"--link {a}-{b}: ranks {a} and {b} never exchange a message; only "
                            f"neighbouring ranks (like {a}-{a + 1}) do")
     if ranks_per_node is not None and ranks_per_node >= num_ranks:
         warn_no_effect(f"--ranks-per-node {ranks_per_node} puts all {num_ranks} ranks on one node, "
                        "so no link uses the profile's inter_node costs")
+
+
+def _used_pairs(layout) -> set[tuple[int, int]]:
+    from .collectives import ring_edges
+
+    pairs = set()
+    for d in range(layout.data_parallel):
+        ranks = layout.replica_ranks(d)
+        pairs |= {(ranks[s], ranks[(s + 1) % len(ranks)]) for s in range(len(ranks))}
+    for s in range(layout.num_stages):
+        pairs |= set(ring_edges(layout.group(s)))
+    return {(min(a, b), max(a, b)) for a, b in pairs if a != b}
 
 
 def finite_json(data) -> str:

@@ -23,7 +23,7 @@ _FLAGS = {"model": "model_file", "layers": "layers", "width": "width", "profile"
           "chunks": "chunks", "schedule": "schedule", "schedule_file": "schedule_file", "partition": "partition",
           "microbatches": "microbatches", "batch_size": "batch_size", "optimizer": "optimizer",
           "memory_cap": "memory_cap", "ranks_per_node": "ranks_per_node", "rank_speed": "rank_speed",
-          "link": "links"}
+          "link": "links", "data_parallel": "data_parallel", "placement": "placement"}
 
 
 def spec_from_args(args) -> ExecutionSpec:
@@ -88,7 +88,8 @@ def write_outputs(timeline, trace: Path | None, gantt: Path | None, source: str,
     if gantt:
         from .report import gantt_png
 
-        gantt_png(timeline, str(gantt), title=f"{plan.schedule.name}, {plan.num_stages} stages, "
+        replicas = f" x {plan.data_parallel} replicas" if plan.data_parallel > 1 else ""
+        gantt_png(timeline, str(gantt), title=f"{plan.schedule.name}, {plan.num_stages} stages{replicas}, "
                   f"{plan.num_microbatches} micro-batches ({source})")
         log(f"wrote {gantt}")
 
@@ -109,6 +110,11 @@ def cmd_optimize(args) -> int:
 
     plots = _plots(args)
     save_config_file(args)
+    if args.ranks is not None:
+        from .workflows import run_shapes
+
+        spec, search = run_shapes(spec_from_args(args), args.ranks, args.max_simulations)
+        return finish(args, spec, text.shapes_text(search), jsondata.shapes_json(search))
     result = run_optimize(spec_from_args(args), args.max_simulations)
     _figures(plots, lambda out: report.optimize_figures(result.best, out))
     data = jsondata.optimum_json(result.best)

@@ -43,6 +43,7 @@ class CostModel(Protocol):
     def link_id(self, src: int, dst: int) -> Hashable: ...
     def optimizer_s(self, params: int, rank: int | None = None) -> float: ...
     def static_bytes(self, params: int) -> int: ...
+    def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float: ...
 
 
 class WhatIfError(UserError):
@@ -150,6 +151,8 @@ class ProfileCostModel:
                 return self._split(layer_kind)[1]
             case Kind.SEND | Kind.RECV:
                 raise ValueError(f"{kind} is a message, not compute: its cost is transfer_s")
+            case Kind.ALLREDUCE:
+                raise ValueError(f"{kind} is a collective, not compute: its cost is allreduce_s")
             case _:
                 assert_never(kind)
 
@@ -172,15 +175,37 @@ class ProfileCostModel:
         work = sum(self.layer_s(layer, kind, microbatch_size) for layer in layers)
         return (work + self.profile.action_overhead_s) / self.speed(rank)
 
-    def _link(self, src: int, dst: int) -> Link:
-        if self.ranks_per_node is None or src // self.ranks_per_node == dst // self.ranks_per_node:
-            link = self.profile.intra_node
-        else:
-            link = self.profile.inter_node
+    def same_node(self, src: int, dst: int) -> bool:
+        return self.ranks_per_node is None or src // self.ranks_per_node == dst // self.ranks_per_node
+
+    def _overridden(self, link: Link, src: int, dst: int) -> Link:
         for pair, override in self.link_overrides:
             if pair in ((src, dst), (dst, src)):
                 link = override.apply(link)
         return link
+
+    def _link(self, src: int, dst: int) -> Link:
+        link = self.profile.intra_node if self.same_node(src, dst) else self.profile.inter_node
+        return self._overridden(link, src, dst)
+
+    def collective_link(self, src: int, dst: int) -> Link:
+        """One edge of an all-reduce ring: the profile's measured all-reduce link of the edge's
+        class (intra_node, inter_node) when it has one, else its point-to-point link; what-ifs on top."""
+        name = "intra_node" if self.same_node(src, dst) else "inter_node"
+        link = self.profile.collectives.get(name)
+        if link is None:
+            _warn_once(f"profile {self.profile.name!r} has no measured {name} all-reduce (profiles before "
+                       "version 3 lack it): the ring law uses its point-to-point link; `pipesim calibrate` "
+                       "measures it")
+            return self._link(src, dst)
+        return self._overridden(link, src, dst)
+
+    def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float:
+        """A ring all-reduce of `nbytes` over global `ranks`, in ring order (collectives.py)."""
+        from .collectives import ring_allreduce_s, ring_link
+
+        return ring_allreduce_s(nbytes, len(ranks), ring_link(ranks, self.collective_link),
+                                self.profile.reduce_s_per_byte)
 
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float:
         return self._link(src, dst).time_s(nbytes)

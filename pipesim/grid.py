@@ -30,7 +30,8 @@ union of every entry's product over the base::
     model_file = ["../models/uneven.toml"]    # a model file (relative to the grid) instead of fc layers x width
 
 Axes keys: model_file, layers, width, batch_size, stages, microbatches,
-partition, schedule, chunks (``models = [...]`` in the older form). For every
+partition, schedule, chunks, data_parallel (``models = [...]``, ``data_parallels = [...]``
+in the older form; data_parallel D runs D pipeline replicas, P x D ranks). For every
 (model, batch size) a single-rank baseline case is added, so that measured and
 predicted speedups can be compared. The first form,
 ``[[groups]]`` of plural lists (``widths = [512]``, ``batch_sizes = [512]``...),
@@ -54,7 +55,7 @@ from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups", "base", "axes"}
 _GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules", "chunks",
-               "models"}
+               "models", "data_parallels"}
 
 
 class GridError(UserError):
@@ -77,6 +78,7 @@ class Case:
     schedule: str  # a schedule's name or a schedule file
     chunks: int = 0  # chunks per rank; 0: the schedule's own
     model_file: str = ""  # a model file (models/*.toml) instead of fc layers x width
+    data_parallel: int = 1  # pipeline replicas: stages x data_parallel ranks
 
     def model(self) -> ModelSpec:
         return _model_file(self.model_file) if self.model_file else fc(self.layers, self.width)
@@ -88,7 +90,8 @@ class Case:
     @property
     def label(self) -> str:
         chunks = f" v{self.chunks}" if self.chunks else ""
-        return (f"{self.model_name} b{self.batch_size} p{self.stages} m{self.microbatches} "
+        replicas = f" d{self.data_parallel}" if self.data_parallel > 1 else ""
+        return (f"{self.model_name} b{self.batch_size} p{self.stages}{replicas} m{self.microbatches} "
                 f"{self.schedule}{chunks} [{self.partition}]")
 
     @property
@@ -97,7 +100,7 @@ class Case:
 
     @property
     def is_baseline(self) -> bool:
-        return self.stages == 1 and self.microbatches == 1
+        return self.stages == 1 and self.microbatches == 1 and self.data_parallel == 1
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Grid:
 
 _INT_RANGES = {"layers": (1, MAX_LAYERS), "widths": (1, MAX_WIDTH), "batch_sizes": (1, MAX_BATCH_SIZE),
                "stages": (1, MAX_STAGES), "microbatches": (1, MAX_BATCH_SIZE),
-               "chunks": (1, MAX_STAGES)}
+               "chunks": (1, MAX_STAGES), "data_parallels": (1, MAX_STAGES)}
 
 
 def _list(group: dict, key: str, where: str) -> list:
@@ -177,6 +180,7 @@ def load_grid(path: str | Path) -> Grid:
                                                        "microbatches", "partitions", "schedules")]
         lists.append(_list(group, "chunks", where) if "chunks" in group else [0])
         lists.append([_relative(item, path) for item in _list(group, "models", where)] if "models" in group else [""])
+        lists.append(_list(group, "data_parallels", where) if "data_parallels" in group else [1])
         for values in itertools.product(*lists):
             case = Case(*values)
             if case not in cases:
@@ -199,7 +203,7 @@ def calibration_cells(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
     `pipesim calibrate --widths ... --microbatch-sizes ...` must measure so
     that every cost the grid uses is a measured cell."""
     widths = sorted({layer.out_features for c in grid.cases for layer in c.model().layers})
-    sizes = sorted({c.batch_size // c.microbatches for c in grid.cases})
+    sizes = sorted({c.batch_size // (c.microbatches * c.data_parallel) for c in grid.cases})
     return tuple(widths), tuple(sizes)
 
 
@@ -210,6 +214,12 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
     if schedule not in SCHEDULES:  # a schedule file
         schedule, _ = load_schedule_file(case.schedule, case.stages, case.chunks or None, case.microbatches,
                                          case.schedule)
+    if case.data_parallel > 1:
+        from .dataparallel import Layout, replica_costs
+
+        replica = replica_costs(costs, Layout(case.stages, case.data_parallel, ranks_per_node=costs.ranks_per_node))
+        return make_plan(case.model(), case.stages, case.microbatches, case.batch_size, schedule, case.partition,
+                         replica, case.chunks or None, case.data_parallel)
     return make_plan(case.model(), case.stages, case.microbatches, case.batch_size,
                      schedule, case.partition, costs, case.chunks or None)
 
@@ -220,11 +230,12 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
 
 # axis key (a spec field) -> the group key of the [[groups]] form
 _AXES = {"model_file": "models", "layers": "layers", "width": "widths", "batch_size": "batch_sizes", "stages": "stages",
-         "microbatches": "microbatches", "partition": "partitions", "schedule": "schedules", "chunks": "chunks"}
+         "microbatches": "microbatches", "partition": "partitions", "schedule": "schedules", "chunks": "chunks",
+         "data_parallel": "data_parallels"}
 _DEFAULTS = {"layers": 32, "width": 512, "batch_size": 512, "stages": 2, "microbatches": 8,
-             "partition": "balanced", "schedule": "1f1b"}
+             "partition": "balanced", "schedule": "1f1b", "data_parallel": 1}
 _UNUSED = ("profile", "profile_sha256", "schedule_file", "partition_counts", "memory_cap",
-           "rank_speed", "links", "ranks_per_node")
+           "rank_speed", "links", "ranks_per_node", "placement")
 
 
 def _groups_of(base: dict, axes: list, path: Path) -> list[dict]:

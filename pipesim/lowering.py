@@ -27,6 +27,7 @@ from .schedule import (
     MessageKey,
     Schedule,
     ScheduleError,
+    gradients_ready,
     is_compute,
     local_prerequisites,
     makes_output,
@@ -57,7 +58,7 @@ class LoweredSchedule:
                     raise ScheduleError(f"{action} is a message without a direction")
                 step = 0 if action.kind == Kind.RECV else 1 if action.direction == Kind.F else -1
                 return MessageKey(action.piece + step, action.direction, action.microbatch)
-            case Kind.F | Kind.B | Kind.I | Kind.W:
+            case Kind.F | Kind.B | Kind.I | Kind.W | Kind.ALLREDUCE:
                 raise ScheduleError(f"{action} is not a message")
             case _:
                 assert_never(action.kind)
@@ -80,7 +81,8 @@ class LoweredSchedule:
         schedule = from_rows([tuple(a for a in row if is_compute(a.kind)) for row in rows],
                              meta.get("name", "custom"), meta)
         shell = cls(schedule, ())
-        ranks = tuple(tuple(a if is_compute(a.kind) else _addressed(shell, a) for a in row) for row in rows)
+        ranks = tuple(tuple(a if is_compute(a.kind) or a.kind == Kind.ALLREDUCE else _addressed(shell, a)
+                            for a in row) for row in rows)
         return cls(schedule, ranks)
 
 
@@ -92,14 +94,17 @@ def _addressed(lowered: LoweredSchedule, action: Action) -> Action:
     return action._replace(peer=peer, tag=message_tag(key, schedule.num_pieces))
 
 
-def lower(schedule: Schedule) -> LoweredSchedule:
+def lower(schedule: Schedule, allreduce: bool = False) -> LoweredSchedule:
     """Add a RECV before each action whose input comes from another rank and a
-    SEND after each action whose output goes to another rank."""
+    SEND after each action whose output goes to another rank; with `allreduce`
+    (data parallelism), an ALLREDUCE of each piece after its last B or W and its SEND
+    (schedule.gradients_ready)."""
     n = schedule.num_pieces
+    ready = gradients_ready(schedule) if allreduce else {}
     ranks = []
     for rank, actions in enumerate(schedule.ranks):
         out: list[Action] = []
-        for action in actions:
+        for position, action in enumerate(actions):
             needed = needs_input(action, n)
             if needed is not None and schedule.rank_of(needed[1]) != rank:
                 key, source = needed
@@ -110,6 +115,8 @@ def lower(schedule: Schedule) -> LoweredSchedule:
             if made is not None and schedule.rank_of(made.piece) != rank:
                 out.append(Action(action.piece, Kind.SEND, made.microbatch, made.direction,
                                   schedule.rank_of(made.piece), message_tag(made, n)))
+            if ready.get(action.piece) == position:
+                out.append(Action(action.piece, Kind.ALLREDUCE, -1))
         ranks.append(tuple(out))
     return LoweredSchedule(schedule, tuple(ranks))
 

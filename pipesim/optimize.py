@@ -43,7 +43,7 @@ from .engine import simulate
 from .errors import UserError
 from .partition import Partition, check_stage_count, even_split, min_max_partition
 from .plan import Plan
-from .predict import Prediction, predict
+from .predict import Prediction, predict, simulate_plan
 from .schedule import Schedule, ScheduleError
 from .timeline import compute_metrics
 
@@ -127,6 +127,10 @@ def count_partitions(num_layers: int, num_stages: int) -> int:
 def _check(problem: Problem) -> None:
     check_stage_count(problem.model.num_layers, problem.num_pieces)
     b, m = problem.batch_size, problem.num_microbatches
+    if problem.data_parallel > 1:
+        from .dataparallel import check_shape
+
+        check_shape(b, problem.data_parallel, m)
     if b < 1 or m < 1 or b % m:
         raise ScheduleError(f"--batch-size {b} must be a positive multiple of --microbatches {m}")
 
@@ -150,7 +154,11 @@ def _infeasible(problem: Problem, table: StageCosts) -> InfeasibleError:
 
 
 def simulate_partition(problem: Problem, schedule: Schedule, partition: Partition) -> tuple[float, tuple[int, ...]]:
-    timeline = simulate(schedule, partition, problem.model, problem.costs, problem.microbatch_size)
+    if problem.data_parallel > 1:
+        plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement)
+        timeline = simulate_plan(plan, problem.costs)
+    else:
+        timeline = simulate(schedule, partition, problem.model, problem.costs, problem.microbatch_size)
     metrics = compute_metrics(timeline)
     return metrics.iteration_time_s, tuple(r.peak_memory_bytes for r in metrics.ranks)
 
@@ -288,5 +296,5 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
 
 
 def _prediction(problem: Problem, schedule: Schedule, partition: Partition) -> Prediction:
-    plan = Plan(problem.model, partition, schedule, problem.batch_size)
+    plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement)
     return predict(plan, problem.costs, problem.profile_name)

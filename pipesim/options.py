@@ -114,11 +114,20 @@ def add_spec_options(p, command: str) -> None:
                        metavar="V", help="model chunks per rank: the model is cut into stages x chunks pieces "
                                          "(default: 1; 2 for interleaved-1f1b, zb-v and dualpipev)")
     if command == "schedule":
+        g.add_argument("--data-parallel", type=int_in(1, lim.MAX_STAGES), metavar="D",
+                       help="with --lowered: D > 1 adds each piece's ALLREDUCE (default: 1)")
         return
     if command in ("predict", "run"):
         g.add_argument("--schedule-file", metavar="FILE", help="a schedule instead of --schedule: pipesim's "
                                                                "text form (`pipesim schedule`) or torch's CSV")
-    g.add_argument("--batch-size", type=BATCH, help="samples per mini-batch (default: 512)")
+    g.add_argument("--batch-size", type=BATCH, help="samples per mini-batch, all replicas together (default: 512)")
+    if command != "report":
+        g.add_argument("--data-parallel", type=int_in(1, lim.MAX_STAGES), metavar="D",
+                       help="pipeline replicas, world = stages x D ranks; each trains on batch/D samples "
+                            "and gradients are all-reduced per stage (default: 1)")
+        g.add_argument("--placement", choices=("stage-major", "replica-major"),
+                       help="global rank of replica d, stage s: d*P+s (stage-major: a replica's pipeline on "
+                            "consecutive ranks) or s*D+d (replica-major) (default: stage-major)")
     if command == "sweep":
         g.add_argument("--partition", choices=("balanced", "even", "optimized"),
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "
@@ -171,6 +180,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                                    "predicted iteration time whose every rank fits --memory-cap, and "
                                    "compare it with the even split by layer count.")
     add_spec_options(o, "optimize")
+    o.add_argument("--ranks", type=int_in(1, lim.MAX_STAGES), metavar="N",
+                   help="search the shape too: every stages x data-parallel = N, every micro-batch count "
+                        "that divides batch/D, the schedules and chunks given, and the partition")
     _max_simulations(o, "simulate at most this many candidates (default: 200)")
     _outputs(o, "print one JSON object", plots="write optimize-*.png (Gantt, memory per rank) into DIR")
 

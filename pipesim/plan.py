@@ -22,7 +22,9 @@ class Plan:
     model: ModelSpec
     partition: Partition  # one entry per piece
     schedule: Schedule
-    batch_size: int
+    batch_size: int  # the global mini-batch: each of the D replicas trains on batch_size / D samples
+    data_parallel: int = 1  # D: pipeline replicas, world = P x D ranks (dataparallel.py)
+    placement: str = "stage-major"  # how replicas' ranks are numbered (dataparallel.PLACEMENTS)
 
     @property
     def num_stages(self) -> int:
@@ -39,11 +41,21 @@ class Plan:
 
     @property
     def microbatch_size(self) -> int:
-        return self.batch_size // self.num_microbatches
+        return self.batch_size // (self.data_parallel * self.num_microbatches)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.data_parallel
+
+    def layout(self, ranks_per_node: int | None = None):
+        """Where each replica's stages run among the P x D global ranks."""
+        from .dataparallel import Layout
+
+        return Layout(self.num_stages, self.data_parallel, self.placement, ranks_per_node)
 
     @cached_property
     def lowered(self) -> LoweredSchedule:
-        return lower(self.schedule)
+        return lower(self.schedule, allreduce=self.data_parallel > 1)
 
     def stage_layers(self, piece: int):
         first, last = self.partition.bounds[piece]
@@ -104,17 +116,26 @@ def make_plan(
     partition: str = "balanced",
     costs: CostModel | None = None,
     num_chunks: int | None = None,
+    data_parallel: int = 1,
+    placement: str = "stage-major",
 ) -> Plan:
     """Build the schedule (or take the one given) and resolve a partition of its P·V pieces.
 
     `balanced` minimises the slowest piece under `costs`, each piece costed on
-    its rank (equal layer costs when no cost model is given).
+    its rank (equal layer costs when no cost model is given). With `data_parallel`
+    D > 1, each replica trains on batch_size / D samples in m micro-batches; `costs`
+    then sees the ranks of one replica (dataparallel.replica_costs).
     """
+    if data_parallel > 1 or placement != "stage-major":
+        from .dataparallel import Layout, check_shape
+
+        Layout(num_stages, data_parallel, placement)  # a known placement
+        check_shape(batch_size, data_parallel, num_microbatches)
     if batch_size < 1 or num_microbatches < 1 or batch_size % num_microbatches:
         raise ScheduleError(
             f"--batch-size {batch_size} must be a positive multiple of --microbatches {num_microbatches}"
         )
-    microbatch_size = batch_size // num_microbatches
+    microbatch_size = batch_size // (data_parallel * num_microbatches)
     if isinstance(schedule, Schedule):
         chunks, name = schedule.num_chunks, schedule.name
     else:
@@ -134,4 +155,4 @@ def make_plan(
         per_rank = {r: layer_costs(model, costs, microbatch_size, r, distinct) for r in range(schedule.num_stages)}
         weights = [per_rank[schedule.rank_of(s)] for s in range(schedule.num_pieces)]
     cut = parse_partition(partition, model.num_layers, schedule.num_pieces, stage_layer_costs=weights)
-    return Plan(model, cut, schedule, batch_size)
+    return Plan(model, cut, schedule, batch_size, data_parallel, placement)

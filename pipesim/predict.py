@@ -19,6 +19,8 @@ class Prediction:
     metrics: Metrics
     baseline_time_s: float
     engine_path: str = "des"  # which path produced the timeline: "fast" (longest path) or "des"
+    ranks_per_node: int | None = None  # the what-if that places global ranks on nodes
+    exposed_allreduce_s: float = 0.0  # how much the gradient all-reduces lengthen the step (D > 1)
 
     @property
     def speedup(self) -> float:
@@ -42,7 +44,18 @@ def baseline_time_s(model: ModelSpec, batch_size: int, costs: CostModel) -> floa
                                     single.microbatch_size)).iteration_time_s
 
 
+def simulate_plan(plan: Plan, costs: CostModel, path: str = "auto"):
+    """One step of `plan`: the pipeline, or with D > 1 every replica and the all-reduces."""
+    if plan.data_parallel == 1:
+        return simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size, path)
+    from .dataparallel import simulate_data_parallel
+
+    return simulate_data_parallel(plan, costs, plan.layout(getattr(costs, "ranks_per_node", None)), path)
+
+
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
-    timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
+    timeline = simulate_plan(plan, costs)
+    exposed = timeline.exposed_allreduce_s() if hasattr(timeline, "exposed_allreduce_s") else 0.0
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
-                      baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"))
+                      baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"),
+                      getattr(costs, "ranks_per_node", None), exposed)

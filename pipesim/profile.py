@@ -1,7 +1,9 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 2 (version 1 files still load: they lack
-the input/weight split, so the zero-bubble schedules are refused with them)::
+Schema ``pipesim-profile`` version 3 (version 1 files still load: they lack
+the input/weight split, so the zero-bubble schedules are refused with them;
+versions 1 and 2 lack the measured all-reduce, so data parallelism's ring law
+uses their point-to-point links, with a warning)::
 
     {
       "schema": "pipesim-profile", "version": 2, "name": "...",
@@ -19,6 +21,8 @@ the input/weight split, so the zero-bubble schedules are refused with them)::
       "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null,    # null = free
                                "duplex": true},   # false: both directions share one channel
                 "inter_node": {...}},              # optional, defaults to intra_node
+      "collectives": {"intra_node": {"latency_s": 1e-5, "bandwidth_Bps": 5e9},  # version 3: the ring
+                      "inter_node": {...}, "reduce_s_per_byte": 0.0},  # all-reduce's alpha, beta per class
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
     }
@@ -46,13 +50,13 @@ from .errors import UserError, read_user_text
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 
 SCHEMA = "pipesim-profile"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
-             "optimizer", "links", "metadata", "ranges", "samples", "noise"}
+             "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
@@ -125,6 +129,8 @@ class Profile:
     optimizer_table: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # (params, seconds)
     intra_node: Link = Link()
     inter_node: Link = Link()
+    collectives: dict[str, Link] = field(default_factory=dict)  # all-reduce's link per class (version 3)
+    reduce_s_per_byte: float = 0.0  # the all-reduce's additions (collectives.py)
     description: str = ""
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
@@ -268,6 +274,7 @@ def parse_profile(data: dict) -> Profile:
     _check_keys(links, {"intra_node", "inter_node"}, "links")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
     inter = _link(_table(links, "inter_node", "links"), "links.inter_node") if "inter_node" in links else intra
+    collectives, reduce_s_per_byte = _collectives(data)
     return Profile(
         name=data["name"],
         compute=compute,
@@ -278,10 +285,25 @@ def parse_profile(data: dict) -> Profile:
         optimizer_s_per_param=_number(optimizer, "s_per_param", "optimizer", 0.0),
         intra_node=intra,
         inter_node=inter,
+        collectives=collectives,
+        reduce_s_per_byte=reduce_s_per_byte,
         description=data.get("description", ""),
         ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
     )
+
+
+def _collectives(data: dict) -> tuple[dict[str, Link], float]:
+    """The all-reduce's link per class (version 3); none in older versions."""
+    if "collectives" not in data:
+        return {}, 0.0
+    if data["version"] < 3:
+        raise ProfileError(f"profile field collectives needs version 3, the file says {data['version']}")
+    table = _table(data, "collectives", "")
+    _check_keys(table, {"intra_node", "inter_node", "reduce_s_per_byte"}, "collectives")
+    links = {name: _link(_table(table, name, "collectives"), f"collectives.{name}")
+             for name in ("intra_node", "inter_node") if name in table}
+    return links, _number(table, "reduce_s_per_byte", "collectives", 0.0)
 
 
 def load_profile(source: str | Path | None = None) -> Profile:

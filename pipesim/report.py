@@ -8,10 +8,11 @@ from .formats.text import fmt_s, what_ifs_text
 from .timeline import ACTION_KINDS, Timeline
 
 COLOURS = {"F": "#4C78A8", "B": "#F58518", "I": "#E45756", "W": "#EECA3B", "optimizer": "#54A24B", "send": "#B279A2",
-           "wait": "#D0D0D0", "copy": "#9D755D"}
+           "wait": "#D0D0D0", "copy": "#9D755D", "allreduce": "#17BECF"}
 LABELS = {"F": "forward", "B": "backward", "I": "input gradient (I)", "W": "weight gradients (W)",
           "optimizer": "optimizer step", "send": "transfer (on link)",
-          "wait": "waiting for a message", "copy": "device copy"}
+          "wait": "waiting for a message", "copy": "device copy",
+          "allreduce": "gradient all-reduce (beside compute)"}
 
 
 def _pyplot():
@@ -31,6 +32,8 @@ def draw_gantt(ax, timeline: Timeline, title: str = "") -> None:
     for span in timeline.spans:
         if span.kind == "send":
             y, height = span.rank + 0.32, 0.16
+        elif span.kind == "allreduce":  # runs beside the rank's compute: a thin bar above its row
+            y, height = span.rank - 0.48, 0.16
         else:
             y, height = span.rank - 0.3, 0.6
         ax.broken_barh([(span.start_s * scale, span.duration_s * scale)], (y, height),

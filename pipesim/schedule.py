@@ -24,8 +24,8 @@ from .errors import UserError
 
 class Kind(StrEnum):
     """What an action does. Every dispatch over kinds is an exhaustive ``match`` ending in
-    ``assert_never``: a kind added here (the gradient all-reduce of data parallelism is
-    the next) fails tests/test_kinds.py in every dispatcher until each handles it."""
+    ``assert_never``: a kind added here fails tests/test_kinds.py in every dispatcher
+    until each handles it."""
 
     F = "F"  # forward
     B = "B"  # full backward (input and weight gradients at once)
@@ -33,6 +33,7 @@ class Kind(StrEnum):
     W = "W"  # backward for the weight gradients only (torch's BACKWARD_WEIGHT)
     SEND = "SEND"  # a message to another rank (lowered schedules only)
     RECV = "RECV"  # a message from another rank (lowered schedules only)
+    ALLREDUCE = "ALLREDUCE"  # start the piece's gradient all-reduce across replicas (lowered, D > 1)
 
 
 FORWARD, BACKWARD = Kind.F, Kind.B
@@ -41,6 +42,7 @@ PLACEMENTS = ("loop", "v")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipev")
 _COMPUTE_RE = re.compile(r"^(\d+)([FBIW])(\d+)$")
 _MESSAGE_RE = re.compile(r"^(\d+)(SEND|RECV)_([FB])(\d+)$")
+_ALLREDUCE_RE = re.compile(r"^(\d+)ALLREDUCE$")
 
 
 class ScheduleError(UserError):
@@ -51,7 +53,7 @@ def is_compute(kind: Kind) -> bool:
     match kind:
         case Kind.F | Kind.B | Kind.I | Kind.W:
             return True
-        case Kind.SEND | Kind.RECV:
+        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return False
         case _:
             assert_never(kind)
@@ -73,6 +75,8 @@ class Action(NamedTuple):
     def __str__(self) -> str:
         if is_compute(self.kind):
             return f"{self.piece}{self.kind}{self.microbatch}"
+        if self.kind == Kind.ALLREDUCE:
+            return f"{self.piece}{self.kind}"
         return f"{self.piece}{self.kind}_{self.direction}{self.microbatch}"
 
     @classmethod
@@ -84,8 +88,10 @@ class Action(NamedTuple):
             return cls(int(match[1]), Kind(match[2]), int(match[3]))
         if match := _MESSAGE_RE.match(text):
             return cls(int(match[1]), Kind(match[2]), int(match[4]), Kind(match[3]))
-        raise ScheduleError(f"bad action {text!r}: expected like 1F0 (piece, F/B/I/W, micro-batch) "
-                            "or 1SEND_F0 / 2RECV_B0")
+        if match := _ALLREDUCE_RE.match(text):
+            return cls(int(match[1]), Kind.ALLREDUCE, -1)
+        raise ScheduleError(f"bad action {text!r}: expected like 1F0 (piece, F/B/I/W, micro-batch), "
+                            "1SEND_F0 / 2RECV_B0 or 1ALLREDUCE")
 
 
 def rank_of_piece(piece: int, num_stages: int, placement: str) -> int:
@@ -204,7 +210,7 @@ def needs_input(action: Action, num_pieces: int) -> tuple[MessageKey, int] | Non
             return (MessageKey(piece, Kind.F, mb), piece - 1) if piece > 0 else None
         case Kind.B | Kind.I:
             return (MessageKey(piece, Kind.B, mb), piece + 1) if piece < num_pieces - 1 else None
-        case Kind.W | Kind.SEND | Kind.RECV:
+        case Kind.W | Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return None
         case _:
             assert_never(action.kind)
@@ -218,7 +224,7 @@ def makes_output(action: Action, num_pieces: int) -> MessageKey | None:
             return MessageKey(piece + 1, Kind.F, mb) if piece < num_pieces - 1 else None
         case Kind.B | Kind.I:
             return MessageKey(piece - 1, Kind.B, mb) if piece > 0 else None
-        case Kind.W | Kind.SEND | Kind.RECV:
+        case Kind.W | Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return None
         case _:
             assert_never(action.kind)
@@ -228,7 +234,7 @@ def local_prerequisites(action: Action) -> tuple[tuple[Kind, ...], ...]:
     """Actions of the same piece and micro-batch that must come first: each entry
     is satisfied by any one of its kinds."""
     match action.kind:
-        case Kind.F | Kind.SEND | Kind.RECV:
+        case Kind.F | Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return ()
         case Kind.B | Kind.I:
             return ((Kind.F,),)
@@ -271,6 +277,19 @@ def validate(schedule: Schedule) -> None:
     from .compact import validate_fast
 
     validate_fast(schedule)
+
+
+def gradients_ready(schedule: Schedule) -> dict[int, int]:
+    """Piece -> the position, in its rank's compute actions, of the piece's last B or W:
+    after it the piece's weight gradients are final, so its all-reduce can start (as
+    Megatron's gradient sync and torch's REDUCE_GRAD place it). The one statement of
+    where the all-reduce goes; lowering and the simulator both read it."""
+    ready: dict[int, int] = {}
+    for actions in schedule.ranks:
+        for position, action in enumerate(actions):
+            if action.kind in (Kind.B, Kind.W):
+                ready[action.piece] = position
+    return ready
 
 
 def build_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int | None = None) -> Schedule:

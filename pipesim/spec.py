@@ -17,7 +17,8 @@ experiment file (experiments/*.toml) holds four tables, each optional::
     batch_size = 512
     partition = "balanced"              # as given: counts, ranges or balanced
     partition_counts = [8, 8, 8, 8]     # what it resolved to (written by --save-config)
-    data_parallel = 1
+    data_parallel = 1                   # D pipeline replicas: world = stages x D ranks
+    placement = "stage-major"           # or "replica-major": how replicas' ranks are numbered
     recompute = "none"
     optimizer = "sgd"
     memory_cap = "64MiB"                # optimize and sweep
@@ -70,6 +71,7 @@ class ExecutionSpec:
     partition: str | None = None
     partition_counts: tuple[int, ...] | None = None
     data_parallel: int = 1
+    placement: str | None = None  # None: stage-major
     recompute: str = "none"
     optimizer: str | None = None
     memory_cap: str | None = None
@@ -100,6 +102,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, str]]] = {
                   "schedule_file": ("schedule_file", "path"), "microbatches": ("microbatches", "ints"),
                   "batch_size": ("batch_size", "int"), "partition": ("partition", "str"),
                   "partition_counts": ("partition_counts", "ints"), "data_parallel": ("data_parallel", "int"),
+                  "placement": ("placement", "str"),
                   "recompute": ("recompute", "str"), "optimizer": ("optimizer", "str"),
                   "memory_cap": ("memory_cap", "str")},
     "what_ifs": {"rank_speed": ("rank_speed", "strs"), "links": ("links", "strs"),
@@ -179,8 +182,10 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
             raise SpecError(f"{where}: unknown schedule {name!r} (allowed: {', '.join(SCHEDULES)})")
     if spec.optimizer is not None and spec.optimizer not in OPTIMIZERS:
         raise SpecError(f"{where}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {spec.optimizer!r}")
-    if spec.data_parallel != 1:
-        raise SpecError(f"{where}: data_parallel {spec.data_parallel} is not supported yet (only 1)")
+    from .dataparallel import PLACEMENTS
+
+    if spec.placement is not None and spec.placement not in PLACEMENTS:
+        raise SpecError(f"{where}: placement must be one of {', '.join(PLACEMENTS)}, got {spec.placement!r}")
     if spec.recompute not in RECOMPUTE:
         raise SpecError(f"{where}: recompute {spec.recompute!r} is not supported yet (only 'none')")
     return spec

@@ -52,7 +52,7 @@ class StageCosts:
         self.problem = problem
         self.schedule = schedule = problem.build_schedule()
         self.model = model = problem.model
-        self.costs = problem.costs
+        self.costs = problem.replica_costs
         self.mbs = problem.microbatch_size
         self.n = model.num_layers
         self.counts = [Counter(piece_actions(schedule, s)) for s in range(schedule.num_pieces)]

@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from .compact import KINDS, CompactSchedule, paused_gc
-from .timeline import SENDS, SPAN_KINDS, MemorySample, Metrics, RankMetrics, Span
+from .timeline import ALLREDUCES, SENDS, SPAN_KINDS, MemorySample, Metrics, RankMetrics, Span
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +33,8 @@ class StepArrays:
     send_start_s: np.ndarray  # per node that receives a message: when its producer's SEND started
     arrival_s: np.ndarray  # ... and when the message arrived (nan for other nodes)
     optimizer_s: np.ndarray  # per rank
+    ready_s: np.ndarray | None = None  # per rank: when its all-reduces have ended (data parallelism)
+    allreduce: tuple[tuple[int, int, float, float], ...] = ()  # (rank, piece, start_s, end_s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,8 +63,8 @@ class ArrayTimeline:
         sends_end = last_end.copy()
         cross = c.cross
         np.maximum.at(sends_end, c.rank[c.producer[cross]], t.arrival_s[cross])
-        optimizer_start = sends_end
-        return {"last_end": last_end, "optimizer_start": optimizer_start,
+        optimizer_start = sends_end if t.ready_s is None else np.maximum(sends_end, t.ready_s)
+        return {"last_end": last_end, "sends_end": sends_end, "optimizer_start": optimizer_start,
                 "optimizer_end": optimizer_start + t.optimizer_s}
 
     @cached_property
@@ -127,10 +129,15 @@ class ArrayTimeline:
             j = int(c.producer[i])
             spans.append(Span(rank[j], "send", float(t.send_start_s[i]), float(t.arrival_s[i]), piece[j], mb[i],
                               rank[i], _direction(kind[i])))
+        for r, piece, ar_start, ar_end in t.allreduce:
+            spans.append(Span(r, "allreduce", ar_start, ar_end, piece))
         for r in range(self.num_ranks):
             last, opt_start = float(per["last_end"][r]), float(per["optimizer_start"][r])
-            if opt_start > last:
-                spans.append(Span(r, "wait", last, opt_start, direction=SENDS))
+            sends = float(per["sends_end"][r])
+            if sends > last:
+                spans.append(Span(r, "wait", last, sends, direction=SENDS))
+            if opt_start > max(last, sends):
+                spans.append(Span(r, "wait", max(last, sends), opt_start, direction=ALLREDUCES))
             spans.append(Span(r, "optimizer", opt_start, float(per["optimizer_end"][r])))
         order = {k: n for n, k in enumerate(("wait", "send", *SPAN_KINDS))}
         return tuple(sorted(spans, key=lambda s: (s.start_s, s.rank, s.end_s, order[s.kind])))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .costs import CostModel
+from .dataparallel import DataParallelError
 from .model import ModelSpec
 from .optimize import OptimizeError, Problem, optimize
 from .partition import PartitionError
@@ -33,12 +34,14 @@ class SweepPoint:
     num_stages: int
     num_microbatches: int
     schedule: str
+    data_parallel: int = 1  # D replicas of the pipeline (world = num_stages x D)
+    placement: str = "stage-major"
 
     @property
     def closed_form_speedup(self) -> float:
-        """Balanced stages, free links, no optimizer: p*m / (m + p - 1)."""
+        """Balanced stages, free links, no optimizer: D * p*m / (m + p - 1)."""
         p, m = self.num_stages, self.num_microbatches
-        return p * m / (m + p - 1)
+        return self.data_parallel * p * m / (m + p - 1)
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,13 @@ class Sweep:
         return None
 
 
-def grid(stages: Sequence[int], microbatches: Sequence[int], schedules: Sequence[str]) -> list[SweepPoint]:
+def grid(stages: Sequence[int], microbatches: Sequence[int], schedules: Sequence[str],
+         data_parallel: int = 1, placement: str = "stage-major") -> list[SweepPoint]:
     for name in schedules:
         if name not in SCHEDULES:
             raise ScheduleError(f"unknown schedule {name!r} (allowed: {', '.join(SCHEDULES)})")
-    return [SweepPoint(p, m, s) for s, p, m in itertools.product(schedules, stages, microbatches)]
+    return [SweepPoint(p, m, s, data_parallel, placement)
+            for s, p, m in itertools.product(schedules, stages, microbatches)]
 
 
 def evaluate(point: SweepPoint, model: ModelSpec, costs: CostModel, batch_size: int,
@@ -116,19 +121,30 @@ def evaluate(point: SweepPoint, model: ModelSpec, costs: CostModel, batch_size: 
     try:
         if partition_mode == "optimized":
             problem = Problem(model, point.schedule, point.num_stages, point.num_microbatches,
-                              batch_size, costs, memory_cap_bytes)
+                              batch_size, costs, memory_cap_bytes, data_parallel=point.data_parallel,
+                              placement=point.placement)
             prediction = optimize(problem, max_simulations=OPTIMIZED_SIMULATIONS,
                                   max_expansions=OPTIMIZED_EXPANSIONS).best
         else:
             text = "balanced" if partition_mode == "balanced" else _even_text(model, point.num_stages)
             plan = make_plan(model, point.num_stages, point.num_microbatches, batch_size, point.schedule,
-                             text, costs)
+                             text, _replica0(costs, point), data_parallel=point.data_parallel,
+                             placement=point.placement)
             prediction = predict(plan, costs, "")
-    except (PartitionError, ScheduleError, OptimizeError) as exc:
+    except (PartitionError, ScheduleError, OptimizeError, DataParallelError) as exc:
         return PointResult(point, skipped=str(exc))
     metrics = prediction.metrics
     return PointResult(point, prediction.plan.partition.counts, metrics.iteration_time_s,
                        metrics.bubble_fraction, tuple(r.peak_memory_bytes for r in metrics.ranks))
+
+
+def _replica0(costs: CostModel, point: SweepPoint) -> CostModel:
+    if point.data_parallel == 1:
+        return costs
+    from .dataparallel import Layout, replica_costs
+
+    layout = Layout(point.num_stages, point.data_parallel, point.placement, getattr(costs, "ranks_per_node", None))
+    return replica_costs(costs, layout)
 
 
 def sweep_work_s(num_layers: int, points: Sequence[SweepPoint], partition_mode: str = "balanced") -> float:

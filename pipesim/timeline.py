@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 ACTION_KINDS = ("F", "B", "I", "W")  # compute actions of the schedule (W counts as compute)
 COMPUTE_KINDS = (*ACTION_KINDS, "optimizer")
-SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait", "copy")
+SPAN_KINDS = (*COMPUTE_KINDS, "send", "wait", "copy", "allreduce")
 SENDS = "sends"  # direction of a wait for the rank's own sends to complete, before its optimizer step
+ALLREDUCES = "allreduces"  # direction of a wait for the rank's gradient all-reduces (data parallelism)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class Span:
     ``send``: a transfer from ``rank`` to ``peer`` of micro-batch's activation
     (``stage`` = sending stage, direction from ``direction``);
     ``wait``: ``rank`` blocked on a message from ``peer``;
-    ``copy``: a device <-> host copy of a message (runner on cuda).
+    ``copy``: a device <-> host copy of a message (runner on cuda);
+    ``allreduce``: piece ``stage``'s gradient all-reduce across the replicas, from its
+    start to its end; it runs beside the rank's compute (non-blocking).
     """
 
     rank: int
@@ -49,6 +52,10 @@ class Span:
             return f"send {self.rank}->{self.peer} {self.direction}{self.microbatch}"
         if self.kind == "wait" and self.direction == SENDS:
             return "wait for sends"
+        if self.kind == "wait" and self.direction == ALLREDUCES:
+            return "wait for all-reduces"
+        if self.kind == "allreduce":
+            return f"all-reduce {self.stage}"
         if self.kind == "wait":
             return f"wait {self.peer}->{self.rank} {self.direction}{self.microbatch}"
         if self.kind == "copy":
@@ -149,13 +156,14 @@ def to_chrome_trace(timeline: Timeline) -> dict:
         events.append({"ph": "M", "pid": 0, "tid": rank, "name": "thread_name",
                        "args": {"name": f"rank {rank}"}})
     for span in timeline.spans:
-        on_link = span.kind == "send"
+        on_link = span.kind in ("send", "allreduce")
         events.append({
             "ph": "X",
             "name": span.name,
             "cat": span.kind,
             "pid": _LINK_PID if on_link else 0,
-            "tid": f"{span.rank}->{span.peer}" if on_link else span.rank,
+            "tid": (f"{span.rank}->{span.peer}" if span.kind == "send" else f"all-reduce, rank {span.rank}")
+            if on_link else span.rank,
             "ts": (span.start_s - origin) * 1e6,
             "dur": span.duration_s * 1e6,
             "args": {"stage": span.stage, "microbatch": span.microbatch},

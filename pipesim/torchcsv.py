@@ -40,6 +40,8 @@ def torch_token(action: Action) -> str:
             return f"{action.piece}{action.kind}{action.microbatch}"
         case Kind.SEND | Kind.RECV:
             return f"{action.piece}{action.kind}_{action.direction}{action.microbatch}"
+        case Kind.ALLREDUCE:
+            return f"{action.piece}REDUCE_GRAD"
         case _:
             assert_never(action.kind)
 

@@ -156,7 +156,7 @@ def partition_groups(results: list[CaseResult]) -> list[list[CaseResult]]:
     groups: dict[tuple, list[CaseResult]] = {}
     for r in results:
         c = r.case
-        groups.setdefault((c.model_key, c.stages, c.microbatches, c.schedule), []).append(r)
+        groups.setdefault((c.model_key, c.stages, c.data_parallel, c.microbatches, c.schedule), []).append(r)
     return [g for g in groups.values() if len({r.prediction.plan.partition for r in g}) > 1]
 
 

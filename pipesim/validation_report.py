@@ -19,14 +19,14 @@ def validation_csv(results) -> str:
     writer = csv.writer(out)
     writer.writerow(["case", "layers", "width", "batch_size", "stages", "microbatches", "schedule",
                      "partition", "measured_s", "predicted_s", "error", "p10_s", "p90_s",
-                     "round_medians_s", "peak_memory_error_max"])
+                     "round_medians_s", "peak_memory_error_max", "data_parallel"])
     for r in results:
         c = r.case
         low, high = r.spread_s()
         writer.writerow([c.label, c.model().num_layers, "" if c.model_file else c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
                          c.partition, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}", f"{r.error:.4f}",
                          f"{low:.6f}", f"{high:.6f}", " ".join(f"{m:.6f}" for m in r.round_medians_s),
-                         f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}"])
+                         f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}", c.data_parallel])
     return out.getvalue()
 
 
@@ -129,8 +129,8 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
                      f"{_ms(low)}–{_ms(high)} | {' / '.join(_ms(m) for m in r.round_medians_s)} |")
     lines += ["", "## Speedups", "", "| case | measured | predicted | ideal pm/(m+p−1) |", "|---|---:|---:|---:|"]
     for r, measured, predicted in speedups(results):
-        p, m = r.case.stages, r.case.microbatches
-        lines.append(f"| {r.case.label} | {measured:.2f}x | {predicted:.2f}x | {p * m / (m + p - 1):.2f}x |")
+        p, m, d = r.case.stages, r.case.microbatches, r.case.data_parallel
+        lines.append(f"| {r.case.label} | {measured:.2f}x | {predicted:.2f}x | {d * p * m / (m + p - 1):.2f}x |")
     lines += ["", "## Partition rankings", "", "| group | measured order (fastest first) | predicted order | match |",
               "|---|---|---|---|"]
     for group in partition_groups(results):

@@ -75,6 +75,36 @@ def _common(spec: ExecutionSpec, model: ModelSpec) -> tuple[ExecutionSpec, int]:
                    optimizer=spec.optimizer or "sgd", profile_sha256=profile_sha256(spec.profile)), batch
 
 
+def data_parallel_of(spec: ExecutionSpec) -> tuple[int, str]:
+    """(D, placement) of the spec, the defaults filled in."""
+    from .dataparallel import DEFAULT_PLACEMENT
+
+    return spec.data_parallel, spec.placement or DEFAULT_PLACEMENT
+
+
+def check_world(costs, num_stages: int, spec: ExecutionSpec) -> None:
+    """What-ifs name global ranks 0..P x D - 1; P x D within the limits."""
+    from .dataparallel import DataParallelError, Layout
+
+    d, placement = data_parallel_of(spec)
+    if num_stages * d > lim.MAX_STAGES:
+        raise DataParallelError(f"--stages {num_stages} x --data-parallel {d} = {num_stages * d} ranks; "
+                                f"at most {lim.MAX_STAGES}")
+    costs.check_ranks(num_stages * d)
+    layout = Layout(num_stages, d, placement, costs.ranks_per_node) if d > 1 else None
+    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, num_stages * d, layout)
+
+
+def _replica0(costs, num_stages: int, data_parallel: int, placement: str):
+    """The cost model replica 0 sees (local ranks 0..P-1), for the balanced cut; the model
+    itself when D = 1."""
+    from .dataparallel import Layout, replica_costs
+
+    if data_parallel == 1:
+        return costs
+    return replica_costs(costs, Layout(num_stages, data_parallel, placement, costs.ranks_per_node))
+
+
 def explicit_stage_count(spec: ExecutionSpec) -> int | None:
     """The ranks an explicit partition of P x V pieces implies (V: chunks, or the schedule's own)."""
     from .builders import DEFAULT_CHUNKS
@@ -156,8 +186,9 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
         raise SpecError("--trace and --gantt need a single configuration")
     model = model_of(spec)
     profile, costs = costs_of(spec)
-    costs.check_ranks(max(stage_list))
-    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stage_list))
+    for stages in stage_list:
+        check_world(costs, stages, spec)
+    dp, placement = data_parallel_of(spec)
     chunks = single(spec.chunks, "chunk count", "predict")
     for stages in stage_list:
         lim.check_size(model.num_layers, stages, max(microbatches), chunks or 1, spans=single_only)
@@ -168,8 +199,8 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
     for stages in stage_list:
         for mbs in microbatches:
             plan = make_plan(model, stages, mbs, batch, schedule, spec.partition or "balanced",
-                             costs, chunks)
-            costs.check_ranks(plan.num_stages)
+                             _replica0(costs, stages, dp, placement), chunks, dp, placement)
+            costs.check_ranks(plan.world_size)
             prediction = predict(plan, costs, profile.name)
             check_finite_time(prediction.metrics.iteration_time_s, "the predicted iteration time")
             check_finite_time(prediction.baseline_time_s, "the one-rank baseline time")
@@ -178,7 +209,8 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
     resolved = replace(spec, stages=tuple(stage_list), microbatches=tuple(microbatches),
                        schedule=None if spec.schedule_file else (first.schedule.name,),
                        chunks=(first.num_chunks,), partition=spec.partition or "balanced",
-                       partition_counts=first.partition.counts if len(predictions) == 1 else None)
+                       partition_counts=first.partition.counts if len(predictions) == 1 else None,
+                       placement=placement if dp > 1 else spec.placement)
     if len(predictions) == 1:
         _check_partition(spec, first.partition.counts)
     return PredictResult(resolved, tuple(predictions), profile.measured_on)
@@ -211,8 +243,8 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
         warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
     model = model_of(spec)
     profile, costs = costs_of(spec)
-    costs.check_ranks(stages)
-    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, stages)
+    check_world(costs, stages, spec)
+    dp, placement = data_parallel_of(spec)
     combos = [(name, chunks) for name in spec.schedule or ("1f1b",) for chunks in spec.chunks or (None,)]
     for _, chunks in combos:
         lim.check_size(model.num_layers, stages, microbatches, chunks or 1)
@@ -225,7 +257,7 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     for name, chunks in combos:
         try:
             problem = Problem(model, name, stages, microbatches, batch, costs,
-                              memory_cap_bytes(spec), profile.name, chunks)
+                              memory_cap_bytes(spec), profile.name, chunks, dp, placement)
         except ScheduleError as exc:
             if len(combos) == 1:
                 raise
@@ -241,6 +273,39 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
         raise UserError("no schedule and chunk count of the lists can be built (see the notes above)")
     optima.sort(key=lambda o: o.best.metrics.iteration_time_s)
     return OptimizeResult(spec, tuple(optima))
+
+
+def run_shapes(spec: ExecutionSpec, ranks: int, max_simulations: int):
+    """optimize --ranks N: the best (stages, replicas, micro-batches, schedule, chunks, partition)."""
+    from .shapes import search_shapes, shapes_for
+
+    _no_schedule_file(spec, "optimize --ranks")
+    for name, value in (("stages", spec.stages), ("microbatches", spec.microbatches)):
+        if value is not None:
+            warn_no_effect(f"{name} {','.join(map(str, value))}: optimize --ranks searches every {name[:-1]} count")
+    if spec.data_parallel != 1:
+        warn_no_effect(f"data_parallel {spec.data_parallel}: optimize --ranks searches every replica count")
+    if spec.partition not in (None, "balanced"):
+        warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
+    model = model_of(spec)
+    profile, costs = costs_of(spec)
+    costs.check_ranks(ranks)
+    spec, batch = _common(spec, model)
+    schedules, chunks = spec.schedule or ("1f1b",), spec.chunks or (None,)
+    shapes, _ = shapes_for(ranks, batch, model.num_layers, schedules, chunks)
+    lim.check_work(sum(lim.work_s(model.num_layers, s.num_stages, s.num_microbatches)
+                       for s in shapes) + 3 * lim.optimize_work_s(model.num_layers, ranks, max(
+                           (s.num_microbatches for s in shapes), default=1), min(max_simulations, 40), 2_000),
+                   f"optimize --ranks {ranks}: {len(shapes)} shapes")
+    search = search_shapes(model, costs, profile.name, ranks, batch, schedules, chunks, memory_cap_bytes(spec),
+                           data_parallel_of(spec)[1], max_simulations=min(max_simulations, 40))
+    best = search.best
+    if best.prediction is None:
+        raise UserError(f"no shape of {ranks} ranks could be predicted, e.g. {best.shape.describe()}: {best.skipped}")
+    s = best.shape
+    return replace(spec, stages=(s.num_stages,), microbatches=(s.num_microbatches,), schedule=(s.schedule,),
+                   chunks=(best.prediction.plan.num_chunks,), data_parallel=s.data_parallel,
+                   partition=",".join(map(str, best.prediction.plan.partition.counts))), search
 
 
 # --- sweep --------------------------------------------------------------------------
@@ -269,9 +334,8 @@ def run_sweep(spec: ExecutionSpec, jobs: int | None, progress: bool = True) -> S
                    chunks=None)
     model = model_of(spec)
     _, costs = costs_of(spec)
-    costs.check_ranks(max(stages))
-    warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, max(stages))
-    points = grid(stages, microbatches, schedules)
+    check_world(costs, max(stages), spec)
+    points = grid(stages, microbatches, schedules, *data_parallel_of(spec))
     jobs = min(jobs or os.cpu_count() or 1, len(points))
     lim.check_work(sweep_work_s(model.num_layers, points, partition) / jobs,
                    f"the sweep of {len(points)} points on {jobs} processes")
@@ -314,8 +378,11 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
         stages, microbatches = schedule.num_stages, schedule.num_microbatches
     spec, batch = _common(spec, model)
     spec = replace(spec, rank_speed=(), links=(), ranks_per_node=None)
+    dp, placement = data_parallel_of(spec)
+    check_world(costs, stages, spec)
     plan = make_plan(model, stages, microbatches, batch, schedule, spec.partition or "balanced",
-                     costs, single(spec.chunks, "chunk count", "run"))
+                     _replica0(costs, stages, dp, placement), single(spec.chunks, "chunk count", "run"),
+                     dp, placement)
     spec = replace(spec, stages=(stages,), microbatches=(microbatches,), chunks=(plan.num_chunks,),
                    schedule=None if spec.schedule_file else (plan.schedule.name,),
                    partition=spec.partition or "balanced", partition_counts=plan.partition.counts)
@@ -325,7 +392,8 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
     if baseline and not inside_mpi_world():
         log(f"baseline: 1 rank, whole model, batch {plan.batch_size}")
         measured_baseline = measure(baseline_plan(model, plan.batch_size), log, **options)
-    log(f"pipeline: {plan.schedule.name}, {plan.num_stages} ranks, partition {plan.partition}, "
+    replicas = f" x {dp} replicas ({placement}) = {plan.world_size} ranks" if dp > 1 else ""
+    log(f"pipeline: {plan.schedule.name}, {plan.num_stages} ranks{replicas}, partition {plan.partition}, "
         f"{plan.num_microbatches} micro-batches x {plan.microbatch_size}")
     return RunResult(spec, measure(plan, log, **options), measured_baseline)
 
@@ -345,7 +413,7 @@ def run_schedule(spec: ExecutionSpec, text_format: str, lowered: bool) -> tuple[
     chunks = single(spec.chunks, "chunk count", "schedule")
     lim.check_size(0, stages, microbatches, chunks or 1)
     schedule = build_schedule(single(spec.schedule, "schedule", "schedule") or "1f1b", stages, microbatches, chunks)
-    text = lower(schedule).to_text() + "\n" if lowered else render(schedule, text_format)
+    text = lower(schedule, allreduce=spec.data_parallel > 1).to_text() + "\n" if lowered else render(schedule, text_format)
     return replace(spec, stages=(stages,), microbatches=(microbatches,), chunks=(schedule.num_chunks,),
                    schedule=(schedule.name,)), text
 

@@ -54,7 +54,7 @@ def ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
             return 0, shape.weight_bytes_per_sample - shape.saved_bytes_per_sample
         case Kind.W:
             return 0, -shape.weight_bytes_per_sample
-        case Kind.SEND | Kind.RECV:
+        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return 0, 0
         case _:
             assert_never(kind)
@@ -67,6 +67,8 @@ def role(kind: Kind) -> str:
             return "receive"
         case Kind.SEND:
             return "send"
+        case Kind.ALLREDUCE:
+            return "all-reduce"
         case Kind.F | Kind.B | Kind.I | Kind.W:
             return "compute"
         case _:
@@ -80,7 +82,7 @@ def message_bytes_per_sample(key: MessageKey, shapes: list[StageShape]) -> int:
             return shapes[key.piece].input_bytes_per_sample
         case Kind.B:
             return shapes[key.piece].output_bytes_per_sample
-        case Kind.I | Kind.W | Kind.SEND | Kind.RECV:
+        case Kind.I | Kind.W | Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             raise ValueError(f"a message is an activation (F) or a gradient (B), not {key.direction}")
         case _:
             assert_never(key.direction)

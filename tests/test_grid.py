@@ -113,3 +113,23 @@ def test_a_grid_can_measure_a_model_file(tmp_path):
     plan = plan_case(grid.cases[-1], costs)
     assert plan.model.name == "uneven16" and plan.model.num_layers == 16
     assert calibration_cells(grid) == ((64, 256, 1024), (16, 64))
+
+
+def test_a_data_parallel_axis_makes_replica_cases(tmp_path):
+    from pipesim.costs import ProfileCostModel
+    from pipesim.grid import plan_case
+    from pipesim.profile import constant_profile
+
+    path = tmp_path / "dp.toml"
+    path.write_text("[base.model]\nlayers = 4\nwidth = 8\n[base.execution]\nbatch_size = 16\n"
+                    "[[axes]]\nstages = [1]\ndata_parallel = [2]\nmicrobatches = [1, 2]\n"
+                    "[[axes]]\nstages = [2]\nmicrobatches = [2]\n")
+    grid = load_grid(path)
+    assert [(c.stages, c.data_parallel, c.microbatches) for c in grid.cases] == \
+        [(1, 1, 1), (1, 2, 1), (1, 2, 2), (2, 1, 2)]
+    assert "p1 d2 m2" in grid.cases[2].label and grid.cases[0].is_baseline and not grid.cases[1].is_baseline
+    plan = plan_case(grid.cases[2], ProfileCostModel(constant_profile(1e-3, 2e-3)))
+    assert plan.world_size == 2 and plan.microbatch_size == 4
+    path.write_text("[[axes]]\ndata_parallel = [0]\n")
+    with pytest.raises(GridError, match="data_parallels must hold integers"):
+        load_grid(path)

@@ -57,4 +57,4 @@ def test_every_kind_reaches_a_decision(name, kind):
 def test_a_kind_nobody_handles_fails_loudly():
     """The mechanism the test above relies on: an unknown value reaches assert_never."""
     with pytest.raises(AssertionError):
-        engine.role("ALLREDUCE")
+        engine.role("REDUCE_SCATTER")

@@ -155,3 +155,40 @@ def test_mpiexec_pins_one_thread_ranks_to_cores_only_when_they_fit(monkeypatch, 
     command, _ = launch_module.mpiexec_command(ranks, threads, "job.json")
     assert command[command.index("--bind-to") + 1] == bind
     assert ("--oversubscribe" in command) == (ranks * threads > cores)
+
+
+# --- data parallelism: D replicas x p stages train like one process on the whole batch ----
+
+DP_CASES = [  # p x D <= 4 ranks
+    (1, 2, "32", "gpipe", 2, "sgd", "stage-major"),
+    (2, 2, "4,4", "1f1b", 2, "sgd", "stage-major"),
+    (2, 2, "2,6", "gpipe", 1, "adam", "replica-major"),
+    (2, 2, "3,5", "zb-h1", 2, "sgd", "replica-major"),
+]
+
+
+@pytest.mark.parametrize("stages,replicas,partition,schedule,microbatches,optimizer,placement", DP_CASES)
+def test_data_parallel_pipeline_training_equals_single_process(tmp_path, stages, replicas, partition, schedule,
+                                                               microbatches, optimizer, placement):
+    model = uneven_model()
+    partition = "8" if partition == "32" else partition
+    plan = make_plan(model, stages, microbatches, BATCH, schedule, partition, data_parallel=replicas,
+                     placement=placement)
+    params_path = tmp_path / "params.npz"
+    measured = measure(plan, log=lambda _: None, iterations=STEPS, warmup=0, seed=SEED,
+                       optimizer=optimizer, params_path=str(params_path))
+    got = dict(np.load(params_path))
+    want = reference_parameters(model, STEPS, optimizer)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    timeline = measured.timelines[-1]
+    assert timeline.num_ranks == stages * replicas
+    reduces = [s for s in timeline.spans if s.kind == "allreduce"]
+    assert sorted((s.rank, s.stage) for s in reduces) == sorted(
+        (plan.layout().global_rank(d, s), s) for d in range(replicas) for s in range(stages))
+    for span in reduces:  # started after the piece's last backward on that rank, ended before its optimizer
+        last = max(s.end_s for s in timeline.spans if s.rank == span.rank and s.stage == span.stage
+                   and s.kind in ("B", "W"))
+        optimizer_start = next(s.start_s for s in timeline.spans if s.rank == span.rank and s.kind == "optimizer")
+        assert last <= span.start_s <= span.end_s <= optimizer_start

@@ -40,7 +40,7 @@ def without_wall_clock(data):
     ("[execution]\nstages = [2, true]\n", "'stages' must be an integer"),
     ("[execution]\nmicrobatches = []\n", "must not be an empty list"),
     ("[execution]\nschedule = \"pipedream\"\n", "unknown schedule 'pipedream'"),
-    ("[execution]\ndata_parallel = 2\n", "data_parallel 2 is not supported yet (only 1)"),
+    ("[execution]\nplacement = \"diagonal\"\n", "placement must be one of stage-major, replica-major"),
     ("[execution]\nrecompute = \"full\"\n", "recompute 'full' is not supported yet"),
     ("[execution]\noptimizer = \"lamb\"\n", "optimizer must be one of sgd, adam"),
     ("[model]\nfile = \"m.toml\"\nlayers = 4\n", "as a file or as layers/width, not both"),

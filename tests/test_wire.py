@@ -23,6 +23,7 @@ from pipesim.runner.config import (
     load_job_file,
 )
 from pipesim.runner.records import (
+    AllreduceSample,
     ComputeSample,
     LinkSample,
     MicrobenchResult,
@@ -55,12 +56,13 @@ RUN_RESULT = RunResult((dataclasses.replace(RANK_RUN, rank=0, clock_offset_s=0.0
 COMPUTE = ComputeSample(1, 512, 8, 16, 262656, 524800.0, (1e-4, 1.1e-4), (2e-4,), (1e-4,), (1e-4,), 4096.0)
 LINKS = (LinkSample((0, 1), 1, (1e-6, 2e-6)), LinkSample((0, 1), 1 << 20, (1e-3,), (1.5e-3, 1.6e-3)))
 RANK_SAMPLES = RankSamples(0, "node-a", "node-a", (COMPUTE,), (OptimizerSample(262656, (3e-4, 4e-4)),), LINKS)
+ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
-                                     "Open MPI v5.0.8", "2.13.0")
+                                     "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
 
 EXAMPLES = [run_config(), RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
-            RANK_SAMPLES, MICROBENCH_RESULT]
+            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE]
 
 
 def through_json(data: dict) -> object:

@@ -19,13 +19,17 @@ if TYPE_CHECKING:  # the runner's module is only imported where a run happened
     from ..runner.results import Measurement
 
 
-def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
-    """The fields `predict --json` and `run --json` share, so they compare field by field."""
+def result_json(plan: Plan, metrics: Metrics, ranks_per_node: int | None = None, **extra) -> dict:
+    """The fields `predict --json` and `run --json` share, so they compare field by field.
+    Ranks are global ranks, each with its (replica, stage, node)."""
     ranks = []
+    layout = plan.layout(ranks_per_node)
     for rank_metrics in metrics.ranks:
-        pieces = plan.rank_bounds(rank_metrics.rank)
+        where = layout.describe(rank_metrics.rank)
+        pieces = plan.rank_bounds(where["stage"])
         ranks.append({
             "rank": rank_metrics.rank,
+            **where,
             "first_layer": pieces[0][0],  # of the rank's first piece
             "last_layer": pieces[0][1],
             "layer_ranges": [list(bounds) for bounds in pieces],
@@ -42,6 +46,9 @@ def result_json(plan: Plan, metrics: Metrics, **extra) -> dict:
         "num_stages": plan.num_stages,
         "num_chunks": plan.num_chunks,
         "num_microbatches": plan.num_microbatches,
+        "data_parallel": plan.data_parallel,
+        "placement": plan.placement,
+        "world_size": plan.world_size,
         "batch_size": plan.batch_size,
         "microbatch_size": plan.microbatch_size,
         "partition": list(plan.partition.counts),
@@ -58,6 +65,8 @@ def prediction_json(prediction: Prediction) -> dict:
     return result_json(
         prediction.plan,
         prediction.metrics,
+        prediction.ranks_per_node,
+        exposed_allreduce_s=prediction.exposed_allreduce_s,
         baseline_time_s=prediction.baseline_time_s,
         speedup=prediction.speedup,
         profile=prediction.profile,
@@ -136,3 +145,19 @@ def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
         rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
         rank["host"] = m.hosts[rank["rank"]]
     return data
+
+
+def shapes_json(search) -> dict:
+    """optimize --ranks: the best shape's prediction, and the best of every stage count."""
+    best = search.best
+    return {**prediction_json(best.prediction), "ranks_searched": search.ranks, "shapes_tried": len(search.results),
+            "partition_searched": best.optimized, "memory_cap_bytes": search.memory_cap_bytes,
+            "best_per_stage_count": [
+                {"num_stages": p, "data_parallel": r.shape.data_parallel, "num_microbatches": r.shape.num_microbatches,
+                 "schedule": r.prediction.plan.schedule.name, "num_chunks": r.prediction.plan.num_chunks,
+                 "partition": list(r.prediction.plan.partition.counts),
+                 "iteration_time_s": r.prediction.metrics.iteration_time_s,
+                 "bubble_fraction": r.prediction.metrics.bubble_fraction,
+                 "exposed_allreduce_s": r.prediction.exposed_allreduce_s,
+                 "peak_memory_bytes": r.prediction.metrics.peak_memory_bytes}
+                for p, r in search.best_per_stage_count().items()]}

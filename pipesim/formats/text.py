@@ -22,8 +22,20 @@ CALIBRATE_HINT = "predictions for your own machine start with `pipesim calibrate
 
 
 def layer_text(plan, rank: int) -> str:
-    """The layer ranges of the pieces a rank holds: ``0-3`` or ``0-3,16-19``."""
-    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(rank))
+    """The layer ranges of the pieces a (global) rank holds: ``0-3`` or ``0-3,16-19``."""
+    stage = plan.layout().stage_of(rank)
+    return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(stage))
+
+
+def _where_header(plan) -> str:
+    return f" {'replica':>7} {'stage':>5} {'node':>4}" if plan.data_parallel > 1 else ""
+
+
+def _where(plan, rank: int, ranks_per_node: int | None) -> str:
+    if plan.data_parallel == 1:
+        return ""
+    w = plan.layout(ranks_per_node).describe(rank)
+    return f" {w['replica']:>7} {w['stage']:>5} {w['node']:>4}"
 
 
 def prediction_text(p: Prediction, measured_on: str) -> str:
@@ -34,16 +46,24 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
                  f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
                  f"partition {plan.partition}")
+    if plan.data_parallel > 1:
+        lines.append(f"replicas   {plan.data_parallel} x {plan.num_stages} stages = {plan.world_size} ranks "
+                     f"({plan.placement}), {plan.batch_size // plan.data_parallel} samples each; gradients "
+                     f"all-reduced per stage (ring)")
     lines.append("")
     lines.append(f"iteration time   {fmt_s(m.iteration_time_s)}   "
                  f"(one rank: {fmt_s(p.baseline_time_s)}, speedup {p.speedup:.2f}x)")
     lines.append(f"throughput       {p.throughput_samples_per_s:,.0f} samples/s")
     lines.append(f"bubble fraction  {m.bubble_fraction:.1%}")
     lines.append(f"peak memory      {fmt_bytes(m.peak_memory_bytes)} (largest rank)")
+    if plan.data_parallel > 1:
+        lines.append(f"all-reduce       {fmt_s(p.exposed_allreduce_s)} exposed (added to the step)")
     lines.append("")
-    lines.append(f"{'rank':>4}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} {'peak memory':>12}")
+    lines.append(f"{'rank':>4}{_where_header(plan)}  {'layers':<12} {'busy':>12} {'idle':>12} {'bubble':>7} "
+                 f"{'peak memory':>12}")
     for r in m.ranks:
-        lines.append(f"{r.rank:>4}  {layer_text(plan, r.rank):<12} {fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
+        lines.append(f"{r.rank:>4}{_where(plan, r.rank, p.ranks_per_node)}  {layer_text(plan, r.rank):<12} "
+                     f"{fmt_s(r.busy_s):>12} {fmt_s(r.idle_s):>12} "
                      f"{r.bubble_fraction:>7.1%} {fmt_bytes(r.peak_memory_bytes):>12}")
     return "\n".join(lines)
 
@@ -222,3 +242,50 @@ def searched_text(optima) -> str:
                      f"{o.best.metrics.iteration_time_s * 1e3:>9.3f} ms  {'yes' if o.proven else 'no':<6}  "
                      f"{o.best.plan.partition}")
     return "\n".join(lines)
+
+
+def shapes_text(search) -> str:
+    """optimize --ranks: the best shape, and why (the best of every stage count beside it)."""
+    best = search.best
+    p = best.prediction
+    lines = [f"{search.ranks} ranks, batch {search.batch_size}; {cap_text(search.memory_cap_bytes)}; "
+             f"{len(search.results)} shapes tried (P x D = {search.ranks}, every m dividing B/D)", "",
+             f"{'stages':>6} {'replicas':>8} {'micro':>6} {'schedule':<17} {'iteration':>12} {'bubble':>7} "
+             f"{'all-reduce':>11} {'peak memory':>12}  partition"]
+    for stages, r in search.best_per_stage_count().items():
+        m = r.prediction.metrics
+        mark = " <- best" if r is best else ""
+        lines.append(f"{stages:>6} {r.shape.data_parallel:>8} {r.shape.num_microbatches:>6} "
+                     f"{r.prediction.plan.schedule.name:<17} {fmt_s(m.iteration_time_s):>12} "
+                     f"{m.bubble_fraction:>7.1%} {fmt_s(r.prediction.exposed_allreduce_s):>11} "
+                     f"{fmt_bytes(m.peak_memory_bytes):>12}  {r.prediction.plan.partition}{mark}")
+    lines += ["", f"best: {best.shape.describe()}, partition {p.plan.partition}"
+              f"{' (optimize search)' if best.optimized else ' (balanced cut)'}: {fmt_s(p.metrics.iteration_time_s)}",
+              "why:  " + shape_reasons(search)]
+    return "\n".join(lines)
+
+
+def shape_reasons(search) -> str:
+    """The best shape against the best of each other stage count: what each loses on."""
+    best = search.best.prediction
+    reasons = []
+    for stages, r in search.best_per_stage_count().items():
+        if r is search.best:
+            continue
+        q = r.prediction
+        bubble = (q.metrics.bubble_fraction - best.metrics.bubble_fraction) * q.metrics.iteration_time_s
+        exposed = q.exposed_allreduce_s - best.exposed_allreduce_s
+        memory = "" if q.metrics.peak_memory_bytes <= best.metrics.peak_memory_bytes else \
+            f", needs {fmt_bytes(q.metrics.peak_memory_bytes)}"
+        main = "a larger bubble" if bubble >= exposed else "more exposed all-reduce"
+        reasons.append(f"P={stages} is {q.metrics.iteration_time_s / best.metrics.iteration_time_s:.2f}x slower "
+                       f"({main}: bubble {q.metrics.bubble_fraction:.0%} vs {best.metrics.bubble_fraction:.0%}, "
+                       f"all-reduce {fmt_s(q.exposed_allreduce_s)} vs {fmt_s(best.exposed_allreduce_s)}{memory})")
+    fitting = search.best_per_stage_count()
+    over: dict[int, int] = {}
+    for r in search.results:
+        if r.prediction is not None and not r.fits and r.shape.num_stages not in fitting:
+            peak = r.prediction.metrics.peak_memory_bytes
+            over[r.shape.num_stages] = min(over.get(r.shape.num_stages, peak), peak)
+    reasons += [f"P={p} exceeds the memory cap (needs at least {fmt_bytes(peak)})" for p, peak in sorted(over.items())]
+    return "; ".join(reasons) or "the only stage count that exists"

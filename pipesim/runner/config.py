@@ -47,6 +47,8 @@ class RunConfig:
     schedule_name: str
     schedule_text: str
     batch_size: int
+    data_parallel: int  # D replicas: world = P x D ranks
+    placement: str  # dataparallel.PLACEMENTS
     iterations: int = 20
     warmup: int = 5
     threads_per_rank: int = 1
@@ -66,13 +68,16 @@ class RunConfig:
             schedule_name=plan.schedule.name,
             schedule_text=plan.schedule.to_text(),
             batch_size=plan.batch_size,
+            data_parallel=plan.data_parallel,
+            placement=plan.placement,
             **options,
         )
 
     def plan(self) -> Plan:
         model = ModelSpec(self.model_name, tuple(fc_layer(i, o) for i, o in self.layer_shapes))
         schedule = Schedule.from_text(self.schedule_text, self.schedule_name)
-        return Plan(model, Partition.from_counts(self.partition), schedule, self.batch_size)
+        return Plan(model, Partition.from_counts(self.partition), schedule, self.batch_size, self.data_parallel,
+                    self.placement)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -103,6 +108,7 @@ class MicrobenchConfig:
     optimizer: str
     seed: int
     stack_bytes: int  # weights per timed stack
+    allreduce_sizes: tuple[int, ...] = ()  # bytes; MPI_Allreduce over the world (runner/collbench.py)
 
 
 JobConfig = RunConfig | RunBatch | MicrobenchConfig

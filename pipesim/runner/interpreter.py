@@ -47,6 +47,8 @@ def handler(kind: Kind) -> str:
             return "_send"
         case Kind.RECV:
             return "_receive"
+        case Kind.ALLREDUCE:
+            return "_allreduce"
         case _:
             assert_never(kind)
 
@@ -98,8 +100,9 @@ def _tensor_bytes(groups: list[dict[str, Any]] | None) -> int:
 class StageWorker:
     """One rank's pieces: their modules, one optimizer, and the interpreter of its actions."""
 
-    def __init__(self, plan: Plan, comm: Any, optimizer: str, seed: int, device: str) -> None:
+    def __init__(self, plan: Plan, comm: Any, optimizer: str, seed: int, device: str, sync: Any = None) -> None:
         self.plan = plan
+        self.sync = sync  # runner/dataparallel.GradientSync with D > 1 replicas (comm: the replica's pipeline)
         self.comm = comm
         self.rank = comm.Get_rank()
         self.seed = seed
@@ -113,6 +116,8 @@ class StageWorker:
                                for p in m.parameters()}
         self.actions = plan.lowered.ranks[self.rank]
         self.cuda = self.device.type == "cuda"
+        for piece, module in self.modules.items() if sync is not None else ():
+            sync.bind(piece, list(module.parameters()))
 
     # --- one step -------------------------------------------------------------
 
@@ -120,6 +125,8 @@ class StageWorker:
         plan, mb = self.plan, self.plan.microbatch_size
         inputs, targets = synthetic_batch(iteration, plan.batch_size, plan.model.input_features,
                                           plan.model.output_features, self.seed)
+        if self.sync is not None:
+            inputs, targets = self.sync.shard(inputs, targets)
         self.inputs = [x.clone().to(self.device) for x in inputs.split(mb)]
         self.targets = [y.clone().to(self.device) for y in targets.split(mb)]
         self.optimizer.zero_grad(set_to_none=False)
@@ -135,10 +142,14 @@ class StageWorker:
         for action in self.actions:
             getattr(self, handler(action.kind))(action, record)
             MPI.Request.Testall([req for req, _ in self.sends])  # drive progress of sends
+            if self.sync is not None:
+                self.sync.progress(clock)
         start = clock()
         if not MPI.Request.Testall([req for req, _ in self.sends]):
             MPI.Request.Waitall([req for req, _ in self.sends])
             record.spans.append((self.rank, "wait", start, clock(), -1, -1, -1, SENDS))
+        if self.sync is not None:
+            self.sync.finish(self.rank, clock, record.spans)
         start = clock()
         self.optimizer.step()
         self._sync()
@@ -184,6 +195,10 @@ class StageWorker:
         tensor = tensor.contiguous()
         self.sends.append((self.comm.Isend(tensor.numpy(), dest=action.peer, tag=action.tag), tensor))
 
+    def _allreduce(self, action: Action, record: StepLog) -> None:
+        self._sync()
+        self.sync.start(action.piece, list(self.modules[action.piece].parameters()), clock())
+
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -213,7 +228,8 @@ class StageWorker:
             out = self.modules[piece](x)
         self._memory(record, start, counter.total)
         if piece == self.num_pieces - 1:
-            loss = torch.nn.functional.mse_loss(out, self.targets[mb]) / self.plan.num_microbatches
+            loss = torch.nn.functional.mse_loss(out, self.targets[mb]) / (self.plan.num_microbatches
+                                                                          * self.plan.data_parallel)
             self.saved[piece, mb] = (x, loss, counter.total)
         else:
             self.saved[piece, mb] = (x, out, counter.total)

@@ -241,6 +241,13 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
     log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
         f"{config.message_sizes[0]} B .. {config.message_sizes[-1] >> 20} MiB")
     links = _time_links(config, comm)
+    allreduce: tuple = ()
+    if config.allreduce_sizes:
+        from .collbench import measure_allreduce
+
+        log(f"  all-reduce: {comm.Get_size()} ranks, {len(config.allreduce_sizes)} sizes "
+            f"{config.allreduce_sizes[0] >> 10} KiB .. {config.allreduce_sizes[-1] >> 20} MiB")
+        allreduce = measure_allreduce(comm, config.allreduce_sizes, config.pingpong_repeats)
     mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
                        tuple(links))
     everyone: list[RankSamples] | None = comm.gather(mine, root=0)
@@ -248,7 +255,8 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
         return None
     from .worker import mpi_version
 
-    return MicrobenchResult(tuple(sorted(everyone, key=lambda r: r.rank)), mpi_version(), torch.__version__)
+    return MicrobenchResult(tuple(sorted(everyone, key=lambda r: r.rank)), mpi_version(), torch.__version__,
+                            allreduce)
 
 
 def _processor_name() -> str:

@@ -89,6 +89,15 @@ class LinkSample:
 
 
 @dataclass(frozen=True)
+class AllreduceSample:
+    """MPI_Allreduce of ``bytes`` (float32 sum, in place) over global ``ranks``."""
+
+    ranks: tuple[int, ...]
+    bytes: int
+    times_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class RankSamples:
     rank: int
     host: str
@@ -103,3 +112,4 @@ class MicrobenchResult:
     ranks: tuple[RankSamples, ...]  # in rank order
     mpi: str
     torch: str
+    allreduce: tuple[AllreduceSample, ...] = ()  # the whole world as one group (runner/collbench.py)

@@ -75,5 +75,5 @@ def measure(plan: Plan, log: Callable[[str], object] = print,
             **options: Unpack[RunOptions]) -> Measurement | None:
     """Run `plan` for real (options: see RunConfig); None on ranks other than 0."""
     config = RunConfig.from_plan(plan, **options)
-    result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log)
+    result = launch(config, RunResult, plan.world_size, config.threads_per_rank, log)
     return None if result is None else from_result(plan, result)

@@ -67,12 +67,18 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
 
     torch.set_num_threads(config.threads_per_rank)
     plan = config.plan()
-    if comm.Get_size() != plan.num_stages:
-        raise RuntimeError(f"the MPI world has {comm.Get_size()} ranks; the plan needs {plan.num_stages}")
+    if comm.Get_size() != plan.world_size:
+        raise RuntimeError(f"the MPI world has {comm.Get_size()} ranks; the plan needs {plan.world_size}")
     device = config.device
     if device == "cuda":
         device = f"cuda:{_local_rank() % torch.cuda.device_count()}"
-    worker = StageWorker(plan, comm, config.optimizer, config.seed, device)
+    pipeline, sync, replica = comm, None, 0
+    if plan.data_parallel > 1:
+        from .dataparallel import GradientSync, communicators
+
+        pipeline, group, replica, _ = communicators(comm, plan.layout())
+        sync = GradientSync(group, replica, plan.data_parallel)
+    worker = StageWorker(plan, pipeline, config.optimizer, config.seed, device, sync)
     if comm.Get_rank() == config.fail_on_rank:
         raise RuntimeError(f"injected fault on rank {config.fail_on_rank} (fail_on_rank)")
     total = config.warmup + config.iterations
@@ -80,7 +86,7 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
     for iteration in range(total):
         step = worker.step(iteration)
         if iteration >= config.warmup:
-            records.append(step.record())
+            records.append(step.record() if sync is None else _global_record(step.record(), plan, replica))
         done = iteration + 1
         if config.progress and comm.Get_rank() == 0 and (done == config.warmup or done % 10 == 0 or done == total):
             print(f"  step {done}/{total} ({config.warmup} warm-up)", file=sys.stderr, flush=True)
@@ -101,8 +107,20 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
     if params is not None:
         import numpy as np
 
-        np.savez(config.params_path, **{k: v for part in params for k, v in part.items()})
+        merged: dict = {}
+        for part in params:  # every replica holds the same parameters: check, keep one copy
+            for name, value in part.items():
+                if name in merged and not np.array_equal(merged[name], value):
+                    raise RuntimeError(f"replicas hold different values of parameter {name}")
+                merged[name] = value
+        np.savez(config.params_path, **merged)
     return RunResult(tuple(sorted(everyone, key=lambda r: r.rank)), mpi_version())
+
+
+def _global_record(record: Any, plan: Any, replica: int) -> Any:
+    from .dataparallel import to_global
+
+    return to_global(record, plan.layout(), replica)
 
 
 def execute_runs(batch: RunBatch, comm: Any) -> RunBatchResult | None:
@@ -112,7 +130,7 @@ def execute_runs(batch: RunBatch, comm: Any) -> RunBatchResult | None:
 
     results = []
     for run in batch.runs:
-        ranks = run.plan().num_stages
+        ranks = run.plan().world_size
         sub = comm.Split(0 if comm.Get_rank() < ranks else MPI.UNDEFINED, comm.Get_rank())
         if sub != MPI.COMM_NULL:
             result = execute_run(run, sub)
