@@ -19,6 +19,7 @@ class Prediction:
     metrics: Metrics
     baseline_time_s: float
     engine_path: str = "des"  # which path produced the timeline: "fast" (longest path) or "des"
+    extrapolated: tuple = ()  # kindcosts.Extrapolation of each layer not costed from its own measured shape
 
     @property
     def speedup(self) -> float:
@@ -44,5 +45,7 @@ def baseline_time_s(model: ModelSpec, batch_size: int, costs: CostModel) -> floa
 
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
     timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
+    extrapolations = getattr(costs, "extrapolations", None)
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
-                      baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"))
+                      baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"),
+                      tuple(extrapolations(plan.model.layers)) if extrapolations else ())

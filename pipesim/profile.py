@@ -1,10 +1,11 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 2 (version 1 files still load: they lack
-the input/weight split, so the zero-bubble schedules are refused with them)::
+Schema ``pipesim-profile`` version 3 (version 2 files still load: they lack the
+``kinds`` section, so they cost fc layers only; version 1 files lack the
+input/weight split as well, so the zero-bubble schedules are refused with them)::
 
     {
-      "schema": "pipesim-profile", "version": 2, "name": "...",
+      "schema": "pipesim-profile", "version": 3, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
         "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
@@ -20,6 +21,7 @@ the input/weight split, so the zero-bubble schedules are refused with them)::
                                "duplex": true},   # false: both directions share one channel
                 "inter_node": {...}},              # optional, defaults to intra_node
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
+      "kinds": {...},      # version 3, optional: other layer kinds by shape (kindcosts.py)
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
     }
 
@@ -46,13 +48,13 @@ from .errors import UserError, read_user_text
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 
 SCHEMA = "pipesim-profile"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
-             "optimizer", "links", "metadata", "ranges", "samples", "noise"}
+             "optimizer", "links", "metadata", "ranges", "samples", "noise", "kinds"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
@@ -128,6 +130,7 @@ class Profile:
     description: str = ""
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
+    kinds: dict = field(default_factory=dict)  # kind -> kindcosts.KindCosts (version 3)
 
     @property
     def measured_on(self) -> str:
@@ -264,6 +267,11 @@ def parse_profile(data: dict) -> Profile:
     optimizer_table = _optimizer_table(optimizer) if "seconds" in optimizer else None
     if optimizer_table is None:
         _check_keys(optimizer, {"fixed_s", "s_per_param"}, "optimizer")
+    kinds = {}
+    if "kinds" in data:
+        from .kindcosts import parse_kinds
+
+        kinds = parse_kinds(data["kinds"])
     links = _table(data, "links", "")
     _check_keys(links, {"intra_node", "inter_node"}, "links")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
@@ -281,6 +289,7 @@ def parse_profile(data: dict) -> Profile:
         description=data.get("description", ""),
         ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
+        kinds=kinds,
     )
 
 

@@ -63,6 +63,7 @@ def prediction_json(prediction: Prediction) -> dict:
         profile=prediction.profile,
         source="simulated",
         engine_path=prediction.engine_path,
+        extrapolated=[e.to_json() for e in prediction.extrapolated],
     )
 
 
@@ -136,3 +137,13 @@ def measurement_json(m: Measurement, **extra: Any) -> dict[str, Any]:
         rank["peak_rss_bytes"] = m.peak_rss_bytes[rank["rank"]]
         rank["host"] = m.hosts[rank["rank"]]
     return data
+
+
+def layer_table_json(model, rows) -> dict:
+    """`show-model --json`: the model's totals and one object per layer (per sample)."""
+    return {"model": model.name, "num_layers": model.num_layers, "params": model.params, "loss": model.loss,
+            "loss_saved_bytes_per_sample": model.loss_saved_bytes_per_sample,
+            "layers": [{"index": r.index, "kind": r.kind, "output_shape": list(r.output_shape), "params": r.params,
+                        "forward_flops_per_sample": r.forward_flops_per_sample,
+                        "saved_bytes_per_sample": r.saved_bytes_per_sample,
+                        "message_bytes_per_sample": r.message_bytes_per_sample} for r in rows]}
