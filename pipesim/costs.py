@@ -13,8 +13,8 @@ from functools import cache
 from typing import Any, ClassVar, Protocol, assert_never
 
 from .errors import UserError
-from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
 from .kindcosts import DIRECTION_OF, Extrapolation, extrapolations, missing_kinds, priced_by_shape
+from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
 from .model import FLOAT32_BYTES, LayerSpec, ModelSpec
 from .profile import CALIBRATE_HINT, Affine, Link, Profile, ProfileError, Table, piecewise
 from .schedule import Kind

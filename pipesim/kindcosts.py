@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
 from .limits import MAX_SECONDS, check_number
 from .model import LayerSpec
 from .profile import Profile, ProfileError, Table, piecewise
@@ -203,7 +204,7 @@ def summarize(extrapolations: Sequence[Extrapolation]) -> list[str]:
 def _number(value: Any, where: str, high: float = MAX_SECONDS) -> float:
     try:
         return check_number(f"profile field {where}", value, 0.0, high)
-    except Exception as exc:  # a UserError naming the field
+    except UserError as exc:
         raise ProfileError(str(exc)) from None
 
 

@@ -22,7 +22,13 @@ from pipesim.kindcosts import DIRECTIONS
 from pipesim.model import load_model, parse_model
 from pipesim.profile import parse_profile
 from pipesim.runner.config import KindJob, MicrobenchConfig
-from pipesim.runner.records import KindSample, LinkSample, MicrobenchResult, OptimizerSample, RankSamples
+from pipesim.runner.records import (
+    KindSample,
+    LinkSample,
+    MicrobenchResult,
+    OptimizerSample,
+    RankSamples,
+)
 from pipesim.wire import from_dict, to_dict
 
 REPO = Path(__file__).resolve().parents[1]

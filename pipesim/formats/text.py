@@ -146,10 +146,11 @@ def kinds_text(kinds: dict, worst: dict) -> list[str]:
 
 def layer_table_text(model, rows) -> str:
     """`show-model`: one line per layer, per sample; the index is what partitions count."""
-    lines = [model.describe(), f"per sample; loss {model.loss} saves {fmt_bytes(model.loss_saved_bytes_per_sample)} "
-             "more on the last piece; a partition counts or ranges these indices",
-             f"{'index':>5}  {'kind':<18} {'output shape':<16} {'params':>13} {'FLOPs':>10} {'saved':>11} "
-             f"{'message at a cut after it':>26}"]
+    loss = (f"per sample; loss {model.loss} saves {fmt_bytes(model.loss_saved_bytes_per_sample)} "
+            "more on the last piece; a partition counts or ranges these indices")
+    header = (f"{'index':>5}  {'kind':<18} {'output shape':<16} {'params':>13} {'FLOPs':>10} {'saved':>11} "
+              f"{'message at a cut after it':>26}")
+    lines = [model.describe(), loss, header]
     for r in rows:
         message = "-" if r.message_bytes_per_sample is None else fmt_bytes(r.message_bytes_per_sample)
         lines.append(f"{r.index:>5}  {r.kind:<18} {'x'.join(map(str, r.output_shape)):<16} {r.params:>13,} "

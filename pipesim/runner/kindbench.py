@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..model import LayerSpec, ModelSpec, parse_model
-from .config import KindJob, MicrobenchConfig
+from .config import MicrobenchConfig
 from .interpreter import clock
 from .records import KindSample
 
