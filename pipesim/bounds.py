@@ -327,7 +327,7 @@ def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...
     """Per rank: static bytes of its pieces plus the peak of their activations along
     its action order, exactly what the engine's ledger counts."""
     schedule, model, mbs = table.schedule, table.model, table.mbs
-    saved = [model.stage_saved_bytes(*b) * mbs for b in partition.bounds]
+    saved = [model.piece_saved_bytes(*b) * mbs for b in partition.bounds]
     weight = [model.stage_weight_bytes(*b) * mbs for b in partition.bounds]
     peaks = []
     for rank, actions in enumerate(schedule.ranks):

@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import statistics
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,12 +20,14 @@ from typing import Any
 import numpy as np
 from scipy.optimize import lsq_linear
 
-from .model import fc
+from .kindcosts import DIRECTIONS, KindCosts, MeasuredShape, fit_law, moved_bytes_per_sample
+from .model import LayerSpec, ModelSpec, fc, parse_model
 from .plan import make_plan
 from .profile import SCHEMA, VERSION, parse_profile
-from .runner.config import MicrobenchConfig
+from .runner.config import KindJob, MicrobenchConfig
 from .runner.records import (
     ComputeSample,
+    KindSample,
     LinkSample,
     MicrobenchResult,
     OptimizerSample,
@@ -33,7 +36,6 @@ from .runner.records import (
 
 Log = Callable[[str], object]
 KiB, MiB = 1 << 10, 1 << 20
-DIRECTIONS = ("forward", "backward", "input", "weight")  # F, B, and B split into I and W
 LARGE_MESSAGE = 64 * KiB
 DUPLEX_RATIO = 1.5  # both-ways / one-way time below this: each direction has its own channel
 DEFAULT_WIDTHS = (256, 384, 512, 768, 1024)
@@ -42,6 +44,11 @@ DEFAULT_MESSAGE_SIZES = (1, 16, 256, 4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * M
 # The short real pipeline runs that fit the per-action overhead: 4 layers per
 # stage at width 256, micro-batches of 4 (not a validation configuration).
 OVERHEAD_WIDTH, OVERHEAD_LAYERS_PER_STAGE, OVERHEAD_MICROBATCHES, OVERHEAD_MB_SIZE = 256, 4, 8, 4
+# Layer kinds by shape (runner/kindbench.py): each model at the micro-batch sizes of this list
+# whose forward pass stays within the FLOP budget (at least the first two), so that a small
+# model measures in well under a minute.
+KIND_MICROBATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+KIND_FLOP_BUDGET = 4.2e9
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class CalibrationSettings:
     stack_bytes: int = 16 * MiB  # weights per timed stack: like a real stage's, beyond the caches
     overhead_iterations: int = 20
     allreduce_sizes: tuple[int, ...] = tuple(4 * KiB * 4**k for k in range(8))  # 4 KiB .. 64 MiB
+    kind_jobs: tuple[KindJob, ...] = ()  # models measured layer by layer, by kind and shape
+    kind_repeats: int = 10
+    kind_warmup: int = 2
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def microbench(self) -> MicrobenchConfig:
@@ -67,7 +77,38 @@ class CalibrationSettings:
             widths=self.widths, microbatch_sizes=self.microbatch_sizes, message_sizes=self.message_sizes,
             repeats=self.repeats, warmup=self.warmup, pingpong_repeats=self.pingpong_repeats,
             threads_per_rank=self.threads_per_rank, optimizer=self.optimizer, seed=self.seed,
-            stack_bytes=self.stack_bytes, allreduce_sizes=self.allreduce_sizes)
+            stack_bytes=self.stack_bytes, allreduce_sizes=self.allreduce_sizes, kind_jobs=self.kind_jobs, kind_repeats=self.kind_repeats,
+            kind_warmup=self.kind_warmup)
+
+
+def kind_microbatch_sizes(model: ModelSpec) -> tuple[int, ...]:
+    """The micro-batch sizes a model's layers are timed at (KIND_FLOP_BUDGET)."""
+    flops = sum(layer.forward_flops_per_sample for layer in model.layers)
+    fitting = [b for b in KIND_MICROBATCH_SIZES if b * flops <= KIND_FLOP_BUDGET]
+    return tuple(fitting) if len(fitting) >= 2 else KIND_MICROBATCH_SIZES[:2]
+
+
+def calibration_models(model_files: Sequence[str], log: Log) -> tuple[tuple[int, ...], tuple[KindJob, ...]]:
+    """`calibrate --model`'s files: the fc widths of the models made of fc layers only (their
+    tables, as before), and a kind job (runner/kindbench.py) for each model with other kinds."""
+    from .errors import read_user_text
+    from .model import ModelError
+
+    widths: set[int] = set()
+    jobs = []
+    for path in model_files:
+        text = read_user_text(path, ModelError, "model")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ModelError(f"{path}: not valid TOML: {exc}") from None
+        model = parse_model(data, where=path)
+        if all(layer.kind == "fc" for layer in model.layers):
+            widths.update(layer.out_features for layer in model.layers)
+        else:
+            jobs.append(KindJob(text, kind_microbatch_sizes(model)))
+            log(f"calibrating the layer kinds of {path} at micro-batch sizes {list(jobs[-1].microbatch_sizes)}")
+    return tuple(sorted(widths)), tuple(jobs)
 
 
 # --- fitting (pure numpy/scipy: tested without MPI) ----------------------------
@@ -101,6 +142,35 @@ def compute_table(samples: Sequence[ComputeSample], direction: str) -> dict[str,
     sizes = sorted({b for _, b in pooled})
     return {"widths": widths, "microbatch_sizes": sizes,
             "seconds": [[statistics.median(pooled[w, b]) for b in sizes] for w in widths]}
+
+
+def kinds_section(models: Sequence[ModelSpec], samples: Sequence[KindSample]) -> tuple[dict, dict, dict]:
+    """The profile's ``kinds`` (kindcosts.py): per measured shape the median per-layer seconds
+    at each micro-batch size (ranks, and layers of one shape, pooled), per kind the fitted
+    laws; and the laws' worst relative errors and the median noise, per kind and direction."""
+    pooled: dict[str, dict[int, dict[str, list[float]]]] = {}
+    layers: dict[str, LayerSpec] = {}
+    for s in samples:
+        layers[s.key] = models[s.job].layers[s.layer]
+        point = pooled.setdefault(s.key, {}).setdefault(s.microbatch_size, {d: [] for d in DIRECTIONS})
+        for d in DIRECTIONS:
+            point[d].extend(s.times_s(d))
+    by_kind: dict[str, list[MeasuredShape]] = {}
+    for key, points in pooled.items():
+        layer, sizes = layers[key], sorted(points)
+        by_kind.setdefault(layer.kind, []).append(MeasuredShape(
+            key, layer.params, layer.forward_flops_per_sample, moved_bytes_per_sample(layer), tuple(sizes),
+            {d: tuple(statistics.median(points[b][d]) for b in sizes) for d in DIRECTIONS}))
+    section, worst, noise = {}, {}, {}
+    for kind, shapes in by_kind.items():
+        laws = {}
+        for d in DIRECTIONS:
+            laws[d], worst[f"{kind}_{d}"] = fit_law((b, s.params, s.flops_per_sample, s.bytes_per_sample, t)
+                                                    for s in shapes for b, t in zip(s.microbatch_sizes, s.seconds[d]))
+            noise[f"{kind}_{d}_cv_median"] = statistics.median(
+                cv(x.times_s(d)) if any(x.times_s(d)) else 0.0 for x in samples if x.kind == kind)
+        section[kind] = KindCosts(kind, laws, tuple(shapes)).to_json()
+    return section, worst, noise
 
 
 def fit_link(samples: Sequence[LinkSample]) -> tuple[dict[str, Any], float]:
@@ -241,15 +311,24 @@ def _metadata(settings: CalibrationSettings, raw: MicrobenchResult) -> dict[str,
         "mpi": raw.mpi,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "extra_metadata"},
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("extra_metadata", "kind_jobs")},
+        "kind_models": [{"name": model.name, "microbatch_sizes": list(job.microbatch_sizes)}
+                        for model, job in zip(kind_models(settings), settings.kind_jobs)],
         **settings.extra_metadata,
     }
 
 
 def _ranges(settings: CalibrationSettings) -> dict[str, Any]:
-    return {"fc": {"width": [min(settings.widths), max(settings.widths)],
-                   "microbatch_size": [min(settings.microbatch_sizes), max(settings.microbatch_sizes)]},
+    widths, sizes = settings.widths, settings.microbatch_sizes
+    fc_range = {"fc": {"width": [min(widths), max(widths)], "microbatch_size": [min(sizes), max(sizes)]}} \
+        if widths else {}
+    return {**fc_range,
             "message_bytes": [min(settings.message_sizes), max(settings.message_sizes)]}
+
+
+def kind_models(settings: CalibrationSettings) -> list[ModelSpec]:
+    return [parse_model(tomllib.loads(job.model_toml), where=f"calibration model {i}")
+            for i, job in enumerate(settings.kind_jobs)]
 
 
 def calibrate(settings: CalibrationSettings, name: str, log: Log = print) -> dict[str, Any] | None:
@@ -264,13 +343,26 @@ def calibrate(settings: CalibrationSettings, name: str, log: Log = print) -> dic
     return build_profile(settings, name, raw, per_action)
 
 
+def _fc_parts(compute: Sequence[ComputeSample]) -> tuple[dict, dict, dict]:
+    """The fc tables, their noise and their summary, when fc widths were measured."""
+    if not compute:
+        return {}, {}, {}
+    return ({"fc": {d: compute_table(compute, d) for d in DIRECTIONS}},
+            {f"{d}_cv_median": statistics.median(cv(s.times_s(d)) for s in compute) for d in DIRECTIONS},
+            {"compute": _summaries(compute),
+             "saved_bytes_per_sample_per_layer": sorted({round(s.saved_bytes_per_sample_per_layer) for s in compute})})
+
+
 def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResult,
                   per_action: list[float]) -> dict[str, Any]:
     """The profile file's content from the ranks' samples and the per-action overheads."""
     compute = [s for r in raw.ranks for s in r.compute]
     optimizer_samples = [s for r in raw.ranks for s in r.optimizer]
     links, links_worst, links_noise = _fit_links(raw.ranks)
-    affine = {**{d: fit_compute(compute, d) for d in DIRECTIONS}, "optimizer": fit_optimizer(optimizer_samples)}
+    affine = {**({d: fit_compute(compute, d) for d in DIRECTIONS} if compute else {}),
+              "optimizer": fit_optimizer(optimizer_samples)}
+    tables, fc_noise, fc_samples = _fc_parts(compute)
+    kinds, kinds_worst, kinds_noise = kinds_section(kind_models(settings), [s for r in raw.ranks for s in r.kinds])
     profile = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -278,28 +370,29 @@ def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResul
         "description": f"Measured by `pipesim calibrate` on {socket.gethostname()} "
                        f"({_cpu_model()}, {os.cpu_count()} cores), {settings.ranks} ranks x "
                        f"{settings.threads_per_rank} thread(s), all ranks computing at once.",
-        "compute": {"fc": {direction: compute_table(compute, direction) for direction in DIRECTIONS}},
+        "compute": tables,
         "action_overhead_s": statistics.median(per_action),
         "optimizer": optimizer_table(optimizer_samples),
         "links": links,
         "metadata": _metadata(settings, raw),
         "ranges": _ranges(settings),
         "noise": {
-            **{f"{d}_cv_median": statistics.median(cv(s.times_s(d)) for s in compute) for d in DIRECTIONS},
+            **fc_noise,
             "optimizer_cv_median": statistics.median(cv(s.times_s) for s in optimizer_samples),
             "links_cv_median": links_noise,
             "action_overhead_spread_s": [float(np.percentile(per_action, q)) for q in (10, 90)],
+            **({"kinds_cv_median": kinds_noise} if kinds else {}),
         },
         "samples": {
-            "compute": _summaries(compute),
+            **fc_samples,
             "affine_fit": {key: fit for key, (fit, _) in affine.items()},
             "fit_max_relative_residual": {**{f"affine_{key}": worst for key, (_, worst) in affine.items()},
-                                          "links": links_worst},
-            "saved_bytes_per_sample_per_layer": sorted({round(s.saved_bytes_per_sample_per_layer)
-                                                        for s in compute}),
+                                          "links": links_worst,
+                                          **({"kinds": kinds_worst} if kinds else {})},
             "links": [{"pair": list(s.pair), "bytes": s.bytes, "median_s": statistics.median(s.one_way_s)}
                       for r in raw.ranks for s in r.links],
         },
+        **({"kinds": kinds} if kinds else {}),
     }
     if raw.allreduce:
         _add_collectives(profile, raw, links)

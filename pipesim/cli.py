@@ -193,7 +193,8 @@ def cmd_calibrate(args) -> int:
     out = output_file(args.out or f"calibration/{_host_name()}.json", "--out", make_parents=True)
     if args.layers is not None:
         warn_no_effect(f"--layers {args.layers}: calibration depends only on the layer width")
-    profile = run_calibrate(out, "pipesim " + " ".join(sys.argv[1:]), model_file=args.model, width=args.width,
+    model_files = [path.strip() for given in args.model or () for path in given.split(",") if path.strip()]
+    profile = run_calibrate(out, "pipesim " + " ".join(sys.argv[1:]), model_files=model_files, width=args.width,
                             **{k: getattr(args, k) for k in ("ranks", "widths", "microbatch_sizes", "repeats",
                                                              "stack_mib", "threads_per_rank", "optimizer", "name")})
     if profile is None:  # a rank other than 0 inside an existing MPI world
@@ -208,6 +209,17 @@ def _host_name() -> str:
     return socket.gethostname().split(".")[0] or "host"
 
 
+def cmd_show_model(args) -> int:
+    from .formats.jsondata import layer_table_json
+    from .formats.text import layer_table_text
+    from .model import layer_table, load_model
+
+    model = load_model(args.model)
+    rows = layer_table(model)
+    print(finite_json(layer_table_json(model, rows)) if args.json else layer_table_text(model, rows))
+    return 0
+
+
 def cmd_validate(args) -> int:
     from .validate import validate_grid
 
@@ -220,7 +232,8 @@ def cmd_validate(args) -> int:
 
 
 HANDLERS = {"predict": cmd_predict, "schedule": cmd_schedule, "optimize": cmd_optimize, "sweep": cmd_sweep,
-            "report": cmd_report, "run": cmd_run, "calibrate": cmd_calibrate, "validate": cmd_validate}
+            "report": cmd_report, "run": cmd_run, "calibrate": cmd_calibrate, "show-model": cmd_show_model,
+            "validate": cmd_validate}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

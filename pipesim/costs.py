@@ -13,8 +13,9 @@ from functools import cache
 from typing import Any, ClassVar, Protocol, assert_never
 
 from .errors import UserError
+from .kindcosts import DIRECTION_OF, Extrapolation, extrapolations, missing_kinds, priced_by_shape
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_number
-from .model import FLOAT32_BYTES, LayerSpec
+from .model import FLOAT32_BYTES, LayerSpec, ModelSpec
 from .profile import CALIBRATE_HINT, Affine, Link, Profile, ProfileError, Table, piecewise
 from .schedule import Kind
 
@@ -29,6 +30,9 @@ def _warn_outside_range(profile: Profile, kind: str, width: int, microbatch_size
         if not low <= value <= high:
             _warn_once(f"profile {profile.name!r} measured {kind} {name} {low}..{high}; "
                        f"{value} is extrapolated by the fitted model")
+
+
+KINDS_HINT = "`pipesim calibrate --model MODEL.toml` measures the kinds and shapes a model holds"
 
 
 @cache
@@ -126,7 +130,7 @@ class ProfileCostModel:
             return compute["*"]
         raise ProfileError(
             f"profile {self.profile.name!r} has no costs for layer kind {kind!r} "
-            f"(it has: {', '.join(compute)})"
+            f"(it has: {', '.join([*compute, *self.profile.kinds])}); {KINDS_HINT}"
         )
 
     def _split(self, kind: str) -> tuple[Affine | Table, Affine | Table]:
@@ -157,18 +161,41 @@ class ProfileCostModel:
                 assert_never(kind)
 
     def layer_s(self, layer: LayerSpec, kind: Kind, microbatch_size: int) -> float:
-        """One layer's time, worked out once per distinct (layer kind, size, action kind,
-        micro-batch size): the simulator and the optimizer ask for the same layers again
-        and again (the answer is the same number every time)."""
-        key = (layer.kind, layer.params, layer.forward_flops_per_sample, kind, microbatch_size)
+        """One layer's time, worked out once per distinct (layer kind, config, input shape,
+        action kind, micro-batch size): the simulator and the optimizer ask for the same
+        layers again and again (the answer is the same number every time)."""
+        key = (layer.kind, layer.config, layer.input_shape, kind, microbatch_size)
         seconds = self._layer_seconds.get(key)
         if seconds is None:
-            width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
-            _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
-            law = self.law(layer.kind, Kind(kind))
-            seconds = self._layer_seconds[key] = law.time_s(microbatch_size, layer.params,
-                                                            layer.forward_flops_per_sample)
+            seconds = self._layer_seconds[key] = self._price(layer, Kind(kind), microbatch_size)
         return seconds
+
+    def _price(self, layer: LayerSpec, kind: Kind, microbatch_size: int) -> float:
+        """From the profile's ``compute`` laws (fc tables), else by shape (kindcosts.py)."""
+        by_shape = priced_by_shape(self.profile, layer.kind)
+        if by_shape is not None:
+            if kind not in DIRECTION_OF:
+                raise ValueError(f"{kind} is a message, not compute: its cost is transfer_s")
+            low, high = by_shape.microbatch_range
+            if not low <= microbatch_size <= high:
+                _warn_once(f"profile {self.profile.name!r} measured {layer.kind} at micro-batch sizes "
+                           f"{low}..{high}; other sizes are extrapolated linearly")
+            return by_shape.layer_s(layer, DIRECTION_OF[kind], microbatch_size)
+        width = round((math.sqrt(1 + 4 * layer.params) - 1) / 2)  # of the square layer this size
+        _warn_outside_range(self.profile, layer.kind, width, microbatch_size)
+        return self.law(layer.kind, kind).time_s(microbatch_size, layer.params, layer.forward_flops_per_sample)
+
+    def check_kinds(self, model: ModelSpec, model_file: str | None = None) -> None:
+        """A one-line error naming the kinds of `model` the profile lacks, and what measures them."""
+        missing = missing_kinds(self.profile, model.layers)
+        if missing:
+            command = f"pipesim calibrate --model {model_file or 'MODEL.toml'} --out PROFILE.json"
+            raise ProfileError(f"profile {self.profile.name!r} has no costs for layer kind(s) {', '.join(missing)} "
+                               f"of model {model.name}; `{command}` measures them (then --profile PROFILE.json)")
+
+    def extrapolations(self, layers: Sequence[LayerSpec]) -> tuple[Extrapolation, ...]:
+        """The layers whose costs no measurement of their shape gives (kindcosts.extrapolations)."""
+        return extrapolations(self.profile, layers)
 
     def compute_s(self, layers: Sequence[LayerSpec], kind: Kind, microbatch_size: int,
                   rank: int | None = None) -> float:

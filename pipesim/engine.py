@@ -20,7 +20,7 @@ it sends on a link that more than one rank sends on (so that requests reach
 the link in time order); with run-time cost inputs, before every action.
 
 Memory ledger per (piece, micro-batch): F holds what the piece saves for
-backward; B frees it; I swaps it for what W still needs (each layer's input
+backward (on the last piece, the loss's saved tensors too: ModelSpec.piece_saved_bytes); B frees it; I swaps it for what W still needs (each layer's input
 and its output gradient, ModelSpec.stage_weight_bytes), which W frees.
 
 Knows nothing of FLOPs or torch: every duration comes from the CostModel.
@@ -57,7 +57,7 @@ def stage_shapes(model: ModelSpec, partition: Partition) -> list[StageShape]:
         shapes.append(StageShape(
             layers=layers,
             params=sum(layer.params for layer in layers),
-            saved_bytes_per_sample=model.stage_saved_bytes(first, last),
+            saved_bytes_per_sample=model.piece_saved_bytes(first, last),
             weight_bytes_per_sample=model.stage_weight_bytes(first, last),
             input_bytes_per_sample=layers[0].input_bytes_per_sample,
             output_bytes_per_sample=layers[-1].output_bytes_per_sample,

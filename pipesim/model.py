@@ -196,6 +196,33 @@ class ModelSpec:
                 total += x.output_bytes_per_sample
         return total + sum(x.saved_bytes_per_sample for x in layers)
 
+    @property
+    def loss(self) -> str:
+        """The loss the runner trains the model's output with: cross-entropy behind a
+        classifier or language-model head (an lm_head, or an fc layer without activation),
+        else mean squared error (the fc models' regression)."""
+        last = self.layers[-1]
+        head = last.kind == "lm_head" or (last.kind == "fc" and last.options.get("activation") == "none")
+        return "cross_entropy" if head else "mse"
+
+    @property
+    def loss_saved_bytes_per_sample(self) -> int:
+        """What the loss keeps for backward that no layer keeps. Cross-entropy is log-softmax
+        then NLL: log-softmax saves its result, one float per logit (S x V per sample for a
+        language model: 206 MB at GPT-2 small's 1024 tokens and 50,257 words); NLL saves that
+        same result and the targets, which exist before the step. Mean squared error saves the
+        output (counted here when the last layer does not save it) and the target."""
+        last = self.layers[-1]
+        if self.loss == "cross_entropy":
+            return math.prod(last.output_shape) * FLOAT32_BYTES
+        return 0 if last.saves_output else last.output_bytes_per_sample
+
+    def piece_saved_bytes(self, first: int, last: int) -> int:
+        """What the ledger holds per sample from a piece's F until its B (or I): its layers'
+        saved bytes (stage_saved_bytes) and, on the last piece, the loss's."""
+        loss = self.loss_saved_bytes_per_sample if last == self.num_layers - 1 else 0
+        return self.stage_saved_bytes(first, last) + loss
+
     def stage_weight_bytes(self, first: int, last: int) -> int:
         """Bytes per sample a piece keeps from its I (input gradient) until its W (weight
         gradients), as torch's split backward does (pipesim/layers/base.py Sizes): the

@@ -229,7 +229,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                                    "mpiexec/srun allocation.")
     c.add_argument("--ranks", type=int_in(2, lim.MAX_STAGES), default=2,
                    help="ranks to measure with, at least 2 for the links (default: 2)")
-    c.add_argument("--model", metavar="FILE", help="calibrate the layer widths of this model spec")
+    c.add_argument("--model", metavar="FILE", action="append",
+                   help="measure the layer kinds and shapes of this model spec (the widths of an fc-only model); "
+                        "repeat or comma-separate")
     c.add_argument("--width", type=WIDTH, default=None, help="calibrate this one fc width")
     c.add_argument("--widths", type=ints_in(1, lim.MAX_WIDTH),
                    help="fc widths to measure (default: 256,384,512,768,1024)")
@@ -237,7 +239,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                    help="accepted like predict's; calibration depends only on the layer width")
     c.add_argument("--microbatch-sizes", type=MICROBATCH_LIST,
                    help="micro-batch sizes to measure (default: 4,8,...,512)")
-    c.add_argument("--repeats", type=int_in(1, 10_000), help="timed rounds over all points (default: 30)")
+    c.add_argument("--repeats", type=int_in(1, 10_000), help="timed rounds over all points (default: 30 for fc widths, 20 for layer kinds)")
     c.add_argument("--stack-mib", type=int_in(1, 1 << 20),
                    help="weights per timed layer stack, MiB: like one of your stages (default: 16)")
     c.add_argument("--threads-per-rank", type=int_in(1, 1024), default=1,
@@ -247,6 +249,13 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="FILE",
                    help="where to write (default: calibration/HOST.json, in the tracked calibration/ folder)")
     c.add_argument("--json", action="store_true", help="also print the profile JSON")
+
+    d = sub.add_parser("show-model", help="print a model's per-layer table, to write a partition by hand",
+                       description="Per layer of a model spec: index, kind, output shape, parameters, forward "
+                                   "FLOPs, bytes saved for backward and the bytes a cut after it sends (per "
+                                   "sample). Partitions (--partition) count or range these indices.")
+    d.add_argument("model", metavar="FILE", help="model spec TOML (models/*.toml)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
 
     v = sub.add_parser("validate", help="run a grid for real, predict each case, report the accuracy",
                        description="Measure every case of a grid with the runner (interleaved rounds), "

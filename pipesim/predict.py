@@ -21,6 +21,7 @@ class Prediction:
     engine_path: str = "des"  # which path produced the timeline: "fast" (longest path) or "des"
     ranks_per_node: int | None = None  # the what-if that places global ranks on nodes
     exposed_allreduce_s: float = 0.0  # how much the gradient all-reduces lengthen the step (D > 1)
+    extrapolated: tuple = ()  # kindcosts.Extrapolation of each layer not costed from its own measured shape
 
     @property
     def speedup(self) -> float:
@@ -56,6 +57,8 @@ def simulate_plan(plan: Plan, costs: CostModel, path: str = "auto"):
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
     timeline = simulate_plan(plan, costs)
     exposed = timeline.exposed_allreduce_s() if hasattr(timeline, "exposed_allreduce_s") else 0.0
+    extrapolations = getattr(costs, "extrapolations", None)
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
                       baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"),
-                      getattr(costs, "ranks_per_node", None), exposed)
+                      getattr(costs, "ranks_per_node", None), exposed,
+                      tuple(extrapolations(plan.model.layers)) if extrapolations else ())

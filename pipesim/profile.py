@@ -3,10 +3,11 @@
 Schema ``pipesim-profile`` version 3 (version 1 files still load: they lack
 the input/weight split, so the zero-bubble schedules are refused with them;
 versions 1 and 2 lack the measured all-reduce, so data parallelism's ring law
-uses their point-to-point links, with a warning)::
+uses their point-to-point links, with a warning, and the ``kinds`` section, so
+they cost fc layers only)::
 
     {
-      "schema": "pipesim-profile", "version": 2, "name": "...",
+      "schema": "pipesim-profile", "version": 3, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
         "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
@@ -24,6 +25,7 @@ uses their point-to-point links, with a warning)::
       "collectives": {"intra_node": {"latency_s": 1e-5, "bandwidth_Bps": 5e9},  # version 3: the ring
                       "inter_node": {...}, "reduce_s_per_byte": 0.0},  # all-reduce's alpha, beta per class
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
+      "kinds": {...},      # version 3, optional: other layer kinds by shape (kindcosts.py)
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
     }
 
@@ -56,7 +58,7 @@ CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
-             "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives"}
+             "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives", "kinds"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
@@ -134,6 +136,7 @@ class Profile:
     description: str = ""
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
+    kinds: dict = field(default_factory=dict)  # kind -> kindcosts.KindCosts (version 3)
 
     @property
     def measured_on(self) -> str:
@@ -270,6 +273,11 @@ def parse_profile(data: dict) -> Profile:
     optimizer_table = _optimizer_table(optimizer) if "seconds" in optimizer else None
     if optimizer_table is None:
         _check_keys(optimizer, {"fixed_s", "s_per_param"}, "optimizer")
+    kinds = {}
+    if "kinds" in data:
+        from .kindcosts import parse_kinds
+
+        kinds = parse_kinds(data["kinds"])
     links = _table(data, "links", "")
     _check_keys(links, {"intra_node", "inter_node"}, "links")
     intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
@@ -290,6 +298,7 @@ def parse_profile(data: dict) -> Profile:
         description=data.get("description", ""),
         ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
+        kinds=kinds,
     )
 
 

@@ -64,10 +64,7 @@ class StageCosts:
         self._laws: dict[tuple[int, Kind], tuple[float, np.ndarray]] = {}
         layers = model.layers
         self._params = _prefix([layer.params for layer in layers])
-        self._saved = _prefix([layer.saved_bytes_per_sample for layer in layers])
-        self._weight = _prefix([layer.input_bytes_per_sample + layer.output_grad_bytes_per_sample
-                                for layer in layers])
-        self._input = [layer.input_bytes_per_sample for layer in layers]
+        self.memory = PieceMemory(model)
         self.link_s = cache(self._link_s)
         self.optimizer_s = cache(self._optimizer_s)
         self._ranged = cache(self._ranged_s)
@@ -163,9 +160,8 @@ class StageCosts:
         return self.costs.optimizer_s(self.params(first, last), rank=self.schedule.rank_of(stage))
 
     def memory_bytes(self, stage: int, first: int, last: int) -> int:
-        saved = (self._input[first] + int(self._saved[last + 1] - self._saved[first])) * self.mbs
-        weight = int(self._weight[last + 1] - self._weight[first]) * self.mbs
-        activations = max(a * saved + b * weight for a, b in self.states[stage])
+        saved, weight = self.memory.spans(np.array([first]), np.array([[last]]), object)
+        activations = max(a * int(saved[0, 0]) + b * int(weight[0, 0]) for a, b in self.states[stage]) * self.mbs
         return self.costs.static_bytes(self.params(first, last)) + activations
 
     def fits(self, stage: int, first: int, last: int) -> bool:
@@ -182,18 +178,56 @@ class StageCosts:
         ok = lasts < n
         lasts = np.minimum(lasts, n - 1)
         held = max(a + b for a, b in self.states[stage])
-        exact = int(self._saved[-1] + self._weight[-1] + max(self._input)) * mbs * max(held, 1) < 2**62
+        exact = self.memory.total * mbs * max(held, 1) < 2**62
         dtype = np.int64 if exact and int(self._params[-1]) < 2**50 else object
-        inputs = np.array(self._input, dtype=dtype)[firsts][:, None]
-        saved = (inputs + _spans(self._saved, dtype, firsts, lasts)) * mbs
-        weight = _spans(self._weight, dtype, firsts, lasts) * mbs
-        activations = np.max([a * saved + b * weight for a, b in self.states[stage]], axis=0)
+        saved, weight = self.memory.spans(firsts, lasts, dtype)
+        activations = np.max([a * saved * mbs + b * weight * mbs for a, b in self.states[stage]], axis=0)
         params = np.where(ok, _spans(self._params, dtype, firsts, lasts), 0)
         try:
             static = self.costs.static_bytes(params)
         except TypeError:  # a cost model that takes plain ints only
             static = np.vectorize(self.costs.static_bytes, otypes=[object])(params)
         return ok & np.asarray(static + activations <= cap, dtype=bool)
+
+
+class PieceMemory:
+    """A piece's ledger figures per sample (what the engine counts: ModelSpec.piece_saved_bytes
+    and stage_weight_bytes) for any first..last from prefix sums, as scalars or matrices.
+
+    saved(first, last) = the first layer's input if it saves it + each layer's saved bytes
+    + each output only the next layer saves (first..last-1) + the loss's on the last piece;
+    weight(first, last) = saved(first, w) - tail(w) + the output gradients of first..w, with
+    w the last layer with parameters up to `last` (0 when there is none from `first`)."""
+
+    def __init__(self, model):
+        layers, n = model.layers, model.num_layers
+        self.n, self.loss = n, model.loss_saved_bytes_per_sample
+        self.input = np.array([x.input_bytes_per_sample if x.saves_input else 0 for x in layers], dtype=object)
+        self.saved = _prefix([x.saved_bytes_per_sample for x in layers])
+        self.handed = _prefix([x.output_bytes_per_sample if i + 1 < n and layers[i + 1].saves_input
+                               and not x.saves_output else 0 for i, x in enumerate(layers)])
+        self.grads = _prefix([x.output_grad_bytes_per_sample for x in layers])
+        self.tail = np.array([x.tail_saved_bytes_per_sample for x in layers], dtype=object)
+        weighted, previous = [], -1
+        for i, x in enumerate(layers):
+            previous = i if x.params else previous
+            weighted.append(previous)
+        self.weighted = np.array(weighted)
+        self.total = int(self.saved[-1] + self.handed[-1] + self.grads[-1] + max(self.input) + self.loss)
+
+    def _saved(self, dtype, firsts: np.ndarray, lasts: np.ndarray):
+        return (self.input.astype(dtype)[firsts][:, None] + _spans(self.saved, dtype, firsts, lasts)
+                + _spans(self.handed, dtype, firsts, lasts - 1))
+
+    def spans(self, firsts: np.ndarray, lasts: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(saved, weight) per sample for each row's first and each of its lasts."""
+        saved = self._saved(dtype, firsts, lasts) + np.where(lasts == self.n - 1, self.loss, 0).astype(dtype)
+        w = self.weighted[lasts]
+        has = w >= firsts[:, None]
+        w = np.where(has, w, firsts[:, None])
+        kept = (self._saved(dtype, firsts, w) - self.tail.astype(dtype)[w]
+                + _spans(self.grads, dtype, firsts, w))
+        return saved, np.where(has, kept, 0).astype(dtype)
 
 
 def _spans(prefix: np.ndarray, dtype, firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:

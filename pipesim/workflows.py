@@ -39,12 +39,14 @@ def model_of(spec: ExecutionSpec) -> ModelSpec:
     return load_model(spec.model_file) if spec.model_file else fc(spec.layers or 32, spec.width or 512)
 
 
-def costs_of(spec: ExecutionSpec, what_ifs: bool = True):
-    """The profile and the cost model (with the spec's what-ifs unless `what_ifs` is off)."""
+def costs_of(spec: ExecutionSpec, model: ModelSpec, what_ifs: bool = True):
+    """The profile and the cost model (with the spec's what-ifs unless `what_ifs` is off); a
+    one-line error when the profile lacks a layer kind of `model`."""
     from .costs import ProfileCostModel, parse_link_override, parse_rank_speed
     from .profile import load_profile
 
     profile = load_profile(spec.profile)
+    ProfileCostModel(profile).check_kinds(model, spec.model_file)
     if not what_ifs:
         return profile, ProfileCostModel(profile, optimizer=spec.optimizer or "sgd")
     rank_speed = tuple(pair for text in spec.rank_speed for pair in parse_rank_speed(text))
@@ -185,7 +187,7 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
     if single_only and len(stage_list) * len(microbatches) > 1:
         raise SpecError("--trace and --gantt need a single configuration")
     model = model_of(spec)
-    profile, costs = costs_of(spec)
+    profile, costs = costs_of(spec, model)
     for stages in stage_list:
         check_world(costs, stages, spec)
     dp, placement = data_parallel_of(spec)
@@ -242,7 +244,7 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     if spec.partition not in (None, "balanced"):
         warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
     model = model_of(spec)
-    profile, costs = costs_of(spec)
+    profile, costs = costs_of(spec, model)
     check_world(costs, stages, spec)
     dp, placement = data_parallel_of(spec)
     combos = [(name, chunks) for name in spec.schedule or ("1f1b",) for chunks in spec.chunks or (None,)]
@@ -288,7 +290,7 @@ def run_shapes(spec: ExecutionSpec, ranks: int, max_simulations: int):
     if spec.partition not in (None, "balanced"):
         warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
     model = model_of(spec)
-    profile, costs = costs_of(spec)
+    profile, costs = costs_of(spec, model)
     costs.check_ranks(ranks)
     spec, batch = _common(spec, model)
     schedules, chunks = spec.schedule or ("1f1b",), spec.chunks or (None,)
@@ -333,7 +335,7 @@ def run_sweep(spec: ExecutionSpec, jobs: int | None, progress: bool = True) -> S
     spec = replace(spec, stages=stages, microbatches=microbatches, schedule=schedules, partition=partition,
                    chunks=None)
     model = model_of(spec)
-    _, costs = costs_of(spec)
+    _, costs = costs_of(spec, model)
     check_world(costs, max(stages), spec)
     points = grid(stages, microbatches, schedules, *data_parallel_of(spec))
     jobs = min(jobs or os.cpu_count() or 1, len(points))
@@ -369,7 +371,7 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
         warn_no_effect("what-ifs (rank speeds, links, ranks per node): run measures the real machine")
     _no_search(spec, "run")
     model = model_of(spec)
-    _, costs = costs_of(spec, what_ifs=False)
+    _, costs = costs_of(spec, model, what_ifs=False)
     schedule = schedule_of(spec, "run")
     if isinstance(schedule, str):
         stages = single(spec.stages, "stage count", "run") or explicit_stage_count(spec) or DEFAULT_STAGES
@@ -439,28 +441,31 @@ def run_report(spec: ExecutionSpec, sweep_spec: ExecutionSpec, max_simulations: 
     return page
 
 
-def run_calibrate(out: Path, command: str, model_file: str | None, width: int | None, widths, ranks: int,
+def run_calibrate(out: Path, command: str, model_files: list[str], width: int | None, widths, ranks: int,
                   microbatch_sizes, repeats, stack_mib, threads_per_rank: int, optimizer: str,
                   name: str | None) -> dict | None:
     """Measure the costs on this machine and write the profile to `out`; returns the profile
-    (None on a rank other than 0 inside an existing MPI world, which writes nothing)."""
+    (None on a rank other than 0 inside an existing MPI world, which writes nothing). fc widths:
+    --widths or --width; else the fc-only models'; else none when models of other kinds are given
+    (their fc layers are measured by shape); else the defaults."""
     import json
 
-    from .calibrate import DEFAULT_WIDTHS, CalibrationSettings, calibrate
+    from .calibrate import DEFAULT_WIDTHS, CalibrationSettings, calibrate, calibration_models
     from .runner.launch import check_runner_available
 
-    if model_file:
-        widths = tuple(sorted({layer.out_features for layer in load_model(model_file).layers}))
-    else:
-        widths = tuple(widths) if widths else ((width,) if width is not None else DEFAULT_WIDTHS)
+    model_widths, jobs = calibration_models(model_files, log)
+    given_widths = tuple(widths or ()) or ((width,) if width is not None else ())
+    widths = given_widths or model_widths or (() if jobs else DEFAULT_WIDTHS)
     given = {"microbatch_sizes": microbatch_sizes and tuple(microbatch_sizes), "repeats": repeats,
              "stack_bytes": stack_mib and stack_mib << 20}
     settings = CalibrationSettings(ranks=ranks, widths=widths, threads_per_rank=threads_per_rank,
-                                   optimizer=optimizer, extra_metadata={"command": command},
-                                   **{key: value for key, value in given.items() if value})
+                                   optimizer=optimizer, extra_metadata={"command": command}, kind_jobs=jobs,
+                                   **{key: value for key, value in given.items() if value},
+                                   **({"kind_repeats": repeats} if repeats else {}))
     check_runner_available("pipesim calibrate")
-    log(f"calibrating on {settings.ranks} ranks: widths {list(widths)}, micro-batch sizes "
-        f"{list(settings.microbatch_sizes)}")
+    if widths:
+        log(f"calibrating on {settings.ranks} ranks: fc widths {list(widths)}, micro-batch sizes "
+            f"{list(settings.microbatch_sizes)}")
     profile = calibrate(settings, name or out.stem, log)
     if profile is None:
         return None

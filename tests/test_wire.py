@@ -16,6 +16,7 @@ from pipesim.runner import config as config_module
 from pipesim.runner import records as records_module
 from pipesim.runner.config import (
     JobFile,
+    KindJob,
     MicrobenchConfig,
     RunBatch,
     RunConfig,
@@ -25,6 +26,7 @@ from pipesim.runner.config import (
 from pipesim.runner.records import (
     AllreduceSample,
     ComputeSample,
+    KindSample,
     LinkSample,
     MicrobenchResult,
     OptimizerSample,
@@ -46,7 +48,8 @@ def run_config(**options) -> RunConfig:
 
 MICROBENCH = MicrobenchConfig(widths=(16, 32), microbatch_sizes=(2, 4), message_sizes=(1, 4096),
                               repeats=3, warmup=1, pingpong_repeats=2, threads_per_rank=1, optimizer="sgd",
-                              seed=1, stack_bytes=1 << 16)
+                              seed=1, stack_bytes=1 << 16, allreduce_sizes=(4096,),
+                              kind_jobs=(KindJob('[[layers]]\nkind = "fc"\n', (1, 4)),))
 
 STEP = StepRecord(0.5, 1.25, (Span(1, "F", 0.5, 0.75, 1, 0), Span(1, "wait", 0.75, 0.8, -1, -1, -1, SENDS),
                               Span(1, "wait", 0.8, 0.9, 2, 3, 0, "B")),
@@ -55,14 +58,16 @@ RANK_RUN = RankRun(1, "node-a", "cpu", 12345, 1 << 30, (STEP, STEP), -2.5e-6)
 RUN_RESULT = RunResult((dataclasses.replace(RANK_RUN, rank=0, clock_offset_s=0.0), RANK_RUN), "Open MPI v5.0.8")
 COMPUTE = ComputeSample(1, 512, 8, 16, 262656, 524800.0, (1e-4, 1.1e-4), (2e-4,), (1e-4,), (1e-4,), 4096.0)
 LINKS = (LinkSample((0, 1), 1, (1e-6, 2e-6)), LinkSample((0, 1), 1 << 20, (1e-3,), (1.5e-3, 1.6e-3)))
-RANK_SAMPLES = RankSamples(0, "node-a", "node-a", (COMPUTE,), (OptimizerSample(262656, (3e-4, 4e-4)),), LINKS)
+KIND = KindSample(0, 0, 3, "conv2d", "conv2d:3x32x32->16", 4, (1e-4,), (2e-4,), (1e-4,), (1e-4,))
+RANK_SAMPLES = RankSamples(0, "node-a", "node-a", (COMPUTE,), (OptimizerSample(262656, (3e-4, 4e-4)),), LINKS,
+                           (KIND,))
 ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
                                      "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
 
 EXAMPLES = [run_config(), RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
-            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE]
+            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0]]
 
 
 def through_json(data: dict) -> object:

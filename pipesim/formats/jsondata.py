@@ -72,6 +72,7 @@ def prediction_json(prediction: Prediction) -> dict:
         profile=prediction.profile,
         source="simulated",
         engine_path=prediction.engine_path,
+        extrapolated=[e.to_json() for e in prediction.extrapolated],
     )
 
 
@@ -161,3 +162,13 @@ def shapes_json(search) -> dict:
                  "exposed_allreduce_s": r.prediction.exposed_allreduce_s,
                  "peak_memory_bytes": r.prediction.metrics.peak_memory_bytes}
                 for p, r in search.best_per_stage_count().items()]}
+
+
+def layer_table_json(model, rows) -> dict:
+    """`show-model --json`: the model's totals and one object per layer (per sample)."""
+    return {"model": model.name, "num_layers": model.num_layers, "params": model.params, "loss": model.loss,
+            "loss_saved_bytes_per_sample": model.loss_saved_bytes_per_sample,
+            "layers": [{"index": r.index, "kind": r.kind, "output_shape": list(r.output_shape), "params": r.params,
+                        "forward_flops_per_sample": r.forward_flops_per_sample,
+                        "saved_bytes_per_sample": r.saved_bytes_per_sample,
+                        "message_bytes_per_sample": r.message_bytes_per_sample} for r in rows]}

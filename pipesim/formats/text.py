@@ -43,6 +43,7 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     plan, m = p.plan, p.metrics
     lines.append(f"model      {plan.model.describe()}")
     lines.append(f"profile    {p.profile}, measured on {measured_on}; {CALIBRATE_HINT}")
+    lines += extrapolated_text(p.extrapolated)
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
                  f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
                  f"partition {plan.partition}")
@@ -68,11 +69,19 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     return "\n".join(lines)
 
 
+def extrapolated_text(extrapolated) -> list[str]:
+    """Lines saying which costs were extrapolated (no measurement of their shape), and how far."""
+    from ..kindcosts import summarize
+
+    return [f"{'costs' if i == 0 else '':<10} extrapolated for {line}" for i, line in enumerate(summarize(extrapolated))]
+
+
 def predictions_text(predictions: list[Prediction], measured_on: str) -> str:
     lines: list[str] = []
     lines.append(f"profile {predictions[0].profile}, measured on {measured_on}; {CALIBRATE_HINT}")
     lines.append(f"model {predictions[0].plan.model.describe()}; "
                  f"schedule {predictions[0].plan.schedule.name}; batch {predictions[0].plan.batch_size}")
+    lines += extrapolated_text(predictions[0].extrapolated)
     lines.append(f"{'stages':>6} {'micro':>6} {'iteration':>12} {'speedup':>8} {'ideal':>6} "
                  f"{'bubble':>7} {'peak memory':>12}  partition")
     for p in predictions:
@@ -113,23 +122,24 @@ def measurement_text(measured, baseline) -> str:
 
 
 def profile_text(profile: dict) -> str:
-    lines: list[str] = []
-    table, noise = profile["compute"]["fc"], profile["noise"]
-    samples = profile["samples"]
+    lines: list[str] = [f"profile {profile['name']}: {profile['description']}"]
+    noise, samples = profile["noise"], profile["samples"]
     residual = samples["fit_max_relative_residual"]
-    lines.append(f"profile {profile['name']}: {profile['description']}")
-    sizes = table["forward"]["microbatch_sizes"]
-    lines.append(f"  fc layer time (us) by micro-batch size; forward / backward; noise CV "
-                 f"{noise['forward_cv_median']:.1%} / {noise['backward_cv_median']:.1%}")
-    lines.append("    width " + "".join(f"{b:>15}" for b in sizes))
-    for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
-                               table["backward"]["seconds"]):
-        lines.append(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
+    if "fc" in profile["compute"]:
+        table = profile["compute"]["fc"]
+        sizes = table["forward"]["microbatch_sizes"]
+        lines.append(f"  fc layer time (us) by micro-batch size; forward / backward; noise CV "
+                     f"{noise['forward_cv_median']:.1%} / {noise['backward_cv_median']:.1%}")
+        lines.append("    width " + "".join(f"{b:>15}" for b in sizes))
+        for w, f_row, b_row in zip(table["forward"]["widths"], table["forward"]["seconds"],
+                                   table["backward"]["seconds"]):
+            lines.append(f"    {w:>5} " + "".join(f"{f * 1e6:>7.0f}/{b * 1e6:<7.0f}" for f, b in zip(f_row, b_row)))
     for direction in [d for d in ("forward", "backward", "input", "weight") if d in samples["affine_fit"]]:
         c = samples["affine_fit"][direction]
         lines.append(f"  affine {direction:<8} {c['fixed_s'] * 1e6:6.2f} us + {c['s_per_param'] * 1e12:6.1f} ps/param"
                      f" + b x {c['s_per_flop'] * 1e12:5.2f} ps/flop (summary only; worst error "
                      f"{residual['affine_' + direction]:.0%}, so the table is used)")
+    lines += kinds_text(profile.get("kinds", {}), residual.get("kinds", {}))
     opt = profile["optimizer"]
     lines.append("  optimizer    " + ", ".join(f"{p / 1e6:.2f}M params {t * 1e3:.2f} ms"
                                         for p, t in zip(opt["params"], opt["seconds"])))
@@ -138,6 +148,36 @@ def profile_text(profile: dict) -> str:
         lines.append(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}, "
                      f"{'duplex' if link.get('duplex', True) else 'one channel shared by both directions'}")
     lines.append(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")
+    return "\n".join(lines)
+
+
+def kinds_text(kinds: dict, worst: dict) -> list[str]:
+    """Per kind: the shapes measured, and the fitted law of the whole backward with its worst error."""
+    lines = []
+    for kind, data in kinds.items():
+        law = data["laws"]["backward"]
+        sizes = sorted({b for shape in data["shapes"] for b in shape["microbatch_sizes"]})
+        lines.append(f"  {kind:<17} {len(data['shapes'])} shape(s) at micro-batch sizes {sizes}; backward law "
+                     f"{law['fixed_s'] * 1e6:.1f} us + b x ({law['s_per_flop'] * 1e12:.2f} ps/flop + "
+                     f"{law['s_per_byte'] * 1e12:.1f} ps/byte), worst error "
+                     f"{worst.get(kind + '_backward', 0.0):.0%}")
+    return lines
+
+
+def layer_table_text(model, rows) -> str:
+    """`show-model`: one line per layer, per sample; the index is what partitions count."""
+    loss = (f"per sample; loss {model.loss} saves {fmt_bytes(model.loss_saved_bytes_per_sample)} "
+            "more on the last piece; a partition counts or ranges these indices")
+    header = (f"{'index':>5}  {'kind':<18} {'output shape':<16} {'params':>13} {'FLOPs':>10} {'saved':>11} "
+              f"{'message at a cut after it':>26}")
+    lines = [model.describe(), loss, header]
+    for r in rows:
+        message = "-" if r.message_bytes_per_sample is None else fmt_bytes(r.message_bytes_per_sample)
+        lines.append(f"{r.index:>5}  {r.kind:<18} {'x'.join(map(str, r.output_shape)):<16} {r.params:>13,} "
+                     f"{r.forward_flops_per_sample:>10.3g} {fmt_bytes(r.saved_bytes_per_sample):>11} {message:>26}")
+    lines.append(f"{'total':>5}  {'':<18} {'':<16} {model.params:>13,} "
+                 f"{sum(r.forward_flops_per_sample for r in rows):>10.3g} "
+                 f"{fmt_bytes(sum(r.saved_bytes_per_sample for r in rows)):>11}")
     return "\n".join(lines)
 
 
@@ -181,6 +221,7 @@ def optimum_text(optimum) -> str:
     lines = [
         f"model      {problem.model.describe()}",
         f"profile    {problem.profile_name}" + (f"; what-ifs: {what_ifs}" if what_ifs else ""),
+        *extrapolated_text(best.extrapolated),
         f"pipeline   {problem.schedule.name}, {problem.num_stages} stages x {problem.schedule.num_chunks} chunk(s), "
         f"{problem.num_microbatches} micro-batches "
         f"x {problem.microbatch_size} samples (batch {problem.batch_size}); {cap_text(problem.memory_cap_bytes)}",

@@ -95,6 +95,14 @@ class RunBatch:
 
 
 @dataclass(frozen=True)
+class KindJob:
+    """A model whose layers calibration times by kind and shape (runner/kindbench.py)."""
+
+    model_toml: str  # the model file's text, parsed on every rank
+    microbatch_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class MicrobenchConfig:
     """The calibration micro-benchmarks (runner/microbench.py) every rank runs."""
 
@@ -109,6 +117,9 @@ class MicrobenchConfig:
     seed: int
     stack_bytes: int  # weights per timed stack
     allreduce_sizes: tuple[int, ...] = ()  # bytes; MPI_Allreduce over the world (runner/collbench.py)
+    kind_jobs: tuple[KindJob, ...] = ()  # models timed layer by layer (no fc tables needed for them)
+    kind_repeats: int = 10
+    kind_warmup: int = 2
 
 
 JobConfig = RunConfig | RunBatch | MicrobenchConfig

@@ -233,9 +233,20 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
         if rank == 0:
             print(text, file=sys.stderr, flush=True)
 
-    log(f"  compute: widths {list(config.widths)} x micro-batch sizes {list(config.microbatch_sizes)}, "
-        f"{config.repeats} rounds after {config.warmup} warm-up")
-    compute = _measure_compute(config, comm, log)
+    compute: list[ComputeSample] = []
+    if config.widths:
+        log(f"  compute: widths {list(config.widths)} x micro-batch sizes {list(config.microbatch_sizes)}, "
+            f"{config.repeats} rounds after {config.warmup} warm-up")
+        compute = _measure_compute(config, comm, log)
+    kinds = []
+    if config.kind_jobs:
+        from .kindbench import measure_kinds
+
+        log(f"  kinds: {len(config.kind_jobs)} model(s) layer by layer, {config.kind_repeats} rounds after "
+            f"{config.kind_warmup} warm-up")
+        started = clock()
+        kinds = measure_kinds(config, comm, log)
+        log(f"  kinds: {clock() - started:.1f} s")
     log(f"  optimizer ({config.optimizer}) step at {len(OPTIMIZER_DEPTHS)} sizes")
     optimizer = _measure_optimizer(config, comm)
     log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
@@ -249,7 +260,7 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
             f"{config.allreduce_sizes[0] >> 10} KiB .. {config.allreduce_sizes[-1] >> 20} MiB")
         allreduce = measure_allreduce(comm, config.allreduce_sizes, config.pingpong_repeats)
     mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
-                       tuple(links))
+                       tuple(links), tuple(kinds))
     everyone: list[RankSamples] | None = comm.gather(mine, root=0)
     if everyone is None:  # not rank 0
         return None

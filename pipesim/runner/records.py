@@ -73,6 +73,26 @@ class ComputeSample:
 
 
 @dataclass(frozen=True)
+class KindSample:
+    """Times of one layer of a calibration model (runner/kindbench.py) at one micro-batch size."""
+
+    rank: int
+    job: int  # which model of the job
+    layer: int  # its index in that model
+    kind: str
+    key: str  # LayerSpec.cost_key
+    microbatch_size: int
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    input_s: tuple[float, ...]
+    weight_s: tuple[float, ...]
+
+    def times_s(self, direction: str) -> tuple[float, ...]:
+        times: tuple[float, ...] = getattr(self, f"{direction}_s")
+        return times
+
+
+@dataclass(frozen=True)
 class OptimizerSample:
     params: int
     times_s: tuple[float, ...]
@@ -105,6 +125,7 @@ class RankSamples:
     compute: tuple[ComputeSample, ...]
     optimizer: tuple[OptimizerSample, ...]
     links: tuple[LinkSample, ...]  # the pairs this rank led (the left one)
+    kinds: tuple[KindSample, ...] = ()  # layers of other kinds, by shape
 
 
 @dataclass(frozen=True)
