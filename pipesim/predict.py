@@ -43,6 +43,7 @@ def baseline_time_s(model: ModelSpec, batch_size: int, costs: CostModel) -> floa
 
 
 def predict(plan: Plan, costs: CostModel, profile_name: str) -> Prediction:
-    timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
+    timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size,
+                        recompute=plan.recompute)
     return Prediction(plan, profile_name, timeline, compute_metrics(timeline),
                       baseline_time_s(plan.model, plan.batch_size, costs), getattr(timeline, "engine_path", "des"))

@@ -18,7 +18,7 @@ experiment file (experiments/*.toml) holds four tables, each optional::
     partition = "balanced"              # as given: counts, ranges or balanced
     partition_counts = [8, 8, 8, 8]     # what it resolved to (written by --save-config)
     data_parallel = 1
-    recompute = "none"
+    recompute = "none"                  # "all", or pieces like "0,2" (0 .. stages x chunks - 1)
     optimizer = "sgd"
     memory_cap = "64MiB"                # optimize and sweep
     [what_ifs]
@@ -44,7 +44,7 @@ from .errors import UserError
 from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
-RECOMPUTE = ("none",)  # activation recomputation: only "none" until it exists
+RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
 class SpecError(UserError):
@@ -181,8 +181,9 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
         raise SpecError(f"{where}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {spec.optimizer!r}")
     if spec.data_parallel != 1:
         raise SpecError(f"{where}: data_parallel {spec.data_parallel} is not supported yet (only 1)")
-    if spec.recompute not in RECOMPUTE:
-        raise SpecError(f"{where}: recompute {spec.recompute!r} is not supported yet (only 'none')")
+    if spec.recompute.strip() not in RECOMPUTE and not all(
+            item.strip().isdigit() and len(item.strip()) <= 9 for item in spec.recompute.split(",")):
+        raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r}")
     return spec
 
 

@@ -26,6 +26,10 @@ def layer_text(plan, rank: int) -> str:
     return ",".join(f"{first}-{last}" for first, last in plan.rank_bounds(rank))
 
 
+def _recompute(plan) -> str:
+    return f", recompute pieces {','.join(map(str, plan.recompute))}" if plan.recompute else ""
+
+
 def prediction_text(p: Prediction, measured_on: str) -> str:
     lines: list[str] = []
     plan, m = p.plan, p.metrics
@@ -33,7 +37,7 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     lines.append(f"profile    {p.profile}, measured on {measured_on}; {CALIBRATE_HINT}")
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
                  f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-                 f"partition {plan.partition}")
+                 f"partition {plan.partition}{_recompute(plan)}")
     lines.append("")
     lines.append(f"iteration time   {fmt_s(m.iteration_time_s)}   "
                  f"(one rank: {fmt_s(p.baseline_time_s)}, speedup {p.speedup:.2f}x)")
@@ -71,7 +75,7 @@ def measurement_text(measured, baseline) -> str:
     lines.append(f"model      {plan.model.describe()}")
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} ranks, {plan.num_microbatches} "
                  f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-                 f"partition {plan.partition}; {measured.mpi}")
+                 f"partition {plan.partition}{_recompute(plan)}; {measured.mpi}")
     lines.append("iterations " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms")
     lines.append("")
     lines.append(f"iteration time   {fmt_s(measured.median_s)} median of {len(times)}   "

@@ -72,7 +72,7 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
     device = config.device
     if device == "cuda":
         device = f"cuda:{_local_rank() % torch.cuda.device_count()}"
-    worker = StageWorker(plan, comm, config.optimizer, config.seed, device)
+    worker = StageWorker(plan, comm, config.optimizer, config.seed, device, config.eval_mode)
     if comm.Get_rank() == config.fail_on_rank:
         raise RuntimeError(f"injected fault on rank {config.fail_on_rank} (fail_on_rank)")
     total = config.warmup + config.iterations
