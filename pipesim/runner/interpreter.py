@@ -29,6 +29,7 @@ from typing import Any, assert_never
 
 import torch
 from mpi4py import MPI
+from torch.utils.checkpoint import checkpoint
 
 from ..plan import Plan
 from ..schedule import Action, Kind, MessageKey, makes_output, needs_input
@@ -137,15 +138,21 @@ class StageWorker:
 
     def _saved_by_forward(self, piece: int) -> int:
         """Bytes a plain forward of one micro-batch saves besides its input (for the ledger
-        of a recomputed piece: what its re-forward brings back at B or I)."""
+        of a recomputed piece: what its re-forward brings back at B or I). The module's
+        buffers (batch-norm's running statistics) are put back as they were."""
         layer = self.plan.stage_layers(piece)[0]
+        module = self.modules[piece]
+        buffers = {name: value.clone() for name, value in module.named_buffers()}
         dtype = TORCH_DTYPES[layer.input_dtype]
         x = torch.zeros(self.plan.microbatch_size, *layer.input_shape, dtype=dtype, device=self.device)
         if dtype.is_floating_point:
             x.requires_grad_(True)
         counter = SavedBytes(self.param_storages | {x.untyped_storage().data_ptr()})
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
-            self.modules[piece](x)
+            module(x)
+        with torch.no_grad():
+            for name, value in module.named_buffers():
+                value.copy_(buffers[name])
         return counter.total
 
     # --- one step -------------------------------------------------------------
@@ -247,8 +254,6 @@ class StageWorker:
         counter = SavedBytes(self.param_storages)
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
             if piece in self.recompute:
-                from torch.utils.checkpoint import checkpoint
-
                 out = checkpoint(self.modules[piece], x, use_reentrant=False)
             else:
                 out = self.modules[piece](x)
