@@ -121,7 +121,7 @@ def check_split_backward(model: ModelSpec, cut: Partition, schedule: Schedule) -
         first = model.layers[cut.bounds[piece][0]]
         if first.input_dtype != "float32":
             raise ScheduleError(f"schedule {schedule.name} splits the backward of piece {piece} into I and W, "
-                                f"but it starts with a {first.kind} layer ({first.input_dtype} input), whose "
+                                f"but its first layer ({first.kind}) takes {first.input_dtype} input, so its "
                                 "backward cannot be split; choose gpipe, 1f1b or interleaved-1f1b")
 
 
