@@ -23,7 +23,7 @@ from .steparrays import StepArrays
 
 
 def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: ModelSpec,
-            cost_model: CostModel, microbatch_size: int) -> StepArrays:
+            cost_model: CostModel, microbatch_size: int, recompute: tuple[int, ...] = ()) -> StepArrays:
     n = c.num_nodes
     env = simpy.Environment()
     cross = c.cross
@@ -41,7 +41,7 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
     start, end = [0.0] * n, [0.0] * n
     send_start, arrival = [float("nan")] * n, [float("nan")] * n
     waiting: dict[int, simpy.Event] = {}
-    ask = _asker(c, partition, model, cost_model, microbatch_size) if runtime_inputs(cost_model) else None
+    ask = _asker(c, partition, model, cost_model, microbatch_size, recompute) if runtime_inputs(cost_model) else None
 
     def rank_process(r: int):
         t = 0.0
@@ -77,14 +77,13 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
 
 
 def _asker(c: CompactSchedule, partition: Partition, model: ModelSpec, cost_model: CostModel,
-           microbatch_size: int):
+           microbatch_size: int, recompute: tuple[int, ...] = ()):
     """Per-action cost, asked when the action starts (for cost models with run-time inputs)."""
-    from .engine import stage_shapes
+    from .engine import compute_s, stage_shapes
 
-    shapes = stage_shapes(model, partition)
+    shapes = stage_shapes(model, partition, recompute)
 
     def ask(k: int) -> float:
         piece = int(c.piece[k])
-        return cost_model.compute_s(shapes[piece].layers, KINDS[int(c.kind[k])], microbatch_size,
-                                    rank=int(c.rank[k]))
+        return compute_s(cost_model, shapes[piece], KINDS[int(c.kind[k])], microbatch_size, int(c.rank[k]))
     return ask

@@ -23,6 +23,11 @@ Memory ledger per (piece, micro-batch): F holds what the piece saves for
 backward (on the last piece, the loss's saved tensors too: ModelSpec.piece_saved_bytes); B frees it; I swaps it for what W still needs (each layer's input
 and its output gradient, ModelSpec.stage_weight_bytes), which W frees.
 
+A piece that recomputes its activations (``recompute``) holds only its input from
+F on; B and I run the forward again first (their time includes an F), and the
+re-forward's saved tensors join the ledger as they start; B frees everything, I
+leaves what W needs (W then uses what I kept and recomputes nothing).
+
 Knows nothing of FLOPs or torch: every duration comes from the CostModel.
 """
 
@@ -48,11 +53,13 @@ class StageShape:
     weight_bytes_per_sample: int  # held from I until W
     input_bytes_per_sample: int
     output_bytes_per_sample: int
+    recomputed: bool = False  # holds only its input from F until B or I, which run F again
+    loss_bytes_per_sample: int = 0  # the loss's saved tensors (last piece): held from F, recomputed or not
 
 
-def stage_shapes(model: ModelSpec, partition: Partition) -> list[StageShape]:
+def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, ...] = ()) -> list[StageShape]:
     shapes = []
-    for first, last in partition.bounds:
+    for piece, (first, last) in enumerate(partition.bounds):
         layers = model.layers[first : last + 1]
         shapes.append(StageShape(
             layers=layers,
@@ -61,12 +68,16 @@ def stage_shapes(model: ModelSpec, partition: Partition) -> list[StageShape]:
             weight_bytes_per_sample=model.stage_weight_bytes(first, last),
             input_bytes_per_sample=layers[0].input_bytes_per_sample,
             output_bytes_per_sample=layers[-1].output_bytes_per_sample,
+            recomputed=piece in recompute,
+            loss_bytes_per_sample=model.loss_saved_bytes_per_sample if last == model.num_layers - 1 else 0,
         ))
     return shapes
 
 
 def ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
     """Bytes per sample the ledger adds when `kind` starts and when it ends."""
+    if shape.recomputed:
+        return _recomputed_ledger_change(kind, shape)
     match kind:
         case Kind.F:
             return shape.saved_bytes_per_sample, 0
@@ -80,6 +91,35 @@ def ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
             return 0, 0
         case _:
             assert_never(kind)
+
+
+def _recomputed_ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
+    """F keeps the piece's input (and, on the last piece, the loss's saved tensors: the loss
+    runs outside the checkpoint); B and I bring back, as they start, what the forward saves
+    besides those, then B frees all and I keeps what W needs, which W frees."""
+    held = shape.input_bytes_per_sample + shape.loss_bytes_per_sample
+    extra = shape.saved_bytes_per_sample - held + (0 if shape.layers[0].saves_input else shape.input_bytes_per_sample)
+    match kind:
+        case Kind.F:
+            return held, 0
+        case Kind.B:
+            return extra, -(held + extra)
+        case Kind.I:
+            return extra, shape.weight_bytes_per_sample - held - extra
+        case Kind.W:
+            return 0, -shape.weight_bytes_per_sample
+        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
+            return 0, 0
+        case _:
+            assert_never(kind)
+
+
+def compute_s(costs: CostModel, shape: StageShape, kind: Kind, microbatch_size: int, rank: int) -> float:
+    """An action's time on `rank`; B and I of a recomputed piece run its forward first."""
+    seconds = costs.compute_s(shape.layers, kind, microbatch_size, rank=rank)
+    if shape.recomputed and kind in (Kind.B, Kind.I):
+        seconds += costs.compute_s(shape.layers, Kind.F, microbatch_size, rank=rank)
+    return seconds
 
 
 def role(kind: Kind) -> str:
@@ -120,11 +160,13 @@ def simulate(
     costs: CostModel,
     microbatch_size: int,
     path: str = "auto",
+    recompute: tuple[int, ...] = (),
 ):
     """Simulate one training step of `schedule`; returns an ArrayTimeline (a Timeline's
     interface) whose ``engine_path`` says which path produced it. ``path``: "auto" (the
     fast path where it is exact, else the event simulation), "fast" (None where it is
-    not exact) or "des" (always the event simulation)."""
+    not exact) or "des" (always the event simulation). ``recompute``: the pieces that recompute
+    their activations (Plan.recompute)."""
     from .compact import blocked_ranks, compact
     from .fastpath import longest_path, resolve, runtime_inputs
     from .steparrays import ArrayTimeline
@@ -135,7 +177,7 @@ def simulate(
     c = compact(schedule)
     if c.waves is None:
         raise RuntimeError(f"simulation ended with ranks {blocked_ranks(c)} blocked: schedule deadlocks")
-    resolved = resolve(c, partition, model, costs, microbatch_size)
+    resolved = resolve(c, partition, model, costs, microbatch_size, recompute)
     times, used = None, "des"
     if path != "des" and not runtime_inputs(costs):
         times, used = longest_path(c, resolved), "fast"
@@ -144,6 +186,6 @@ def simulate(
     if times is None:
         from .des import run_des
 
-        times, used = run_des(c, resolved, partition, model, costs, microbatch_size), "des"
+        times, used = run_des(c, resolved, partition, model, costs, microbatch_size, recompute), "des"
     return ArrayTimeline(c, times, resolved.ledger_start_bytes, resolved.ledger_end_bytes,
                          resolved.static_bytes, "simulated", used)

@@ -53,11 +53,11 @@ def runtime_inputs(costs: CostModel) -> frozenset[str]:
 
 
 def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: CostModel,
-            microbatch_size: int) -> Resolved:
-    from .engine import ledger_change, stage_shapes
+            microbatch_size: int, recompute: tuple[int, ...] = ()) -> Resolved:
+    from .engine import compute_s, ledger_change, stage_shapes
 
     schedule = c.schedule
-    shapes = stage_shapes(model, partition)
+    shapes = stage_shapes(model, partition, recompute)
     p, mbs = schedule.num_pieces, microbatch_size
     duration = np.zeros((p, 4))
     at_start = np.zeros((p, 4), dtype=np.int64)
@@ -65,7 +65,7 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
     for key in np.unique(c.piece * 4 + c.kind).tolist():  # only the kinds the schedule runs
         piece, code = divmod(key, 4)
         kind = KINDS[code]
-        duration[piece, code] = costs.compute_s(shapes[piece].layers, kind, mbs, rank=schedule.rank_of(piece))
+        duration[piece, code] = compute_s(costs, shapes[piece], kind, mbs, schedule.rank_of(piece))
         at_start[piece, code], at_end[piece, code] = (b * mbs for b in ledger_change(kind, shapes[piece]))
     message, link, link_ids = _messages(c, shapes, costs, mbs)
     optimizer = np.array([costs.optimizer_s(sum(shapes[s].params for s in schedule.pieces_of(r)), rank=r)

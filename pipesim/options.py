@@ -137,6 +137,10 @@ def add_spec_options(p, command: str) -> None:
                                            "'0-9,10-31', or 'balanced' (default: the cut minimising the slowest piece)")
     g.add_argument("--profile", help="cost profile JSON (default: the measured profile shipped with pipesim)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), help="SGD with momentum or Adam (default: sgd)")
+    if command in ("predict", "run"):
+        g.add_argument("--recompute", metavar="none|all|LIST",
+                       help="activation recomputation: pieces that keep only their input and run the forward "
+                            "again before the backward: none, all, or piece indices like 0,2 (default: none)")
     if command in ("optimize", "report", "sweep"):
         g.add_argument("--memory-cap", metavar="BYTES",
                        help="largest peak memory any rank may use, like 2GiB, 512MiB or 1.5e9 (default: none)")

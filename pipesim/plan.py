@@ -25,6 +25,7 @@ class Plan:
     batch_size: int  # the global mini-batch: each of the D replicas trains on batch_size / D samples
     data_parallel: int = 1  # D: pipeline replicas, world = P x D ranks (dataparallel.py)
     placement: str = "stage-major"  # how replicas' ranks are numbered (dataparallel.PLACEMENTS)
+    recompute: tuple[int, ...] = ()  # pieces that recompute their activations (see recompute_pieces)
 
     @property
     def num_stages(self) -> int:
@@ -107,6 +108,35 @@ def load_schedule_file(path: str, num_stages: int | None, num_chunks: int | None
     return schedule, notes
 
 
+def recompute_pieces(text: str, num_pieces: int) -> tuple[int, ...]:
+    """The pieces `--recompute` names: "none", "all", or piece indices like "0,2" (0..P*V-1)."""
+    text = text.strip()
+    if text == "none":
+        return ()
+    if text == "all":
+        return tuple(range(num_pieces))
+    try:
+        pieces = sorted({int(item) for item in text.split(",")})
+    except ValueError:
+        raise ScheduleError(f"--recompute {text!r}: expected none, all or piece indices like 0,2") from None
+    if pieces[0] < 0 or pieces[-1] >= num_pieces:
+        raise ScheduleError(f"--recompute {text!r}: pieces are 0..{num_pieces - 1} (stages x chunks)")
+    return tuple(pieces)
+
+
+def check_split_backward(model: ModelSpec, cut: Partition, schedule: Schedule) -> None:
+    """A piece whose input is token ids (an embedding first) cannot split its backward into I
+    and W: torch's split backward, given ids that carry no gradient, finds no weight to keep
+    anything for (models/README.md)."""
+    split = {a.piece for actions in schedule.ranks for a in actions if a.kind in (Kind.I, Kind.W)}
+    for piece in sorted(split):
+        first = model.layers[cut.bounds[piece][0]]
+        if first.input_dtype != "float32":
+            raise ScheduleError(f"schedule {schedule.name} splits the backward of piece {piece} into I and W, "
+                                f"but its first layer ({first.kind}) takes {first.input_dtype} input, so its "
+                                "backward cannot be split; choose gpipe, 1f1b or interleaved-1f1b")
+
+
 def make_plan(
     model: ModelSpec,
     num_stages: int,
@@ -118,6 +148,7 @@ def make_plan(
     num_chunks: int | None = None,
     data_parallel: int = 1,
     placement: str = "stage-major",
+    recompute: str = "none",
 ) -> Plan:
     """Build the schedule (or take the one given) and resolve a partition of its P·V pieces.
 
@@ -155,4 +186,6 @@ def make_plan(
         per_rank = {r: layer_costs(model, costs, microbatch_size, r, distinct) for r in range(schedule.num_stages)}
         weights = [per_rank[schedule.rank_of(s)] for s in range(schedule.num_pieces)]
     cut = parse_partition(partition, model.num_layers, schedule.num_pieces, stage_layer_costs=weights)
-    return Plan(model, cut, schedule, batch_size, data_parallel, placement)
+    check_split_backward(model, cut, schedule)
+    return Plan(model, cut, schedule, batch_size, data_parallel, placement,
+                recompute_pieces(recompute, schedule.num_pieces))

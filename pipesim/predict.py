@@ -48,7 +48,8 @@ def baseline_time_s(model: ModelSpec, batch_size: int, costs: CostModel) -> floa
 def simulate_plan(plan: Plan, costs: CostModel, path: str = "auto"):
     """One step of `plan`: the pipeline, or with D > 1 every replica and the all-reduces."""
     if plan.data_parallel == 1:
-        return simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size, path)
+        return simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size, path,
+                        recompute=plan.recompute)
     from .dataparallel import simulate_data_parallel
 
     return simulate_data_parallel(plan, costs, plan.layout(getattr(costs, "ranks_per_node", None)), path)

@@ -19,7 +19,7 @@ experiment file (experiments/*.toml) holds four tables, each optional::
     partition_counts = [8, 8, 8, 8]     # what it resolved to (written by --save-config)
     data_parallel = 1                   # D pipeline replicas: world = stages x D ranks
     placement = "stage-major"           # or "replica-major": how replicas' ranks are numbered
-    recompute = "none"
+    recompute = "none"                  # "all", or pieces like "0,2" (0 .. stages x chunks - 1)
     optimizer = "sgd"
     memory_cap = "64MiB"                # optimize and sweep
     [what_ifs]
@@ -45,7 +45,7 @@ from .errors import UserError
 from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
-RECOMPUTE = ("none",)  # activation recomputation: only "none" until it exists
+RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
 class SpecError(UserError):
@@ -186,8 +186,9 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
 
     if spec.placement is not None and spec.placement not in PLACEMENTS:
         raise SpecError(f"{where}: placement must be one of {', '.join(PLACEMENTS)}, got {spec.placement!r}")
-    if spec.recompute not in RECOMPUTE:
-        raise SpecError(f"{where}: recompute {spec.recompute!r} is not supported yet (only 'none')")
+    if spec.recompute.strip() not in RECOMPUTE and not all(
+            item.strip().isdigit() and len(item.strip()) <= 9 for item in spec.recompute.split(",")):
+        raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r}")
     return spec
 
 

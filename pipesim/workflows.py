@@ -140,6 +140,12 @@ def _no_schedule_file(spec: ExecutionSpec, command: str) -> None:
                         "predict and run read schedule files")
 
 
+def _no_recompute(spec: ExecutionSpec, command: str) -> None:
+    if spec.recompute.strip() != "none":
+        raise SpecError(f"recompute {spec.recompute}: {command} does not search with recomputation yet; "
+                        "predict and run take it")
+
+
 def _no_search(spec: ExecutionSpec, command: str) -> None:
     if spec.memory_cap is not None:
         warn_no_effect(f"memory_cap {spec.memory_cap}: {command} does not search; optimize and sweep use it")
@@ -201,7 +207,7 @@ def run_predict(spec: ExecutionSpec, single_only: bool = False) -> PredictResult
     for stages in stage_list:
         for mbs in microbatches:
             plan = make_plan(model, stages, mbs, batch, schedule, spec.partition or "balanced",
-                             _replica0(costs, stages, dp, placement), chunks, dp, placement)
+                             _replica0(costs, stages, dp, placement), chunks, dp, placement, spec.recompute)
             costs.check_ranks(plan.world_size)
             prediction = predict(plan, costs, profile.name)
             check_finite_time(prediction.metrics.iteration_time_s, "the predicted iteration time")
@@ -237,6 +243,7 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     from .schedule import ScheduleError
 
     _no_schedule_file(spec, "optimize")
+    _no_recompute(spec, "optimize")
     stages = single(spec.stages, "stage count", "optimize") or DEFAULT_STAGES
     if stages > lim.MAX_OPTIMIZE_STAGES:
         raise SpecError(f"optimize takes at most {lim.MAX_OPTIMIZE_STAGES} stages, got {stages}")
@@ -325,6 +332,7 @@ def run_sweep(spec: ExecutionSpec, jobs: int | None, progress: bool = True) -> S
     from .sweep import run_sweep as sweep_points
 
     _no_schedule_file(spec, "sweep")
+    _no_recompute(spec, "sweep")
     partition = spec.partition or "balanced"
     if partition not in PARTITION_MODES:
         raise SpecError(f"sweep partition must be one of {', '.join(PARTITION_MODES)}, got {partition!r}")
@@ -384,7 +392,7 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
     check_world(costs, stages, spec)
     plan = make_plan(model, stages, microbatches, batch, schedule, spec.partition or "balanced",
                      _replica0(costs, stages, dp, placement), single(spec.chunks, "chunk count", "run"),
-                     dp, placement)
+                     dp, placement, spec.recompute)
     spec = replace(spec, stages=(stages,), microbatches=(microbatches,), chunks=(plan.num_chunks,),
                    schedule=None if spec.schedule_file else (plan.schedule.name,),
                    partition=spec.partition or "balanced", partition_counts=plan.partition.counts)

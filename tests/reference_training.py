@@ -6,21 +6,29 @@ import numpy as np
 import torch
 
 from pipesim.model import ModelSpec
-from pipesim.runner.stage import make_layer, synthetic_batch
+from pipesim.runner.stage import (
+    layer_parameters,
+    loss_fn,
+    make_layer,
+    make_optimizer,
+    synthetic_batch,
+)
 
 
 def reference_parameters(model: ModelSpec, steps: int, optimizer: str, batch: int,
-                         seed: int) -> dict[str, np.ndarray]:
-    """`steps` steps on the whole mini-batch of `batch` samples; the parameters by name."""
+                         seed: int, eval_mode: bool = False) -> dict[str, np.ndarray]:
+    """`steps` steps on the whole mini-batch of `batch` samples; the parameters by name.
+    `eval_mode`: batch-norm normalises by its running statistics (RunConfig.eval_mode)."""
     net = torch.nn.Sequential(*(make_layer(spec, i, seed) for i, spec in enumerate(model.layers)))
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=0.001)
+    net.train(not eval_mode)
+    opt = make_optimizer(optimizer, net.parameters())
+    loss = loss_fn(model)
     for step in range(steps):
-        x, y = synthetic_batch(step, batch, model.input_features, model.output_features, seed)
+        x, y = synthetic_batch(step, batch, model, seed)
         opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
+        loss(net(x), y).backward()
         opt.step()
-    return {f"{i}.{name}": t.detach().numpy() for i, layer in enumerate(net)
-            for name, t in layer[0].named_parameters()}
+    named = {}
+    for i, (layer, spec) in enumerate(zip(net, model.layers, strict=True)):
+        named.update(layer_parameters(layer, spec, i))
+    return {name: t.detach().numpy() for name, t in named.items()}

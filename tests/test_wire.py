@@ -10,13 +10,14 @@ import sys
 
 import pytest
 
-from pipesim.model import fc
+from pipesim.model import fc, layer
 from pipesim.plan import make_plan
 from pipesim.runner import config as config_module
 from pipesim.runner import records as records_module
 from pipesim.runner.config import (
     JobFile,
     KindJob,
+    LayerWire,
     MicrobenchConfig,
     RunBatch,
     RunConfig,
@@ -41,7 +42,7 @@ from pipesim.wire import WireError, from_dict, to_dict
 
 
 def run_config(**options) -> RunConfig:
-    plan = make_plan(fc(6, 8), 2, 4, 8, "zb-h1", "2,4")
+    plan = make_plan(fc(6, 8), 2, 4, 8, "zb-h1", "2,4", recompute="1")
     return RunConfig.from_plan(plan, iterations=3, warmup=1, optimizer="adam", seed=7, params_path="p.npz",
                                progress=False, **options)
 
@@ -65,7 +66,7 @@ ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
                                      "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
 
-EXAMPLES = [run_config(), RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN,
+EXAMPLES = [run_config(), LayerWire.of(layer("embedding", vocab_size=9, hidden=4, seq_len=3)), RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
             RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0]]
 
@@ -140,8 +141,10 @@ MALFORMED = [
     (json.dumps(job(changed(iterations="3"))), r"config\.iterations: expected an int, got str '3'"),
     (json.dumps(job(changed(iterations=True))), r"config\.iterations: expected an int, got bool"),
     (json.dumps(job(changed(progress=1))), r"config\.progress: expected a bool, got int"),
-    (json.dumps(job(changed(layer_shapes=[[4, 8, 2]]))),
-     r"config\.layer_shapes\[0\]: expected a list of 2, got list \[4, 8, 2\]"),
+    (json.dumps(job(changed(layers=[{"kind": "fc", "fields": "{}", "input_shape": [4], "repeat": 2}]))),
+     r"config\.layers\[0\]: unknown key 'repeat' \(allowed: kind, fields, input_shape\)"),
+    (json.dumps(job(changed(layers=[{"kind": "fc", "fields": "{}", "input_shape": ["4"]}]))),
+     r"config\.layers\[0\]\.input_shape\[0\]: expected an int, got str"),
     (json.dumps(job(changed(partition="2,4"))), r"config\.partition: expected a list, got str"),
     (json.dumps({"job": "runs", "config": {"runs": [changed(seed=None)]}, "result_path": "r"}),
      r"config\.runs\[0\]\.seed: expected an int, got NoneType"),

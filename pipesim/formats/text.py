@@ -38,6 +38,10 @@ def _where(plan, rank: int, ranks_per_node: int | None) -> str:
     return f" {w['replica']:>7} {w['stage']:>5} {w['node']:>4}"
 
 
+def _recompute(plan) -> str:
+    return f", recompute pieces {','.join(map(str, plan.recompute))}" if plan.recompute else ""
+
+
 def prediction_text(p: Prediction, measured_on: str) -> str:
     lines: list[str] = []
     plan, m = p.plan, p.metrics
@@ -46,7 +50,7 @@ def prediction_text(p: Prediction, measured_on: str) -> str:
     lines += extrapolated_text(p.extrapolated)
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} stages x {plan.num_chunks} chunk(s), "
                  f"{plan.num_microbatches} micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-                 f"partition {plan.partition}")
+                 f"partition {plan.partition}{_recompute(plan)}")
     if plan.data_parallel > 1:
         lines.append(f"replicas   {plan.data_parallel} x {plan.num_stages} stages = {plan.world_size} ranks "
                      f"({plan.placement}), {plan.batch_size // plan.data_parallel} samples each; gradients "
@@ -100,7 +104,7 @@ def measurement_text(measured, baseline) -> str:
     lines.append(f"model      {plan.model.describe()}")
     lines.append(f"pipeline   {plan.schedule.name}, {plan.num_stages} ranks, {plan.num_microbatches} "
                  f"micro-batches x {plan.microbatch_size} samples (batch {plan.batch_size}), "
-                 f"partition {plan.partition}; {measured.mpi}")
+                 f"partition {plan.partition}{_recompute(plan)}; {measured.mpi}")
     lines.append("iterations " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms")
     lines.append("")
     lines.append(f"iteration time   {fmt_s(measured.median_s)} median of {len(times)}   "

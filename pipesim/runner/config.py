@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from ..errors import read_user_text
-from ..model import ModelSpec, fc_layer
+from ..model import LayerSpec, ModelSpec, layer
 from ..partition import Partition
 from ..plan import Plan
 from ..schedule import Schedule
@@ -37,18 +37,36 @@ class RunOptions(TypedDict, total=False):
     params_path: str
     progress: bool
     fail_on_rank: int
+    eval_mode: bool
+
+
+@dataclass(frozen=True)
+class LayerWire:
+    """One layer as it crosses the job boundary: its kind, its fields (JSON) and its input shape."""
+
+    kind: str
+    fields: str
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: LayerSpec) -> LayerWire:
+        return cls(spec.kind, json.dumps(spec.options, sort_keys=True), spec.input_shape)
+
+    def layer(self) -> LayerSpec:
+        return layer(self.kind, self.input_shape, where="job file", **json.loads(self.fields))
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model_name: str
-    layer_shapes: tuple[tuple[int, int], ...]  # (in_features, out_features) of each fc layer
+    layers: tuple[LayerWire, ...]
     partition: tuple[int, ...]  # layers per piece (P x V pieces)
     schedule_name: str
     schedule_text: str
     batch_size: int
     data_parallel: int  # D replicas: world = P x D ranks
     placement: str  # dataparallel.PLACEMENTS
+    recompute: tuple[int, ...]  # pieces whose activations are recomputed (torch.utils.checkpoint)
     iterations: int = 20
     warmup: int = 5
     threads_per_rank: int = 1
@@ -58,26 +76,28 @@ class RunConfig:
     params_path: str = ""  # when set, rank 0 saves the trained parameters here (.npz)
     progress: bool = True  # rank 0 prints a line every 10 steps
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
+    eval_mode: bool = False  # modules in eval mode (batch-norm normalises by its running statistics): tests
 
     @classmethod
     def from_plan(cls, plan: Plan, **options: Unpack[RunOptions]) -> RunConfig:
         return cls(
             model_name=plan.model.name,
-            layer_shapes=tuple((x.in_features, x.out_features) for x in plan.model.layers),
+            layers=tuple(LayerWire.of(x) for x in plan.model.layers),
             partition=plan.partition.counts,
             schedule_name=plan.schedule.name,
             schedule_text=plan.schedule.to_text(),
             batch_size=plan.batch_size,
             data_parallel=plan.data_parallel,
             placement=plan.placement,
+            recompute=plan.recompute,
             **options,
         )
 
     def plan(self) -> Plan:
-        model = ModelSpec(self.model_name, tuple(fc_layer(i, o) for i, o in self.layer_shapes))
+        model = ModelSpec(self.model_name, tuple(x.layer() for x in self.layers))
         schedule = Schedule.from_text(self.schedule_text, self.schedule_name)
         return Plan(model, Partition.from_counts(self.partition), schedule, self.batch_size, self.data_parallel,
-                    self.placement)
+                    self.placement, self.recompute)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -12,6 +12,13 @@ I and W are torch's own ``stage_backward_input`` / ``stage_backward_weight``
 (the gradient w.r.t. the piece's input first, the weight gradients later from
 the intermediate gradients I kept). Unlike torch, piece 0 also computes its
 (unused) input gradient at I, so its I and W split like every other piece's.
+
+Messages carry tensors of any per-sample shape: a receive buffer is sized from the
+spec's shape at the cut. A piece in the plan's ``recompute`` runs its forward under
+``torch.utils.checkpoint`` (non-reentrant): F keeps only its input, and B (or I) runs
+the forward again first. Its ledger adds the input at F and, at the start of B or I,
+what the re-forward saves (counted once per piece by a forward at start-up, since the
+checkpoint's own hooks hide those tensors from the counter during the step).
 """
 
 from __future__ import annotations
@@ -22,12 +29,21 @@ from typing import Any, assert_never
 
 import torch
 from mpi4py import MPI
+from torch.utils.checkpoint import checkpoint
 
 from ..plan import Plan
 from ..schedule import Action, Kind, MessageKey, makes_output, needs_input
 from ..timeline import SENDS, MemorySample, Span
 from .records import StepRecord
-from .stage import make_optimizer, make_stage, static_bytes, synthetic_batch
+from .stage import (
+    TORCH_DTYPES,
+    layer_parameters,
+    loss_fn,
+    make_optimizer,
+    make_stage,
+    static_bytes,
+    synthetic_batch,
+)
 
 clock = time.perf_counter  # CLOCK_MONOTONIC on Linux: one time base for all ranks of a host
 
@@ -100,7 +116,8 @@ def _tensor_bytes(groups: list[dict[str, Any]] | None) -> int:
 class StageWorker:
     """One rank's pieces: their modules, one optimizer, and the interpreter of its actions."""
 
-    def __init__(self, plan: Plan, comm: Any, optimizer: str, seed: int, device: str, sync: Any = None) -> None:
+    def __init__(self, plan: Plan, comm: Any, optimizer: str, seed: int, device: str, sync: Any = None,
+                 eval_mode: bool = False) -> None:
         self.plan = plan
         self.sync = sync  # runner/dataparallel.GradientSync with D > 1 replicas (comm: the replica's pipeline)
         self.comm = comm
@@ -111,6 +128,8 @@ class StageWorker:
         self.num_pieces = plan.schedule.num_pieces
         self.modules = {s: make_stage(plan.stage_layers(s), plan.partition.bounds[s][0], seed).to(self.device)
                         for s in self.pieces}
+        for module in self.modules.values():
+            module.train(not eval_mode)
         self.optimizer = make_optimizer(optimizer, [p for m in self.modules.values() for p in m.parameters()])
         self.param_storages = {p.untyped_storage().data_ptr() for m in self.modules.values()
                                for p in m.parameters()}
@@ -118,13 +137,34 @@ class StageWorker:
         self.cuda = self.device.type == "cuda"
         for piece, module in self.modules.items() if sync is not None else ():
             sync.bind(piece, list(module.parameters()))
+        self.loss = loss_fn(plan.model)
+        self.recompute = set(plan.recompute) & set(self.pieces)
+        self.recomputed_bytes = {s: self._saved_by_forward(s) for s in sorted(self.recompute)}
+
+    def _saved_by_forward(self, piece: int) -> int:
+        """Bytes a plain forward of one micro-batch saves besides its input (for the ledger
+        of a recomputed piece: what its re-forward brings back at B or I). The module's
+        buffers (batch-norm's running statistics) are put back as they were."""
+        layer = self.plan.stage_layers(piece)[0]
+        module = self.modules[piece]
+        buffers = {name: value.clone() for name, value in module.named_buffers()}
+        dtype = TORCH_DTYPES[layer.input_dtype]
+        x = torch.zeros(self.plan.microbatch_size, *layer.input_shape, dtype=dtype, device=self.device)
+        if dtype.is_floating_point:
+            x.requires_grad_(True)
+        counter = SavedBytes(self.param_storages | {x.untyped_storage().data_ptr()})
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
+            module(x)
+        with torch.no_grad():
+            for name, value in module.named_buffers():
+                value.copy_(buffers[name])
+        return counter.total
 
     # --- one step -------------------------------------------------------------
 
     def step(self, iteration: int) -> StepLog:
         plan, mb = self.plan, self.plan.microbatch_size
-        inputs, targets = synthetic_batch(iteration, plan.batch_size, plan.model.input_features,
-                                          plan.model.output_features, self.seed)
+        inputs, targets = synthetic_batch(iteration, plan.batch_size, plan.model, self.seed)
         if self.sync is not None:
             inputs, targets = self.sync.shard(inputs, targets)
         self.inputs = [x.clone().to(self.device) for x in inputs.split(mb)]
@@ -157,16 +197,19 @@ class StageWorker:
         record.spans.append((self.rank, "optimizer", start, record.end_s, -1, -1, -1, ""))
         return record
 
-    def _features(self, key: MessageKey) -> int:
+    def _buffer(self, key: MessageKey) -> torch.Tensor:
+        """A receive buffer: the piece's input (F) or its output's gradient (B), one micro-batch."""
         layers = self.plan.stage_layers(key.piece)
-        return layers[0].in_features if key.direction == Kind.F else layers[-1].out_features
+        shape, dtype = ((layers[0].input_shape, layers[0].input_dtype) if key.direction == Kind.F
+                        else (layers[-1].output_shape, layers[-1].output_dtype))
+        return torch.empty(self.plan.microbatch_size, *shape, dtype=TORCH_DTYPES[dtype])
 
     def _post_receives(self) -> dict[int, tuple[MPI.Request, torch.Tensor]]:
         receives = {}
         for action in self.actions:
             if action.kind == Kind.RECV:
                 key = self.plan.lowered.key(action)
-                buffer = torch.empty(self.plan.microbatch_size, self._features(key))
+                buffer = self._buffer(key)
                 receives[action.tag] = (self.comm.Irecv(buffer.numpy(), source=action.peer, tag=action.tag), buffer)
         return receives
 
@@ -221,21 +264,34 @@ class StageWorker:
     def _forward(self, action: Action, record: StepLog) -> None:
         piece, mb = action.piece, action.microbatch
         x = self.inputs[mb] if piece == 0 else self._input(action)
-        x = x.detach().requires_grad_(True)
+        x = x.detach().requires_grad_(True) if x.is_floating_point() else x
         start = clock()
-        counter = SavedBytes(self.param_storages)
+        last = piece == self.num_pieces - 1
+        # the targets exist before the step (the ledger counts them as inputs), so the loss's
+        # saved tensors count here but the targets it keeps do not
+        counter = SavedBytes(self.param_storages | ({self.targets[mb].untyped_storage().data_ptr()} if last else set()))
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
-            out = self.modules[piece](x)
-        self._memory(record, start, counter.total)
-        if piece == self.num_pieces - 1:
-            loss = torch.nn.functional.mse_loss(out, self.targets[mb]) / (self.plan.num_microbatches
-                                                                          * self.plan.data_parallel)
-            self.saved[piece, mb] = (x, loss, counter.total)
-        else:
-            self.saved[piece, mb] = (x, out, counter.total)
+            if piece in self.recompute:
+                out = checkpoint(self.modules[piece], x, use_reentrant=False)
+            else:
+                out = self.modules[piece](x)
+            if last:  # the loss's saved tensors are held from here until B, recomputed or not
+                out = self.loss(out, self.targets[mb]) / (self.plan.num_microbatches * self.plan.data_parallel)
+        if piece in self.recompute:  # it keeps its input (which the checkpoint may also save)
+            counter.storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        held = counter.total
+        self._memory(record, start, held)
+        self.saved[piece, mb] = (x, out, held)
         self._sync()
         record.spans.append((self.rank, "F", start, clock(), piece, mb, -1, ""))
         self._output(action, out.detach())
+
+    def _recomputing(self, record: StepLog, piece: int, start: float) -> int:
+        """A recomputed piece's re-forward brings its saved tensors back as B or I starts."""
+        extra = self.recomputed_bytes.get(piece, 0)
+        if extra:
+            self._memory(record, start, extra)
+        return extra
 
     def _gradient(self, action: Action) -> torch.Tensor | None:
         return None if action.piece == self.num_pieces - 1 else self._input(action)
@@ -245,6 +301,7 @@ class StageWorker:
         grad = self._gradient(action)
         start = clock()
         x, out, nbytes = self.saved.pop((piece, mb))
+        nbytes += self._recomputing(record, piece, start)
         out.backward(grad)
         self._sync()
         end = clock()
@@ -259,6 +316,7 @@ class StageWorker:
         grad = self._gradient(action)
         start = clock()
         x, out, nbytes = self.saved.pop((piece, mb))
+        nbytes += self._recomputing(record, piece, start)
         _, groups = stage_backward_input([out], None if grad is None else [grad], [x],
                                          self.modules[piece].parameters())
         self._sync()
@@ -288,9 +346,9 @@ class StageWorker:
 
     def parameters(self) -> dict:
         """Parameters by global layer index as numpy arrays (for equivalence checks)."""
-        return {
-            f"{self.plan.partition.bounds[s][0] + i}.{name}": tensor.detach().cpu().numpy()
-            for s, module in self.modules.items()
-            for i, layer in enumerate(module)
-            for name, tensor in layer[0].named_parameters()
-        }
+        named = {}
+        for s, module in self.modules.items():
+            first = self.plan.partition.bounds[s][0]
+            for i, (layer, spec) in enumerate(zip(module, self.plan.stage_layers(s), strict=True)):
+                named.update(layer_parameters(layer, spec, first + i))
+        return {name: tensor.detach().cpu().numpy() for name, tensor in named.items()}

@@ -78,7 +78,7 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
 
         pipeline, group, replica, _ = communicators(comm, plan.layout())
         sync = GradientSync(group, replica, plan.data_parallel)
-    worker = StageWorker(plan, pipeline, config.optimizer, config.seed, device, sync)
+    worker = StageWorker(plan, pipeline, config.optimizer, config.seed, device, sync, config.eval_mode)
     if comm.Get_rank() == config.fail_on_rank:
         raise RuntimeError(f"injected fault on rank {config.fail_on_rank} (fail_on_rank)")
     total = config.warmup + config.iterations
