@@ -21,7 +21,10 @@ the link in time order); with run-time cost inputs, before every action.
 
 Memory ledger per (piece, micro-batch): F holds what the piece saves for
 backward; B frees it; I swaps it for what W still needs (each layer's input
-and its output gradient, ModelSpec.stage_weight_bytes), which W frees.
+and its output gradient, ModelSpec.stage_weight_bytes), which W frees. That is
+the saved-activation ledger (the timeline's memory samples); a rank's peak
+memory is its static bytes plus the peak of the step ledger (ledger.py), which
+also holds receive buffers, sent messages and the input and target copies.
 
 Knows nothing of FLOPs or torch: every duration comes from the CostModel.
 """
@@ -144,4 +147,4 @@ def simulate(
 
         times, used = run_des(c, resolved, partition, model, costs, microbatch_size), "des"
     return ArrayTimeline(c, times, resolved.ledger_start_bytes, resolved.ledger_end_bytes,
-                         resolved.static_bytes, "simulated", used)
+                         resolved.static_bytes, "simulated", used, resolved.step_peak_bytes)

@@ -21,6 +21,7 @@ from functools import cache
 import numpy as np
 
 from .lowering import lower
+from .model import FLOAT32_BYTES
 from .plan import distinct_layers
 from .schedule import Kind, Schedule
 
@@ -68,6 +69,13 @@ class StageCosts:
         self._weight = _prefix([layer.input_bytes_per_sample + layer.output_grad_bytes_per_sample
                                 for layer in layers])
         self._input = [layer.input_bytes_per_sample for layer in layers]
+        self._output = [layer.output_bytes_per_sample for layer in layers]
+        self._input_array = np.array(self._input, dtype=np.int64)
+        self._output_array = np.array(self._output, dtype=np.int64)
+        self._param_array = np.array([layer.params for layer in layers], dtype=np.int64)
+        self._saves_output = np.array([int(layer.saves_output) for layer in layers], dtype=np.int64)
+        self.kinds = [piece_actions(schedule, s) for s in range(schedule.num_pieces)]
+        self._saved_n, self._weight_n = (_narrow(p) for p in (self._saved, self._weight))
         self.link_s = cache(self._link_s)
         self.optimizer_s = cache(self._optimizer_s)
         self._ranged = cache(self._ranged_s)
@@ -162,11 +170,39 @@ class StageCosts:
     def _optimizer_s(self, stage: int, first: int, last: int) -> float:
         return self.costs.optimizer_s(self.params(first, last), rank=self.schedule.rank_of(stage))
 
+    def _buffers(self, stage: int, first, last):
+        """The step ledger's view (ledger.py) of piece `stage` holding first..last (ints or
+        arrays of them), with its receive buffers and input or target copy at the start."""
+        from .ledger import PieceBuffers, piece_start_bytes
+
+        mbs, schedule = self.mbs, self.schedule
+        inputs, outputs = self._input_array[first], self._output_array[last]
+        rank = schedule.rank_of(stage)
+        received = int(stage > 0 and schedule.rank_of(stage - 1) != rank)
+        sent = int(stage < schedule.num_pieces - 1 and schedule.rank_of(stage + 1) != rank)
+        b = PieceBuffers(
+            input_bytes=inputs * mbs, output_bytes=outputs * mbs,
+            saved_bytes=(inputs + _range(self._saved_n, first, last)) * mbs,
+            weight_bytes=_range(self._weight_n, first, last) * mbs,
+            input_saved=1, output_saved=self._saves_output[last], input_received=received, output_sent=sent,
+            first=int(stage == 0), top_param_bytes=self._param_array[last] * FLOAT32_BYTES,
+            top_input_bytes=self._input_array[last] * mbs, top_output_bytes=outputs * mbs)
+        batch = mbs * schedule.num_microbatches
+        start = piece_start_bytes(b, schedule.num_microbatches,
+                                  self._input[0] * batch if stage == 0 else 0,
+                                  self._output[-1] * batch if stage == schedule.num_pieces - 1 else 0)
+        return b, start
+
+    def _activations(self, stage: int, first, last):
+        from .ledger import walk_peak_bytes
+
+        b, start = self._buffers(stage, first, last)
+        return walk_peak_bytes([(kind, b) for kind in self.kinds[stage]], start)
+
     def memory_bytes(self, stage: int, first: int, last: int) -> int:
-        saved = (self._input[first] + int(self._saved[last + 1] - self._saved[first])) * self.mbs
-        weight = int(self._weight[last + 1] - self._weight[first]) * self.mbs
-        activations = max(a * saved + b * weight for a, b in self.states[stage])
-        return self.costs.static_bytes(self.params(first, last)) + activations
+        """Static bytes plus the peak of the step ledger (ledger.py) along the piece's own
+        actions: with one piece per rank, the rank's peak; with several, a lower bound of it."""
+        return self.costs.static_bytes(self.params(first, last)) + int(self._activations(stage, first, last))
 
     def fits(self, stage: int, first: int, last: int) -> bool:
         cap = self.problem.memory_cap_bytes
@@ -177,18 +213,12 @@ class StageCosts:
         cap = self.problem.memory_cap_bytes
         if cap is None:
             return None
-        n, mbs = self.n, self.mbs
+        n = self.n
         lasts = firsts[:, None] + np.arange(width)[None, :]
         ok = lasts < n
         lasts = np.minimum(lasts, n - 1)
-        held = max(a + b for a, b in self.states[stage])
-        exact = int(self._saved[-1] + self._weight[-1] + max(self._input)) * mbs * max(held, 1) < 2**62
-        dtype = np.int64 if exact and int(self._params[-1]) < 2**50 else object
-        inputs = np.array(self._input, dtype=dtype)[firsts][:, None]
-        saved = (inputs + _spans(self._saved, dtype, firsts, lasts)) * mbs
-        weight = _spans(self._weight, dtype, firsts, lasts) * mbs
-        activations = np.max([a * saved + b * weight for a, b in self.states[stage]], axis=0)
-        params = np.where(ok, _spans(self._params, dtype, firsts, lasts), 0)
+        activations = self._activations(stage, firsts[:, None], lasts)
+        params = np.where(ok, _spans(self._params, self._params.dtype, firsts, lasts), 0)
         try:
             static = self.costs.static_bytes(params)
         except TypeError:  # a cost model that takes plain ints only
@@ -200,6 +230,16 @@ def _spans(prefix: np.ndarray, dtype, firsts: np.ndarray, lasts: np.ndarray) -> 
     """prefix[last + 1] - prefix[first] for each row's first and each of its lasts."""
     values = prefix.astype(dtype)
     return values[lasts + 1] - values[firsts][:, None]
+
+
+def _range(prefix: np.ndarray, first, last):
+    """prefix[last + 1] - prefix[first]: ints, or arrays that broadcast."""
+    return prefix[last + 1] - prefix[first]
+
+
+def _narrow(prefix: np.ndarray) -> np.ndarray:
+    """An exact prefix as int64 where its total leaves room (times a micro-batch size), else as is."""
+    return prefix.astype(np.int64) if int(prefix[-1]) < 2**40 else prefix
 
 
 def _prefix(values: list[int]) -> np.ndarray:

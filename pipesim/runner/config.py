@@ -37,6 +37,8 @@ class RunOptions(TypedDict, total=False):
     params_path: str
     progress: bool
     fail_on_rank: int
+    memory_probe: bool
+    profile_memory: bool
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class RunConfig:
     params_path: str = ""  # when set, rank 0 saves the trained parameters here (.npz)
     progress: bool = True  # rank 0 prints a line every 10 steps
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
+    memory_probe: bool = False  # one more step after the timed ones, its memory measured (memory_probe.py)
+    profile_memory: bool = False  # and another under torch's profiler (profile_memory=True; slow)
 
     @classmethod
     def from_plan(cls, plan: Plan, **options: Unpack[RunOptions]) -> RunConfig:
