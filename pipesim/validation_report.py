@@ -194,9 +194,10 @@ def memory_section(results) -> list[str]:
              "temporaries), static bytes (parameters, gradients, optimizer state) not included. Measured, "
              "once per case in a job of its own after the timed rounds (pipesim/runner/memory_probe.py): the "
              "RSS high-water over one step (VmHWM reset just before it) less the resident size before it, "
-             "with glibc's mmap threshold fixed so that freed tensors leave the resident set; and the peak "
-             "of torch's profiler's allocation events (profile_memory=True) on the next step. Error: "
-             "predicted against the RSS.", "",
+             "with glibc's mmap threshold fixed at a page so that freed tensors leave the resident set (a "
+             "receive buffer is resident only once its message has landed: the ledger counts it from "
+             "posting); and the peak of torch's profiler's allocation events (profile_memory=True) on the "
+             "next step. Error: predicted against the RSS.", "",
              "| case | rank | predicted (MiB) | RSS high-water increase (MiB) | torch profiler (MiB) | error |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipesim.runner.memory_probe import running_peak_bytes, status_bytes
+from pipesim.runner.memory_probe import MMAP_THRESHOLD_BYTES, running_peak_bytes, status_bytes
 
 STATUS = "Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t4\n"
 
@@ -37,7 +37,7 @@ def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(
     predicted = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
                                 plan.batch_size)
     for rank, m in enumerate(measured):
-        assert m is not None and m.mmap_threshold_bytes == 64 * 1024
+        assert m is not None and m.mmap_threshold_bytes == MMAP_THRESHOLD_BYTES
         # torch's own allocation events: the ledger counts every tensor of the step
         assert m.profiler_peak_bytes == pytest.approx(predicted[rank], rel=0.02)
         # the resident set adds page rounding, small heap blocks and MPI's buffers; receive

@@ -12,11 +12,14 @@ Three views of one (unrecorded) step after the others:
   little) or touches new ones while freed blocks sit unused (too much: every
   block the step used, not the peak of those alive at once). So the probe runs
   in its own job whose ranks start with ``MALLOC_MMAP_THRESHOLD_`` fixed
-  (`ENVIRONMENT`): every block of 64 KiB or more (a tensor of 16 Ki floats)
-  gets its own mapping, unmapped when freed; the heap is trimmed
-  (``malloc_trim(0)``) before the step. Smaller blocks, page rounding and MPI's
-  own buffers remain in the measurement. The timed runs keep glibc's defaults
-  (an mmap per tensor costs page faults: time the runs do not spend).
+  (`ENVIRONMENT`): every block of a page or more gets its own mapping,
+  unmapped when freed; the heap is trimmed (``malloc_trim(0)``) before the
+  step. (At 64 KiB, micro-batches of 36 x 448 floats, 63 KiB, still came from
+  the heap and the high-water read 37-42 % above the tensors alive at once.)
+  Smaller blocks, page rounding and MPI's own buffers remain in the
+  measurement; a receive buffer (``torch.empty``) becomes resident only when
+  its message lands, not when it is posted. The timed runs keep glibc's
+  defaults (an mmap per tensor costs page faults: time the runs do not spend).
 - **torch's profiler** (``profile_memory=True``, optional, on a further step:
   its own buffers would show in the RSS): the peak of the running sum of the
   allocations and frees torch reports, relative to the step's start: tensors
@@ -39,7 +42,7 @@ from typing import Any
 
 from .records import StepMemory
 
-MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks this large or larger get their own mmap (glibc: 128 KiB, then dynamic)
+MMAP_THRESHOLD_BYTES = 4096  # blocks this large or larger get their own mmap (glibc: 128 KiB, then dynamic)
 ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}  # for the probe job's ranks
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
