@@ -81,13 +81,13 @@ def measure(plan: Plan, log: Callable[[str], object] = print,
     return None if result is None else from_result(plan, result)
 
 
-def measure_memory(plan: Plan, log: Callable[[str], object] = print, warmup: int = 3,
-                   profile_memory: bool = False, **options: Unpack[RunOptions]) -> tuple[StepMemory | None, ...] | None:
-    """Per rank, the memory of one step of `plan` after `warmup` steps, in a job of its own
-    (runner/memory_probe.py says why); None on ranks other than 0."""
+def measure_memory(plan: Plan, log: Callable[[str], object] = print,
+                   **options: Unpack[RunOptions]) -> tuple[StepMemory | None, ...] | None:
+    """Per rank, the memory of one step of `plan` after `warmup` steps (default 3), in a job of
+    its own (runner/memory_probe.py says why); None on ranks other than 0."""
     from .memory_probe import ENVIRONMENT
 
-    config = RunConfig.from_plan(plan, **{**options, "iterations": 0, "warmup": warmup, "progress": False,
-                                           "memory_probe": True, "profile_memory": profile_memory})
+    settings: RunOptions = {"warmup": 3, **options, "iterations": 0, "progress": False, "memory_probe": True}
+    config = RunConfig.from_plan(plan, **settings)
     result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log, ENVIRONMENT)
     return None if result is None else tuple(r.step_memory for r in sorted(result.ranks, key=lambda r: r.rank))
