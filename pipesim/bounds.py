@@ -324,21 +324,15 @@ def lower_bound_s(partition: Partition, table: StageCosts) -> float:
 
 
 def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...]:
-    """Per rank: static bytes of its pieces plus the peak of their activations along
-    its action order, exactly what the engine's ledger counts."""
+    """Per rank: static bytes of its pieces plus the peak of the step ledger (ledger.py)
+    along its action order, exactly what the engine counts."""
+    from .engine import stage_shapes
+    from .ledger import step_peak_bytes
+
     schedule, model, mbs = table.schedule, table.model, table.mbs
-    saved = [model.piece_saved_bytes(*b) * mbs for b in partition.bounds]
-    weight = [model.stage_weight_bytes(*b) * mbs for b in partition.bounds]
-    peaks = []
-    for rank, actions in enumerate(schedule.ranks):
-        held = peak = 0
-        for action in actions:
-            s = action.piece
-            held += {Kind.F: saved[s], Kind.B: -saved[s], Kind.I: weight[s] - saved[s], Kind.W: -weight[s]}[action.kind]
-            peak = max(peak, held)
-        static = sum(table.costs.static_bytes(table.params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
-        peaks.append(static + peak)
-    return tuple(peaks)
+    step = step_peak_bytes(schedule, stage_shapes(model, partition), mbs, mbs * schedule.num_microbatches)
+    return tuple(sum(table.costs.static_bytes(table.params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
+                 + step[rank] for rank in range(schedule.num_ranks))
 
 
 def _least(allowed: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -20,8 +20,12 @@ it sends on a link that more than one rank sends on (so that requests reach
 the link in time order); with run-time cost inputs, before every action.
 
 Memory ledger per (piece, micro-batch): F holds what the piece saves for
-backward (on the last piece, the loss's saved tensors too: ModelSpec.piece_saved_bytes); B frees it; I swaps it for what W still needs (each layer's input
-and its output gradient, ModelSpec.stage_weight_bytes), which W frees.
+backward (on the last piece, the loss's saved tensors too: ModelSpec.piece_saved_bytes);
+B frees it; I swaps it for what W still needs (each layer's input and its output
+gradient, ModelSpec.stage_weight_bytes), which W frees. That is the saved-activation
+ledger (the timeline's memory samples); a rank's peak memory is its static bytes plus
+the peak of the step ledger (ledger.py), which also holds receive buffers, sent
+messages and the input and target copies.
 
 A piece that recomputes its activations (``recompute``) holds only its input from
 F on; B and I run the forward again first (their time includes an F), and the
@@ -55,6 +59,7 @@ class StageShape:
     output_bytes_per_sample: int
     recomputed: bool = False  # holds only its input from F until B or I, which run F again
     loss_bytes_per_sample: int = 0  # the loss's saved tensors (last piece): held from F, recomputed or not
+    target_bytes_per_sample: int = 0  # the last piece's target (ModelSpec.target_bytes_per_sample)
 
 
 def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, ...] = ()) -> list[StageShape]:
@@ -70,6 +75,7 @@ def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, .
             output_bytes_per_sample=layers[-1].output_bytes_per_sample,
             recomputed=piece in recompute,
             loss_bytes_per_sample=model.loss_saved_bytes_per_sample if last == model.num_layers - 1 else 0,
+            target_bytes_per_sample=model.target_bytes_per_sample if last == model.num_layers - 1 else 0,
         ))
     return shapes
 
@@ -188,4 +194,4 @@ def simulate(
 
         times, used = run_des(c, resolved, partition, model, costs, microbatch_size, recompute), "des"
     return ArrayTimeline(c, times, resolved.ledger_start_bytes, resolved.ledger_end_bytes,
-                         resolved.static_bytes, "simulated", used)
+                         resolved.static_bytes, "simulated", used, resolved.step_peak_bytes)

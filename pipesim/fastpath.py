@@ -45,6 +45,7 @@ class Resolved:
     ledger_start_bytes: np.ndarray  # per node
     ledger_end_bytes: np.ndarray
     static_bytes: tuple[int, ...]  # per rank
+    step_peak_bytes: tuple[int, ...] = ()  # per rank: the step ledger's peak (ledger.py)
 
 
 def runtime_inputs(costs: CostModel) -> frozenset[str]:
@@ -73,8 +74,11 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
     static = [0] * schedule.num_ranks
     for piece, shape in enumerate(shapes):
         static[schedule.rank_of(piece)] += costs.static_bytes(shape.params)
+    from .ledger import step_peak_bytes
+
+    step = step_peak_bytes(schedule, shapes, mbs, mbs * schedule.num_microbatches)
     return Resolved(duration[c.piece, c.kind], message, link, link_ids, optimizer,
-                    at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static))
+                    at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static), step)
 
 
 def _messages(c: CompactSchedule, shapes, costs: CostModel, mbs: int):

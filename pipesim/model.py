@@ -217,6 +217,16 @@ class ModelSpec:
             return math.prod(last.output_shape) * FLOAT32_BYTES
         return 0 if last.saves_output else last.output_bytes_per_sample
 
+    @property
+    def target_bytes_per_sample(self) -> int:
+        """The target a sample's loss compares with (runner/stage.synthetic_batch): one int64
+        class label or next-token id per output position for cross-entropy, the output's own
+        shape in float32 for mean squared error."""
+        last = self.layers[-1]
+        if self.loss == "cross_entropy":
+            return 8 * math.prod(last.output_shape[:-1])
+        return last.output_bytes_per_sample
+
     def piece_saved_bytes(self, first: int, last: int) -> int:
         """What the ledger holds per sample from a piece's F until its B (or I): its layers'
         saved bytes (stage_saved_bytes) and, on the last piece, the loss's."""

@@ -21,6 +21,7 @@ from functools import cache
 import numpy as np
 
 from .lowering import lower
+from .model import FLOAT32_BYTES
 from .plan import distinct_layers
 from .schedule import Kind, Schedule
 
@@ -59,12 +60,18 @@ class StageCosts:
         lowered = lower(schedule)  # which pieces hand their activation on by message
         self.sends_forward = {a.piece for row in lowered.ranks for a in row
                               if a.kind == Kind.SEND and a.direction == Kind.F}
-        self.states = [ledger_states(schedule, s) for s in range(schedule.num_pieces)]
         self.additive = bool(getattr(self.costs, "additive_layers", False))
         self._laws: dict[tuple[int, Kind], tuple[float, np.ndarray]] = {}
         layers = model.layers
         self._params = _prefix([layer.params for layer in layers])
         self.memory = PieceMemory(model)
+        self._input = [layer.input_bytes_per_sample for layer in layers]
+        self._input_array = np.array(self._input, dtype=np.int64)
+        self._output_array = np.array([layer.output_bytes_per_sample for layer in layers], dtype=np.int64)
+        self._param_array = np.array([layer.params for layer in layers], dtype=np.int64)
+        self._saves_input = np.array([int(layer.saves_input) for layer in layers], dtype=np.int64)
+        self._saves_output = np.array([int(layer.saves_output) for layer in layers], dtype=np.int64)
+        self.kinds = [piece_actions(schedule, s) for s in range(schedule.num_pieces)]
         self.link_s = cache(self._link_s)
         self.optimizer_s = cache(self._optimizer_s)
         self._ranged = cache(self._ranged_s)
@@ -159,10 +166,41 @@ class StageCosts:
     def _optimizer_s(self, stage: int, first: int, last: int) -> float:
         return self.costs.optimizer_s(self.params(first, last), rank=self.schedule.rank_of(stage))
 
+    def _buffers(self, stage: int, firsts: np.ndarray, lasts: np.ndarray, dtype):
+        """The step ledger's view (ledger.py) of piece `stage` holding first..last for each row's
+        first (`firsts`, 1-D) and each of its lasts (`lasts`, 2-D), with its receive buffers and
+        input or target copy at the start."""
+        from .ledger import PieceBuffers, piece_start_bytes
+
+        mbs, schedule, model = self.mbs, self.schedule, self.model
+        saved, weight = self.memory.spans(firsts, lasts, dtype)
+        inputs, outputs = self._input_array.astype(dtype)[firsts][:, None], self._output_array.astype(dtype)[lasts]
+        rank = schedule.rank_of(stage)
+        received = int(stage > 0 and schedule.rank_of(stage - 1) != rank)
+        sent = int(stage < schedule.num_pieces - 1 and schedule.rank_of(stage + 1) != rank)
+        b = PieceBuffers(
+            input_bytes=inputs * mbs, output_bytes=outputs * mbs, saved_bytes=saved * mbs, weight_bytes=weight * mbs,
+            input_saved=self._saves_input[firsts][:, None], output_saved=self._saves_output[lasts],
+            input_received=received, output_sent=sent, first=int(stage == 0),
+            top_param_bytes=self._param_array.astype(dtype)[lasts] * FLOAT32_BYTES,
+            top_input_bytes=self._input_array.astype(dtype)[lasts] * mbs, top_output_bytes=outputs * mbs,
+            loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs)
+        batch = mbs * schedule.num_microbatches
+        targets = np.where(lasts == self.n - 1, model.target_bytes_per_sample * batch, 0).astype(dtype)
+        start = piece_start_bytes(b, schedule.num_microbatches, self._input[0] * batch if stage == 0 else 0, targets)
+        return b, start
+
+    def _activations(self, stage: int, firsts: np.ndarray, lasts: np.ndarray, dtype):
+        from .ledger import walk_peak_bytes
+
+        b, start = self._buffers(stage, firsts, lasts, dtype)
+        return walk_peak_bytes([(kind, b) for kind in self.kinds[stage]], start)
+
     def memory_bytes(self, stage: int, first: int, last: int) -> int:
-        saved, weight = self.memory.spans(np.array([first]), np.array([[last]]), object)
-        activations = max(a * int(saved[0, 0]) + b * int(weight[0, 0]) for a, b in self.states[stage]) * self.mbs
-        return self.costs.static_bytes(self.params(first, last)) + activations
+        """Static bytes plus the peak of the step ledger (ledger.py) along the piece's own
+        actions: with one piece per rank, the rank's peak; with several, a lower bound of it."""
+        activations = self._activations(stage, np.array([first]), np.array([[last]]), object)
+        return self.costs.static_bytes(self.params(first, last)) + int(activations[0, 0])
 
     def fits(self, stage: int, first: int, last: int) -> bool:
         cap = self.problem.memory_cap_bytes
@@ -173,15 +211,14 @@ class StageCosts:
         cap = self.problem.memory_cap_bytes
         if cap is None:
             return None
-        n, mbs = self.n, self.mbs
+        n = self.n
         lasts = firsts[:, None] + np.arange(width)[None, :]
         ok = lasts < n
         lasts = np.minimum(lasts, n - 1)
-        held = max(a + b for a, b in self.states[stage])
-        exact = self.memory.total * mbs * max(held, 1) < 2**62
+        exact = (self.memory.total + int(self._input_array.max()) * 4 + int(self._output_array.max()) * 4
+                 ) * self.mbs * (self.schedule.num_microbatches + 4) < 2**62
         dtype = np.int64 if exact and int(self._params[-1]) < 2**50 else object
-        saved, weight = self.memory.spans(firsts, lasts, dtype)
-        activations = np.max([a * saved * mbs + b * weight * mbs for a, b in self.states[stage]], axis=0)
+        activations = self._activations(stage, firsts, lasts, dtype)
         params = np.where(ok, _spans(self._params, dtype, firsts, lasts), 0)
         try:
             static = self.costs.static_bytes(params)

@@ -46,6 +46,7 @@ class ArrayTimeline:
     static_bytes: tuple[int, ...]
     source: str = "simulated"
     engine_path: str = "des"  # "fast" (longest path) or "des" (event simulation)
+    step_peak_bytes: tuple[int, ...] = ()  # per rank: the step ledger's peak (ledger.py); () = the saved ledger's
 
     @property
     def num_ranks(self) -> int:
@@ -98,11 +99,12 @@ class ArrayTimeline:
         iteration = max(a.max() for a in ends if a.size) - start
         busy = np.bincount(c.rank, weights=t.end_s - t.start_s, minlength=self.num_ranks)
         busy = busy + (per["optimizer_end"] - per["optimizer_start"])
-        peaks = self.peak_activation_bytes()
+        peaks, step = self.peak_activation_bytes(), self.step_peak_bytes
         ranks = tuple(
             RankMetrics(rank=r, busy_s=float(busy[r]), idle_s=float(iteration - busy[r]),
                         bubble_fraction=float((iteration - busy[r]) / iteration) if iteration > 0 else 0.0,
-                        peak_activation_bytes=peaks[r], peak_memory_bytes=self.static_bytes[r] + peaks[r])
+                        peak_activation_bytes=peaks[r],
+                        peak_memory_bytes=self.static_bytes[r] + (step[r] if step else peaks[r]))
             for r in range(self.num_ranks))
         total_idle = sum(r.idle_s for r in ranks)
         bubble = total_idle / (iteration * self.num_ranks) if iteration > 0 else 0.0

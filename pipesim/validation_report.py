@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .heldout import held_out_paragraph
 from .report import _pyplot, gantt_stack_png
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
+
+
+def _opt(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _mib(nbytes) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.2f}"
 
 
 def validation_csv(results) -> str:
@@ -19,14 +28,23 @@ def validation_csv(results) -> str:
     writer = csv.writer(out)
     writer.writerow(["case", "layers", "width", "batch_size", "stages", "microbatches", "schedule",
                      "partition", "measured_s", "predicted_s", "error", "p10_s", "p90_s",
-                     "round_medians_s", "peak_memory_error_max", "data_parallel"])
+                     "round_medians_s", "cost_status", "cost_sources", "predicted_step_bytes",
+                     "rss_increase_bytes", "profiler_peak_bytes", "memory_error_max",
+                     "saved_accounting_error_max", "data_parallel"])
     for r in results:
         c = r.case
         low, high = r.spread_s()
-        writer.writerow([c.label, c.model().num_layers, "" if c.model_file else c.width, c.batch_size, c.stages, c.microbatches, c.schedule,
+        memory = r.memory_errors()
+        writer.writerow([c.label, c.model().num_layers, "" if c.model_file else c.width, c.batch_size, c.stages,
+                         c.microbatches, c.schedule,
                          c.partition, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}", f"{r.error:.4f}",
                          f"{low:.6f}", f"{high:.6f}", " ".join(f"{m:.6f}" for m in r.round_medians_s),
-                         f"{max(abs(e) for _, _, e in r.memory_errors()):.4f}", c.data_parallel])
+                         r.sources.status if r.sources else "", r.sources.describe() if r.sources else "",
+                         " ".join(str(b) for b in r.predicted_step_bytes()),
+                         " ".join(_opt(m and m.rss_increase_bytes) for m in r.memory),
+                         " ".join(_opt(m and m.profiler_peak_bytes) for m in r.memory),
+                         f"{max(abs(e) for _, _, e in memory):.4f}" if memory else "",
+                         f"{max(abs(e) for _, _, e in r.saved_accounting_errors()):.4f}", c.data_parallel])
     return out.getvalue()
 
 
@@ -97,10 +115,7 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
         f"iterations after {grid.warmup} warm-up; network: {grid.network}) and was predicted by the "
         f"simulator with profile `{profile.name}` ({profile.description})",
         "",
-        "**Held out.** The profile was fitted from `pipesim calibrate` micro-benchmarks (stacks of single "
-        "fc layers, ping-pongs, optimizer steps) and one probe pipeline (width 256, 4 layers per stage, "
-        "8 micro-batches of 4); none of the cases below is that probe, and no measurement of any case was "
-        "used to fit the profile.",
+        held_out_paragraph([r.sources for r in results if r.sources is not None], profile),
         "",
         "## Summary",
         "",
@@ -115,18 +130,32 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
         f"{summary.noise_floor_median:.2%} / {summary.noise_floor_max:.2%} |",
         f"| partition rankings that match (groups of cases differing only in partition) | "
         f"{summary.partition_rankings_match} / {summary.partition_rankings_total} |",
-        f"| peak memory per rank, max abs error | {summary.memory_max_abs_error:.2%} |",
+        f"| memory per rank: step ledger vs RSS high-water over one step, mean / max abs error | "
+        f"{summary.memory_mape:.2%} / {summary.memory_max_abs_error:.2%} |",
+        f"| saved-activation accounting (formula vs saved-tensor hooks; not a measurement), max abs error | "
+        f"{summary.saved_accounting_max_abs_error:.2%} |",
         f"| verdict | {verdict} |",
         "",
         "## Cases",
         "",
-        "| case | measured (ms) | predicted (ms) | error | measured p10–p90 (ms) | round medians (ms) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | measured (ms) | predicted (ms) | error | measured p10–p90 (ms) | round medians (ms) | cells |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         low, high = r.spread_s()
         lines.append(f"| {r.case.label} | {_ms(r.measured_s)} | {_ms(r.predicted_s)} | {r.error:+.1%} | "
-                     f"{_ms(low)}–{_ms(high)} | {' / '.join(_ms(m) for m in r.round_medians_s)} |")
+                     f"{_ms(low)}–{_ms(high)} | {' / '.join(_ms(m) for m in r.round_medians_s)} | "
+                     f"{r.sources.status if r.sources else '?'} |")
+    lines += ["", "## Where each case's costs come from", "",
+              "Per distinct piece: the width its largest layer is sized like, the micro-batch size and the "
+              "piece's weight working set, each (m) a measured value of the profile, (i) between measured "
+              "values (interpolated), (x) outside them (extrapolated; for the working set, costs do not vary "
+              "with it: the tables hold the stacks calibration timed); then the optimizer step at each rank's "
+              "parameter count.", "", "| case | cells | working set | pieces |", "|---|---|---|---|"]
+    for r in results:
+        if r.sources is not None:
+            lines.append(f"| {r.case.label} | {r.sources.status} | {r.sources.working_set_status} | "
+                         f"{r.sources.describe()} |")
     lines += ["", "## Speedups", "", "| case | measured | predicted | ideal pm/(m+p−1) |", "|---|---:|---:|---:|"]
     for r, measured, predicted in speedups(results):
         p, m, d = r.case.stages, r.case.microbatches, r.case.data_parallel
@@ -151,16 +180,42 @@ def validation_markdown(grid, profile, results, summary, breakdowns, command: st
         total = sum(parts.values())  # the shown (median) iteration of the last round minus predicted
         lines.append(f"| {r.case.label} | {total * 1e3:+.2f} | {parts['compute'] * 1e3:+.2f} | "
                      f"{parts['overhead'] * 1e3:+.2f} | {parts['wait'] * 1e3:+.2f} | {parts['rest'] * 1e3:+.2f} |")
-    lines += ["", "## Peak memory per rank", "",
-              "Parameters + gradients + optimizer state + peak saved activations (counted exactly in the "
-              "runner with saved-tensor hooks).", "",
-              "| case | rank | predicted | measured | error |", "|---|---:|---:|---:|---:|"]
-    for r in results:
-        for rank, (predicted, measured, error) in enumerate(r.memory_errors()):
-            lines.append(f"| {r.case.label} | {rank} | {predicted:,} | {measured:,} | {error:+.2%} |")
+    lines += memory_section(results)
     lines += ["", "## Figures", ""]
     lines += [f"![{caption}]({name})" for caption, name in figures.items()]
     return "\n".join(lines) + "\n"
+
+
+def memory_section(results) -> list[str]:
+    """Memory per rank measured independently, then the saved-activation accounting."""
+    lines = ["", "## Memory per rank, measured independently", "",
+             "Predicted: the step ledger's peak (pipesim/ledger.py: saved activations, receive buffers posted "
+             "at the step's start, sends held to its end, input and target copies, the backward's "
+             "temporaries), static bytes (parameters, gradients, optimizer state) not included. Measured, "
+             "once per case in a job of its own after the timed rounds (pipesim/runner/memory_probe.py): the "
+             "RSS high-water over one step (VmHWM reset just before it) less the resident size before it, "
+             "with glibc's mmap threshold fixed at a page so that freed tensors leave the resident set (a "
+             "receive buffer is resident only once its message has landed: the ledger counts it from "
+             "posting); and the peak of torch's profiler's allocation events (profile_memory=True) on the "
+             "next step. Error: predicted against the RSS.", "",
+             "| case | rank | predicted (MiB) | RSS high-water increase (MiB) | torch profiler (MiB) | error |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        for rank, predicted in enumerate(r.predicted_step_bytes()):
+            m = r.memory[rank] if rank < len(r.memory) else None
+            rss = m.rss_increase_bytes if m is not None else None
+            error = f"{predicted / rss - 1:+.1%}" if rss else "–"
+            lines.append(f"| {r.case.label} | {rank} | {_mib(predicted)} | {_mib(rss)} | "
+                         f"{_mib(m.profiler_peak_bytes if m is not None else None)} | {error} |")
+    lines += ["", "## Saved-activation accounting", "",
+              "Parameters + gradients + optimizer state + peak saved activations, the formula against the "
+              "runner's count of what autograd saves (saved-tensor hooks). For fc layers the count equals "
+              "the formula by construction: this checks the accounting, it does not measure memory.", "",
+              "| case | rank | formula | counted | difference |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        for rank, (predicted, measured, error) in enumerate(r.saved_accounting_errors()):
+            lines.append(f"| {r.case.label} | {rank} | {predicted:,} | {measured:,} | {error:+.2%} |")
+    return lines
 
 
 def write_report(grid, profile, results, summary, out: Path, command: str, verdict: str) -> Path:

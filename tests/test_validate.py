@@ -5,6 +5,7 @@ shipped reference profile."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -82,13 +83,29 @@ def fake_measure(factor_of):
     return measure
 
 
+def fake_memory(factor=1.0, profiler_factor=1.0):
+    """A stand-in for the memory probe: the step ledger's peak per rank, scaled."""
+    from pipesim.engine import stage_shapes
+    from pipesim.ledger import step_peak_bytes
+    from pipesim.runner.records import StepMemory
+
+    def measure_memory(plan, log, profile_memory):
+        peaks = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
+                                plan.batch_size)
+        return tuple(StepMemory(300 << 20, round(p * factor), 65536, round(p * profiler_factor), None)
+                     for p in peaks)
+
+    return measure_memory
+
+
 def test_perfect_measurements_give_zero_error(tmp_path):
     grid = V.load_grid(write_grid(tmp_path))
     results = V.run_validation(grid, load_profile(None), log=lambda _: None,
-                               measure=fake_measure(lambda plan, r: 1.0))
+                               measure_memory=fake_memory(), measure=fake_measure(lambda plan, r: 1.0))
     summary = V.summarize(results)
     assert summary.mape == pytest.approx(0, abs=1e-12)
-    assert summary.memory_max_abs_error == pytest.approx(0, abs=1e-12)
+    assert summary.memory_max_abs_error == pytest.approx(0, abs=1e-6)
+    assert summary.saved_accounting_max_abs_error == pytest.approx(0, abs=1e-12)
     assert summary.partition_rankings_match == summary.partition_rankings_total == 4
     assert summary.speedup_rank_correlation == pytest.approx(1.0)
     for r in results:
@@ -100,7 +117,7 @@ def test_slower_measurements_and_drift_show_up(tmp_path):
     grid = V.load_grid(write_grid(tmp_path))
     # every case 10% slower than predicted; the second round 4% slower than the first
     results = V.run_validation(grid, load_profile(None), log=lambda _: None,
-                               measure=fake_measure(lambda plan, r: 1.1 * (1.04 if r else 1.0)))
+                               measure_memory=fake_memory(), measure=fake_measure(lambda plan, r: 1.1 * (1.04 if r else 1.0)))
     summary = V.summarize(results)
     measured_factor = 1.1 * 1.02  # median of the pooled rounds sits between them
     assert summary.mape == pytest.approx(1 - 1 / measured_factor, rel=1e-3)
@@ -112,13 +129,31 @@ def test_slower_measurements_and_drift_show_up(tmp_path):
         assert diff["compute"] > 0
 
 
+def test_memory_is_compared_with_the_independent_measurement(tmp_path):
+    grid = V.load_grid(write_grid(tmp_path))
+    results = V.run_validation(grid, load_profile(None), log=lambda _: None,
+                               measure_memory=fake_memory(factor=1.25, profiler_factor=0.5),
+                               measure=fake_measure(lambda plan, r: 1.0))
+    summary = V.summarize(results)
+    assert summary.memory_mape == pytest.approx(abs(1 / 1.25 - 1), rel=1e-3)  # predicted 20% low
+    assert summary.memory_max_abs_error == pytest.approx(0.2, rel=1e-3)
+    assert summary.saved_accounting_max_abs_error == pytest.approx(0, abs=1e-12)
+    for r in results:
+        assert [round(e, 3) for _, _, e in r.profiler_errors()] == [1.0] * r.case.stages  # predicted 2x
+        assert r.sources is not None
+    without = V.run_validation(grid, load_profile(None), log=lambda _: None, measure_memory=False,
+                               measure=fake_measure(lambda plan, r: 1.0))
+    assert all(r.memory_errors() == [] for r in without)
+    assert math.isnan(V.summarize(without).memory_mape)
+
+
 def test_a_mispredicted_partition_ranking_is_caught(tmp_path):
     grid = V.load_grid(write_grid(tmp_path))
 
     def factor(plan, r):  # make the skewed 2,6 cut measure fastest of all: rankings break
         return 0.5 if plan.partition.counts == (2, 6) else 1.0
 
-    results = V.run_validation(grid, load_profile(None), log=lambda _: None, measure=fake_measure(factor))
+    results = V.run_validation(grid, load_profile(None), log=lambda _: None, measure_memory=fake_memory(), measure=fake_measure(factor))
     summary = V.summarize(results)
     assert summary.partition_rankings_match == 0 and summary.partition_rankings_total == 4
 
@@ -126,7 +161,7 @@ def test_a_mispredicted_partition_ranking_is_caught(tmp_path):
 def test_rank_breakdown_adds_up_to_the_iteration_time(tmp_path):
     grid = V.load_grid(write_grid(tmp_path))
     results = V.run_validation(grid, load_profile(None), log=lambda _: None,
-                               measure=fake_measure(lambda plan, r: 1.0))
+                               measure_memory=fake_memory(), measure=fake_measure(lambda plan, r: 1.0))
     for r in results:
         parts = V.rank_breakdown(r.prediction.timeline, load_profile(None).action_overhead_s)
         assert sum(parts.values()) == pytest.approx(r.predicted_s, rel=1e-9)
@@ -137,7 +172,7 @@ def test_cli_exits_1_above_tolerance_and_writes_the_report(tmp_path, monkeypatch
     grid_path = write_grid(tmp_path)
     real = V.run_validation
     monkeypatch.setattr(V, "run_validation", lambda grid, profile, log: real(
-        grid, profile, log, measure=fake_measure(lambda plan, r: 1.2)))
+        grid, profile, log, measure_memory=fake_memory(), measure=fake_measure(lambda plan, r: 1.2)))
     out = tmp_path / "reports"
     code = cli.main(["validate", "--grid", str(grid_path), "--tolerance", "0.1", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -172,7 +207,7 @@ def test_noise_multiple_on_the_command_line(tmp_path, monkeypatch, capsys):
     real = V.run_validation
     # 10% slow, rounds 4% apart: noise floor 3.9%; 0.02 + 3 x 3.9% = 13.8% passes, 2 x fails
     monkeypatch.setattr(V, "run_validation", lambda grid, profile, log: real(
-        grid, profile, log, measure=fake_measure(lambda plan, r: 1.1 * (1.04 if r else 1.0))))
+        grid, profile, log, measure_memory=fake_memory(), measure=fake_measure(lambda plan, r: 1.1 * (1.04 if r else 1.0))))
     out = tmp_path / "reports"
     args = ["validate", "--grid", str(grid_path), "--tolerance", "0.02", "--out", str(out)]
     assert cli.main([*args, "--noise-multiple", "3"]) == 0

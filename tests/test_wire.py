@@ -35,6 +35,7 @@ from pipesim.runner.records import (
     RankSamples,
     RunBatchResult,
     RunResult,
+    StepMemory,
     StepRecord,
 )
 from pipesim.timeline import SENDS, MemorySample, Span
@@ -55,7 +56,8 @@ MICROBENCH = MicrobenchConfig(widths=(16, 32), microbatch_sizes=(2, 4), message_
 STEP = StepRecord(0.5, 1.25, (Span(1, "F", 0.5, 0.75, 1, 0), Span(1, "wait", 0.75, 0.8, -1, -1, -1, SENDS),
                               Span(1, "wait", 0.8, 0.9, 2, 3, 0, "B")),
                   (MemorySample(1, 0.5, 0), MemorySample(1, 0.75, 4096)))
-RANK_RUN = RankRun(1, "node-a", "cpu", 12345, 1 << 30, (STEP, STEP), -2.5e-6)
+RANK_RUN = RankRun(1, "node-a", "cpu", 12345, 1 << 30, (STEP, STEP), -2.5e-6,
+                   StepMemory(1 << 27, 1 << 20, 4096, None, None))
 RUN_RESULT = RunResult((dataclasses.replace(RANK_RUN, rank=0, clock_offset_s=0.0), RANK_RUN), "Open MPI v5.0.8")
 COMPUTE = ComputeSample(1, 512, 8, 16, 262656, 524800.0, (1e-4, 1.1e-4), (2e-4,), (1e-4,), (1e-4,), 4096.0)
 LINKS = (LinkSample((0, 1), 1, (1e-6, 2e-6)), LinkSample((0, 1), 1 << 20, (1e-3,), (1.5e-3, 1.6e-3)))
@@ -66,7 +68,8 @@ ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
                                      "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
 
-EXAMPLES = [run_config(), LayerWire.of(layer("embedding", vocab_size=9, hidden=4, seq_len=3)), RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN,
+EXAMPLES = [run_config(), LayerWire.of(layer("embedding", vocab_size=9, hidden=4, seq_len=3)),
+            RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN, RANK_RUN.step_memory,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
             RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0]]
 

@@ -38,6 +38,8 @@ class RunOptions(TypedDict, total=False):
     progress: bool
     fail_on_rank: int
     eval_mode: bool
+    memory_probe: bool
+    profile_memory: bool
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class RunConfig:
     progress: bool = True  # rank 0 prints a line every 10 steps
     fail_on_rank: int = -1  # fault injection for tests: this rank raises at its first step
     eval_mode: bool = False  # modules in eval mode (batch-norm normalises by its running statistics): tests
+    memory_probe: bool = False  # one more step after the timed ones, its memory measured (memory_probe.py)
+    profile_memory: bool = False  # and another under torch's profiler (profile_memory=True; slow)
 
     @classmethod
     def from_plan(cls, plan: Plan, **options: Unpack[RunOptions]) -> RunConfig:

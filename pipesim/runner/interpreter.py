@@ -167,8 +167,10 @@ class StageWorker:
         inputs, targets = synthetic_batch(iteration, plan.batch_size, plan.model, self.seed)
         if self.sync is not None:
             inputs, targets = self.sync.shard(inputs, targets)
-        self.inputs = [x.clone().to(self.device) for x in inputs.split(mb)]
-        self.targets = [y.clone().to(self.device) for y in targets.split(mb)]
+        first, last = 0 in self.pieces, self.num_pieces - 1 in self.pieces  # who reads inputs, targets
+        self.inputs = [x.clone().to(self.device) for x in inputs.split(mb)] if first else []
+        self.targets = [y.clone().to(self.device) for y in targets.split(mb)] if last else []
+        del inputs, targets  # the copies above are what the step holds (the memory ledger counts them)
         self.optimizer.zero_grad(set_to_none=False)
         self.receives = self._post_receives()
         self.sends: list[tuple[MPI.Request, torch.Tensor]] = []
@@ -195,6 +197,7 @@ class StageWorker:
         self._sync()
         record.end_s = clock()
         record.spans.append((self.rank, "optimizer", start, record.end_s, -1, -1, -1, ""))
+        self.sends, self.inputs, self.targets = [], [], []  # held to the end of the step, no longer
         return record
 
     def _buffer(self, key: MessageKey) -> torch.Tensor:

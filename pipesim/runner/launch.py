@@ -86,8 +86,9 @@ def mpiexec_command(num_ranks: int, threads_per_rank: int, job_path: str) -> tup
 
 
 def launch(config: JobConfig, result_type: type[R], num_ranks: int, threads_per_rank: int = 1,
-           log: Callable[[str], object] = print) -> R | None:
+           log: Callable[[str], object] = print, env: dict[str, str] | None = None) -> R | None:
     """Run the worker's job `config` on `num_ranks` ranks; its result is a `result_type`.
+    `env`: variables set for the ranks we start (inside an MPI world they are not ours to set).
 
     Returns rank 0's gathered result; None on the other ranks when already
     inside an MPI world (mpiexec or srun started us), where we use that world.
@@ -108,8 +109,7 @@ def launch(config: JobConfig, result_type: type[R], num_ranks: int, threads_per_
         command, notes = mpiexec_command(num_ranks, threads_per_rank, str(job_path))
         for note in notes:
             log(f"note: {note}")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
-        _run_to_end(command, env)
+        _run_to_end(command, {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads_per_rank)})
         return from_dict(result_type, json.loads(result_path.read_text()), "the MPI job's result")
 
 

@@ -24,6 +24,17 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class StepMemory:
+    """One rank's memory over one probe step (runner/memory_probe.py); None: not measured there."""
+
+    rss_before_bytes: int | None  # resident size just before the step
+    rss_increase_bytes: int | None  # VmHWM over the step minus rss_before_bytes
+    mmap_threshold_bytes: int | None  # glibc's, when fixed for the job (memory_probe.ENVIRONMENT)
+    profiler_peak_bytes: int | None  # torch profiler: peak of allocations minus frees (another step)
+    cuda_peak_bytes: int | None  # max_memory_allocated over the step, less what was allocated before
+
+
+@dataclass(frozen=True)
 class RankRun:
     """One rank's measured steps (warm-up left out) and what it ran on."""
 
@@ -34,6 +45,7 @@ class RankRun:
     peak_rss_bytes: int
     records: tuple[StepRecord, ...]
     clock_offset_s: float  # subtract from this rank's times to get rank 0's clock
+    step_memory: StepMemory | None = None  # the memory probe's step (None: not probed)
 
 
 @dataclass(frozen=True)

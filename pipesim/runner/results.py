@@ -13,7 +13,7 @@ from ..plan import Plan
 from ..timeline import MemorySample, Metrics, Span, Timeline, compute_metrics
 from .config import RunConfig, RunOptions
 from .launch import launch
-from .records import RankRun, RunResult
+from .records import RankRun, RunResult, StepMemory
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Measurement:
     peak_rss_bytes: tuple[int, ...]
     hosts: tuple[str, ...]
     mpi: str
+    step_memory: tuple[StepMemory | None, ...] = ()  # per rank: the memory probe's step
 
     @property
     def iteration_times_s(self) -> list[float]:
@@ -68,6 +69,7 @@ def from_result(plan: Plan, result: RunResult) -> Measurement:
         peak_rss_bytes=tuple(r.peak_rss_bytes for r in ranks),
         hosts=tuple(r.host for r in ranks),
         mpi=result.mpi,
+        step_memory=tuple(r.step_memory for r in ranks),
     )
 
 
@@ -77,3 +79,15 @@ def measure(plan: Plan, log: Callable[[str], object] = print,
     config = RunConfig.from_plan(plan, **options)
     result = launch(config, RunResult, plan.world_size, config.threads_per_rank, log)
     return None if result is None else from_result(plan, result)
+
+
+def measure_memory(plan: Plan, log: Callable[[str], object] = print,
+                   **options: Unpack[RunOptions]) -> tuple[StepMemory | None, ...] | None:
+    """Per rank, the memory of one step of `plan` after `warmup` steps (default 3), in a job of
+    its own (runner/memory_probe.py says why); None on ranks other than 0."""
+    from .memory_probe import ENVIRONMENT
+
+    settings: RunOptions = {"warmup": 3, **options, "iterations": 0, "progress": False, "memory_probe": True}
+    config = RunConfig.from_plan(plan, **settings)
+    result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log, ENVIRONMENT)
+    return None if result is None else tuple(r.step_memory for r in sorted(result.ranks, key=lambda r: r.rank))

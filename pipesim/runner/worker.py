@@ -90,6 +90,12 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
         done = iteration + 1
         if config.progress and comm.Get_rank() == 0 and (done == config.warmup or done % 10 == 0 or done == total):
             print(f"  step {done}/{total} ({config.warmup} warm-up)", file=sys.stderr, flush=True)
+    step_memory = None
+    if config.memory_probe:  # after the timed steps: the probe changes glibc's settings
+        from .memory_probe import probe_step
+
+        step_memory = probe_step(lambda: worker.step(total), worker.device if worker.cuda else None,
+                                 config.profile_memory)
     offsets = clock_offsets(comm, clock)
     mine = RankRun(
         rank=comm.Get_rank(),
@@ -99,6 +105,7 @@ def execute_run(config: RunConfig, comm: Any) -> RunResult | None:
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         records=tuple(records),
         clock_offset_s=offsets[comm.Get_rank()],
+        step_memory=step_memory,
     )
     everyone: list[RankRun] | None = comm.gather(mine, root=0)
     params = comm.gather(worker.parameters(), root=0) if config.params_path else None

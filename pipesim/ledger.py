@@ -1,0 +1,199 @@
+"""The step's memory ledger: every buffer a rank holds during one step, not only what
+autograd saves for backward (engine.ledger_change counts that part alone).
+
+What the runner (runner/interpreter.py) holds, per rank, in bytes:
+
+- from the step's start to its end: the input copies (the rank holding piece 0)
+  and the target copies (the rank holding the last piece), a whole batch each;
+- a receive buffer for every RECV, posted at the step's start: an activation
+  (input of the receiving piece) is held until the piece's B (or W) frees what
+  it saved, a gradient until the B (or I) that consumes it;
+- what F saves for backward (its input not twice: it is the receive buffer or
+  an input copy already counted), freed by B, or swapped by I for what W needs;
+- every message sent, held until the step's end (the runner waits for its sends
+  there): an F output that its last layer saved stays after B frees the rest; an
+  input gradient made by B (or I) is new.
+
+A hand-off between two pieces of one rank is no message; there the piece's input
+is counted as before (inside what F saves). Each action also holds temporaries
+for a moment (`transient_bytes`: for a backward, the last layer's weight
+gradient and two activation gradients), added to the peak, not to what stays.
+The allocator's own slack (page rounding, small blocks) is not in the ledger;
+the validation report compares it with what the runner's memory probe measured
+(runner/memory_probe.py).
+
+Memory changes only at a rank's own actions, so a rank's peak follows from its
+action order alone: no times are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+from .model import FLOAT32_BYTES
+from .schedule import Kind, Schedule
+
+
+@dataclass(frozen=True)
+class PieceBuffers:
+    """Bytes of one piece for one micro-batch, and how its input and output travel.
+    Flags are 0 or 1 (or arrays of them, and the bytes arrays: stagecosts.py asks for
+    many layer ranges at once), so the ledger below is plain arithmetic."""
+
+    input_bytes: Any
+    output_bytes: Any
+    saved_bytes: Any  # what F saves (engine.StageShape.saved_bytes_per_sample x micro-batch size)
+    weight_bytes: Any  # what I keeps for W
+    input_saved: Any  # 1: the first layer saves its input (so saved_bytes includes it)
+    output_saved: Any  # 1: the last layer saves its output
+    input_received: int  # 1: from another rank (a receive buffer); its input gradient is then sent back
+    output_sent: int  # 1: to another rank; its output gradient then arrives in a receive buffer
+    first: int  # 1: piece 0, whose input is an input copy
+    top_param_bytes: Any = 0  # the last layer's parameters (its weight gradient before it is added in)
+    top_input_bytes: Any = 0  # the last layer's input and output, one micro-batch
+    top_output_bytes: Any = 0
+    recomputed: int = 0  # 1: F keeps only the input (and the loss's saved tensors); B or I runs F again
+    loss_bytes: Any = 0  # the loss's saved tensors (inside saved_bytes), the last piece
+
+    @property
+    def held_input_bytes(self) -> Any:
+        """The input's bytes inside saved_bytes that a buffer already counts."""
+        return self.input_bytes * self.input_saved * max(self.input_received, self.first)
+
+
+def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) -> list[PieceBuffers]:
+    """`shapes`: engine.StageShape per piece."""
+    last = schedule.num_pieces - 1
+    out = []
+    for piece, shape in enumerate(shapes):
+        rank = schedule.rank_of(piece)
+        top = shape.layers[-1]
+        out.append(PieceBuffers(
+            input_bytes=shape.input_bytes_per_sample * microbatch_size,
+            output_bytes=shape.output_bytes_per_sample * microbatch_size,
+            saved_bytes=shape.saved_bytes_per_sample * microbatch_size,
+            weight_bytes=shape.weight_bytes_per_sample * microbatch_size,
+            input_saved=int(shape.layers[0].saves_input),
+            output_saved=int(top.saves_output),
+            input_received=int(piece > 0 and schedule.rank_of(piece - 1) != rank),
+            output_sent=int(piece < last and schedule.rank_of(piece + 1) != rank),
+            first=int(piece == 0),
+            top_param_bytes=top.params * FLOAT32_BYTES,
+            top_input_bytes=top.input_bytes_per_sample * microbatch_size,
+            top_output_bytes=top.output_bytes_per_sample * microbatch_size,
+            recomputed=int(shape.recomputed),
+            loss_bytes=shape.loss_bytes_per_sample * microbatch_size,
+        ))
+    return out
+
+
+def action_change_bytes(kind: Kind, b: PieceBuffers) -> tuple[Any, Any]:
+    """Bytes the step ledger adds when an action of `kind` on piece `b` starts and when it ends.
+    A recomputed piece (engine._recomputed_ledger_change) keeps its input from F (in its
+    buffer, if it has one) and the loss's saved tensors; B and I bring the rest back as they start."""
+    saved = b.saved_bytes - b.held_input_bytes  # what F adds and B frees, its buffered input aside
+    at_f, brought = saved, 0
+    if b.recomputed:
+        buffered = max(b.input_received, b.first)
+        saved = b.saved_bytes + b.input_bytes * (1 - b.input_saved) - b.input_bytes * buffered
+        at_f = b.input_bytes * (1 - buffered) + b.loss_bytes
+        brought = saved - at_f
+    grad_received = b.output_bytes * b.output_sent  # its receive buffer, freed here
+    grad_sent = b.input_bytes * b.input_received  # made here, held to the step's end
+    input_buffer = b.input_bytes * b.input_received  # freed with what the piece saved
+    output_kept = b.output_bytes * b.output_sent * b.output_saved  # a sent output B does not free
+    match kind:
+        case Kind.F:
+            return at_f, b.output_bytes * b.output_sent * (1 - b.output_saved)
+        case Kind.B:
+            return brought, -saved - input_buffer + output_kept - grad_received + grad_sent
+        case Kind.I:
+            kept = b.weight_bytes - b.held_input_bytes
+            return brought, kept - saved + output_kept - grad_received + grad_sent
+        case Kind.W:
+            return 0, -(b.weight_bytes - b.held_input_bytes) - input_buffer
+        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
+            return 0, 0
+        case _:
+            assert_never(kind)
+
+
+def transient_bytes(kind: Kind, b: PieceBuffers) -> Any:
+    """What an action holds for a moment on top of the ledger, at its peak (its start for a
+    backward: all it frees is still there). F: the last layer's output before its activation
+    function. B: the last layer's weight gradient (made whole, then added into .grad), the
+    gradient at its output and the one at its input; once the activation's backward has run,
+    autograd frees the output the layer saved, unless a send still holds it. I: the two
+    gradients; W: the weight gradient."""
+    freed = b.top_output_bytes * b.output_saved * (1 - b.output_sent)
+    match kind:
+        case Kind.F:
+            return b.top_output_bytes
+        case Kind.B:
+            return b.top_param_bytes + b.top_input_bytes + b.top_output_bytes - freed
+        case Kind.I:
+            return b.top_input_bytes + b.top_output_bytes - freed
+        case Kind.W:
+            return b.top_param_bytes
+        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
+            return 0
+        case _:
+            assert_never(kind)
+
+
+def piece_start_bytes(b: PieceBuffers, num_microbatches: int, input_copy: Any = 0, target_copy: Any = 0) -> Any:
+    """What a piece holds once the step has begun: its receive buffers, and the batch's input
+    copy (piece 0) or target copy (the last piece) when given."""
+    return (num_microbatches * (b.input_bytes * b.input_received + b.output_bytes * b.output_sent)
+            + input_copy + target_copy)
+
+
+def walk_peak_bytes(actions: Sequence[tuple[Kind, PieceBuffers]], initial: Any) -> Any:
+    """The most held along (kind, piece) actions in order, from `initial` bytes."""
+    import numpy as np
+
+    held = peak = initial
+    for kind, b in actions:
+        if kind in (Kind.SEND, Kind.RECV, Kind.ALLREDUCE):
+            continue
+        at_start, at_end = action_change_bytes(kind, b)
+        held = held + at_start
+        peak = np.maximum(peak, held + transient_bytes(kind, b))
+        held = held + at_end
+        peak = np.maximum(peak, held)
+    return peak
+
+
+def step_peak_bytes(schedule: Schedule, shapes: Sequence, microbatch_size: int, batch_size: int) -> tuple[int, ...]:
+    """Per rank: the most the step ledger holds (static bytes not included)."""
+    buffers = piece_buffers(schedule, shapes, microbatch_size)
+    last = schedule.num_pieces - 1
+    inputs = shapes[0].input_bytes_per_sample * batch_size
+    targets = shapes[-1].target_bytes_per_sample * batch_size
+    peaks = []
+    for rank in range(schedule.num_ranks):
+        initial = sum(piece_start_bytes(buffers[s], schedule.num_microbatches, inputs if s == 0 else 0,
+                                        targets if s == last else 0) for s in schedule.pieces_of(rank))
+        actions = [(a.kind, buffers[a.piece]) for a in schedule.ranks[rank]]
+        peaks.append(int(walk_peak_bytes(actions, initial)))
+    return tuple(peaks)
+
+
+def saved_peak_bytes(schedule: Schedule, shapes: Sequence, microbatch_size: int) -> tuple[int, ...]:
+    """Per rank: the most it holds of what autograd saves (the saved-activation accounting,
+    which the runner's saved-tensor hooks count)."""
+    from .engine import ledger_change
+
+    peaks = []
+    for actions in schedule.ranks:
+        held = peak = 0
+        for action in actions:
+            if action.kind in (Kind.SEND, Kind.RECV, Kind.ALLREDUCE):
+                continue
+            for change in ledger_change(action.kind, shapes[action.piece]):
+                held += change * microbatch_size
+                peak = max(peak, held)
+        peaks.append(peak)
+    return tuple(peaks)
