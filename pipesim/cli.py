@@ -23,7 +23,7 @@ _FLAGS = {"model": "model_file", "layers": "layers", "width": "width", "profile"
           "chunks": "chunks", "schedule": "schedule", "schedule_file": "schedule_file", "partition": "partition",
           "microbatches": "microbatches", "batch_size": "batch_size", "optimizer": "optimizer",
           "memory_cap": "memory_cap", "ranks_per_node": "ranks_per_node", "rank_speed": "rank_speed",
-          "link": "links"}
+          "link": "links", "transport": "transport"}
 
 
 def spec_from_args(args) -> ExecutionSpec:
@@ -189,7 +189,8 @@ def cmd_calibrate(args) -> int:
         warn_no_effect(f"--layers {args.layers}: calibration depends only on the layer width")
     profile = run_calibrate(out, "pipesim " + " ".join(sys.argv[1:]), model_file=args.model, width=args.width,
                             **{k: getattr(args, k) for k in ("ranks", "widths", "microbatch_sizes", "repeats",
-                                                             "stack_mib", "threads_per_rank", "optimizer", "name")})
+                                                             "stack_mib", "threads_per_rank", "optimizer", "name",
+                                                             "transport")})
     if profile is None:  # a rank other than 0 inside an existing MPI world
         return 0
     print(json.dumps(profile, indent=1) if args.json else f"{profile_text(profile)}\n\nwrote {out}")

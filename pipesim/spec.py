@@ -44,6 +44,7 @@ from .errors import UserError
 from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
+TRANSPORTS = ("mpi", "gloo")  # as profile.TRANSPORTS (spec.py imports no profile code)
 RECOMPUTE = ("none",)  # activation recomputation: only "none" until it exists
 
 
@@ -61,6 +62,7 @@ class ExecutionSpec:
     width: int | None = None
     profile: str = "default"
     profile_sha256: str | None = None
+    transport: str = "mpi"
     stages: tuple[int, ...] | None = None
     chunks: tuple[int, ...] | None = None
     schedule: tuple[str, ...] | None = None
@@ -95,7 +97,8 @@ class ExecutionSpec:
 # (table, key in the file) -> field; `kind`: int, ints (one or a list), str, strs, path
 _LAYOUT: dict[str, dict[str, tuple[str, str]]] = {
     "model": {"file": ("model_file", "path"), "layers": ("layers", "int"), "width": ("width", "int")},
-    "profile": {"path": ("profile", "profile"), "sha256": ("profile_sha256", "str")},
+    "profile": {"path": ("profile", "profile"), "sha256": ("profile_sha256", "str"),
+                "transport": ("transport", "str")},
     "execution": {"stages": ("stages", "ints"), "chunks": ("chunks", "ints"), "schedule": ("schedule", "strs"),
                   "schedule_file": ("schedule_file", "path"), "microbatches": ("microbatches", "ints"),
                   "batch_size": ("batch_size", "int"), "partition": ("partition", "str"),
@@ -181,6 +184,8 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
         raise SpecError(f"{where}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {spec.optimizer!r}")
     if spec.data_parallel != 1:
         raise SpecError(f"{where}: data_parallel {spec.data_parallel} is not supported yet (only 1)")
+    if spec.transport not in TRANSPORTS:
+        raise SpecError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {spec.transport!r}")
     if spec.recompute not in RECOMPUTE:
         raise SpecError(f"{where}: recompute {spec.recompute!r} is not supported yet (only 'none')")
     return spec

@@ -103,3 +103,13 @@ class MicrobenchResult:
     ranks: tuple[RankSamples, ...]  # in rank order
     mpi: str
     torch: str
+
+
+# --- the `gloo` job (calibrate --transport gloo) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class GlooResult:
+    links: tuple[LinkSample, ...]  # ping-pongs over gloo between neighbours
+    probe_step_s: tuple[float, ...]  # torch.distributed.pipelining 1F1B steps of the probe pipeline
+    torch: str
