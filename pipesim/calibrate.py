@@ -14,7 +14,7 @@ import socket
 import statistics
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,14 @@ from scipy.optimize import lsq_linear
 
 from .kindcosts import DIRECTIONS, KindCosts, MeasuredShape, fit_law, moved_bytes_per_sample
 from .model import LayerSpec, ModelSpec, fc, parse_model
-from .plan import make_plan
+from .plan import Plan, make_plan
 from .profile import SCHEMA, VERSION, parse_profile
-from .runner.config import KindJob, MicrobenchConfig
+from .runner.config import GlooBenchConfig, KindJob, MicrobenchConfig
 from .runner.records import (
     ComputeSample,
     KindSample,
     LinkSample,
+    GlooResult,
     MicrobenchResult,
     OptimizerSample,
     RankSamples,
@@ -69,6 +70,7 @@ class CalibrationSettings:
     kind_jobs: tuple[KindJob, ...] = ()  # models measured layer by layer, by kind and shape
     kind_repeats: int = 10
     kind_warmup: int = 2
+    transport: str = "mpi"  # "gloo": also measure torch.distributed's gloo links and pipelining overhead
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def microbench(self) -> MicrobenchConfig:
@@ -77,8 +79,16 @@ class CalibrationSettings:
             widths=self.widths, microbatch_sizes=self.microbatch_sizes, message_sizes=self.message_sizes,
             repeats=self.repeats, warmup=self.warmup, pingpong_repeats=self.pingpong_repeats,
             threads_per_rank=self.threads_per_rank, optimizer=self.optimizer, seed=self.seed,
-            stack_bytes=self.stack_bytes, allreduce_sizes=self.allreduce_sizes, kind_jobs=self.kind_jobs, kind_repeats=self.kind_repeats,
-            kind_warmup=self.kind_warmup)
+            stack_bytes=self.stack_bytes, allreduce_sizes=self.allreduce_sizes, kind_jobs=self.kind_jobs,
+            kind_repeats=self.kind_repeats, kind_warmup=self.kind_warmup)
+
+    def gloo_bench(self) -> GlooBenchConfig:
+        """The gloo transport's job: ping-pongs and torch's 1F1B on the overhead probe."""
+        return GlooBenchConfig(
+            message_sizes=self.message_sizes, pingpong_repeats=self.pingpong_repeats,
+            threads_per_rank=self.threads_per_rank, seed=self.seed, probe_width=OVERHEAD_WIDTH,
+            probe_layers_per_stage=OVERHEAD_LAYERS_PER_STAGE, probe_microbatches=OVERHEAD_MICROBATCHES,
+            probe_mb_size=OVERHEAD_MB_SIZE, iterations=self.overhead_iterations, warmup=3)
 
 
 def kind_microbatch_sizes(model: ModelSpec) -> tuple[int, ...]:
@@ -109,6 +119,14 @@ def calibration_models(model_files: Sequence[str], log: Log) -> tuple[tuple[int,
             jobs.append(KindJob(text, kind_microbatch_sizes(model)))
             log(f"calibrating the layer kinds of {path} at micro-batch sizes {list(jobs[-1].microbatch_sizes)}")
     return tuple(sorted(widths)), tuple(jobs)
+
+    def gloo_bench(self) -> GlooBenchConfig:
+        """The gloo transport's job: ping-pongs and torch's 1F1B on the overhead probe."""
+        return GlooBenchConfig(
+            message_sizes=self.message_sizes, pingpong_repeats=self.pingpong_repeats,
+            threads_per_rank=self.threads_per_rank, seed=self.seed, probe_width=OVERHEAD_WIDTH,
+            probe_layers_per_stage=OVERHEAD_LAYERS_PER_STAGE, probe_microbatches=OVERHEAD_MICROBATCHES,
+            probe_mb_size=OVERHEAD_MB_SIZE, iterations=self.overhead_iterations, warmup=3)
 
 
 # --- fitting (pure numpy/scipy: tested without MPI) ----------------------------
@@ -266,6 +284,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def overhead_probe_plan(stages: int) -> Plan:
+    """The short pipeline whose real runs give the per-action overhead (1F1B, even cuts)."""
+    model = fc(OVERHEAD_LAYERS_PER_STAGE * stages, OVERHEAD_WIDTH, name="overhead-probe")
+    return make_plan(model, stages, OVERHEAD_MICROBATCHES, OVERHEAD_MICROBATCHES * OVERHEAD_MB_SIZE, "1f1b",
+                     ",".join([str(OVERHEAD_LAYERS_PER_STAGE)] * stages))
+
+
 def measure_overhead(settings: CalibrationSettings, log: Log) -> list[float] | None:
     """Per-action overhead of the runner from short real pipeline runs: per rank
     and iteration, the time between its first and last action that is neither
@@ -275,10 +300,7 @@ def measure_overhead(settings: CalibrationSettings, log: Log) -> list[float] | N
     from .runner.results import measure
 
     stages = settings.ranks
-    model = fc(OVERHEAD_LAYERS_PER_STAGE * stages, OVERHEAD_WIDTH, name="overhead-probe")
-    batch = OVERHEAD_MICROBATCHES * OVERHEAD_MB_SIZE
-    plan = make_plan(model, stages, OVERHEAD_MICROBATCHES, batch, "1f1b",
-                     ",".join([str(OVERHEAD_LAYERS_PER_STAGE)] * stages))
+    plan = overhead_probe_plan(stages)
     log(f"  overhead: real 1f1b pipeline, {stages} stages x {OVERHEAD_LAYERS_PER_STAGE} layers, width "
         f"{OVERHEAD_WIDTH}, {OVERHEAD_MICROBATCHES} micro-batches of {OVERHEAD_MB_SIZE}")
     measured = measure(plan, log, iterations=settings.overhead_iterations, warmup=3,
@@ -338,9 +360,51 @@ def calibrate(settings: CalibrationSettings, name: str, log: Log = print) -> dic
 
     raw = launch(settings.microbench(), MicrobenchResult, settings.ranks, settings.threads_per_rank, log)
     per_action = measure_overhead(settings, log)  # every rank takes part
-    if raw is None or per_action is None:
+    gloo = (launch(settings.gloo_bench(), GlooResult, settings.ranks, settings.threads_per_rank, log)
+            if settings.transport == "gloo" else None)
+    if raw is None or per_action is None or (settings.transport == "gloo" and gloo is None):
         return None
-    return build_profile(settings, name, raw, per_action)
+    profile = build_profile(settings, name, raw, per_action)
+    if gloo is not None:
+        profile["transports"] = {"gloo": gloo_transport(settings, profile, gloo)}
+        parse_profile(profile)
+    return profile
+
+
+def gloo_transport(settings: CalibrationSettings, profile: dict[str, Any], raw: GlooResult) -> dict[str, Any]:
+    """gloo's links, fitted like MPI's, and its per-action overhead: the value
+    that makes the simulator's step of the probe pipeline (torch's 1F1B, gloo
+    links, this profile's compute) equal the median measured step."""
+    from scipy.optimize import brentq
+
+    from .costs import ProfileCostModel
+    from .engine import simulate
+    from .timeline import compute_metrics
+
+    classes = link_classes(profile["metadata"]["processors"], sorted({s.pair for s in raw.links}))
+    links, worst = {}, {}
+    for link_class in ("intra_node", "inter_node"):
+        chosen = [s for s in raw.links if classes[s.pair] == link_class]
+        if chosen:
+            links[link_class], worst[link_class] = fit_link(chosen)
+    if "intra_node" not in links:  # every neighbour pair crossed nodes
+        links["intra_node"] = links["inter_node"]
+    plan = overhead_probe_plan(settings.ranks)
+    measured = statistics.median(raw.probe_step_s)
+    base = parse_profile({**profile, "version": VERSION, "transports": {"gloo": {"links": links}}}).with_transport("gloo")
+
+    def excess_s(overhead_s: float) -> float:
+        costs = ProfileCostModel(replace(base, action_overhead_s=overhead_s), optimizer=settings.optimizer)
+        timeline = simulate(plan.schedule, plan.partition, plan.model, costs, plan.microbatch_size)
+        return compute_metrics(timeline).iteration_time_s - measured
+
+    overhead = 0.0 if excess_s(0.0) >= 0 else brentq(excess_s, 0.0, measured, xtol=1e-7)
+    return {"links": links, "action_overhead_s": overhead,
+            "metadata": {"probe": "torch.distributed.pipelining Schedule1F1B, " + plan.model.name,
+                         "probe_step_s_median": measured, "probe_steps": len(raw.probe_step_s),
+                         "links_fit_max_relative_residual": worst, "torch": raw.torch,
+                         "links_samples": [{"pair": list(s.pair), "bytes": s.bytes,
+                                            "median_s": statistics.median(s.one_way_s)} for s in raw.links]}}
 
 
 def _fc_parts(compute: Sequence[ComputeSample]) -> tuple[dict, dict, dict]:

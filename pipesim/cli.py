@@ -23,7 +23,8 @@ _FLAGS = {"model": "model_file", "layers": "layers", "width": "width", "profile"
           "chunks": "chunks", "schedule": "schedule", "schedule_file": "schedule_file", "partition": "partition",
           "microbatches": "microbatches", "batch_size": "batch_size", "optimizer": "optimizer",
           "memory_cap": "memory_cap", "ranks_per_node": "ranks_per_node", "rank_speed": "rank_speed",
-          "link": "links", "data_parallel": "data_parallel", "placement": "placement", "recompute": "recompute"}
+          "link": "links", "data_parallel": "data_parallel", "placement": "placement", "recompute": "recompute",
+          "transport": "transport"}
 
 
 def spec_from_args(args) -> ExecutionSpec:
@@ -196,7 +197,8 @@ def cmd_calibrate(args) -> int:
     model_files = [path.strip() for given in args.model or () for path in given.split(",") if path.strip()]
     profile = run_calibrate(out, "pipesim " + " ".join(sys.argv[1:]), model_files=model_files, width=args.width,
                             **{k: getattr(args, k) for k in ("ranks", "widths", "microbatch_sizes", "repeats",
-                                                             "stack_mib", "threads_per_rank", "optimizer", "name")})
+                                                             "stack_mib", "threads_per_rank", "optimizer", "name",
+                                                             "transport")})
     if profile is None:  # a rank other than 0 inside an existing MPI world
         return 0
     print(json.dumps(profile, indent=1) if args.json else f"{profile_text(profile)}\n\nwrote {out}")

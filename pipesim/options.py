@@ -136,6 +136,10 @@ def add_spec_options(p, command: str) -> None:
         g.add_argument("--partition", help="layers per piece (P x V pieces): counts '8,8,8,8', ranges "
                                            "'0-9,10-31', or 'balanced' (default: the cut minimising the slowest piece)")
     g.add_argument("--profile", help="cost profile JSON (default: the measured profile shipped with pipesim)")
+    if command != "run":
+        g.add_argument("--transport", choices=("mpi", "gloo"),
+                       help="whose links and per-action overhead to use: MPI's, or torch.distributed's over gloo "
+                            "(the profile must have them: `pipesim calibrate --transport gloo`) (default: mpi)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), help="SGD with momentum or Adam (default: sgd)")
     if command in ("predict", "run"):
         g.add_argument("--recompute", metavar="none|all|LIST",
@@ -249,6 +253,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     c.add_argument("--threads-per-rank", type=int_in(1, 1024), default=1,
                    help="torch threads per rank (default: 1)")
     c.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    c.add_argument("--transport", choices=("mpi", "gloo"), default="mpi",
+                   help="gloo: also measure torch.distributed's gloo links and torch pipelining's per-action "
+                        "overhead, stored beside MPI's (about 30 s more) (default: mpi)")
     c.add_argument("--name", help="profile name (default: the output file's stem)")
     c.add_argument("--out", metavar="FILE",
                    help="where to write (default: calibration/HOST.json, in the tracked calibration/ folder)")

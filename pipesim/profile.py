@@ -1,10 +1,11 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 3 (version 1 files still load: they lack
-the input/weight split, so the zero-bubble schedules are refused with them;
+Schema ``pipesim-profile`` version 3 (versions 1 and 2 still load: version 1
+lacks the input/weight split, so the zero-bubble schedules are refused with it;
 versions 1 and 2 lack the measured all-reduce, so data parallelism's ring law
-uses their point-to-point links, with a warning, and the ``kinds`` section, so
-they cost fc layers only)::
+uses their point-to-point links, with a warning; they lack the ``kinds``
+section, so they cost fc layers only, and ``transports``, so only MPI can be
+predicted with them)::
 
     {
       "schema": "pipesim-profile", "version": 3, "name": "...",
@@ -24,6 +25,9 @@ they cost fc layers only)::
                 "inter_node": {...}},              # optional, defaults to intra_node
       "collectives": {"intra_node": {"latency_s": 1e-5, "bandwidth_Bps": 5e9},  # version 3: the ring
                       "inter_node": {...}, "reduce_s_per_byte": 0.0},  # all-reduce's alpha, beta per class
+      "transports": {"gloo": {"links": {...},      # version 3, optional: torch.distributed over
+                              "action_overhead_s": 0.0}},   # gloo (calibrate --transport gloo);
+                                                   # the top-level links and overhead are MPI's
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
       "kinds": {...},      # version 3, optional: other layer kinds by shape (kindcosts.py)
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
@@ -44,7 +48,7 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -54,11 +58,13 @@ from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 SCHEMA = "pipesim-profile"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
+TRANSPORTS = ("mpi", "gloo")  # mpi: the top-level links and overhead
 CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
-             "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives", "kinds"}
+             "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives", "kinds",
+             "transports"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
@@ -121,6 +127,15 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Transport:
+    """Links and per-action overhead of one transport other than MPI (version 3)."""
+
+    intra_node: Link
+    inter_node: Link
+    action_overhead_s: float
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     compute: dict[str, tuple[Affine | Table, Affine | Table]]  # kind -> (forward, backward)
@@ -137,6 +152,21 @@ class Profile:
     ranges: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
     kinds: dict = field(default_factory=dict)  # kind -> kindcosts.KindCosts (version 3)
+    transports: dict[str, Transport] = field(default_factory=dict)  # besides MPI (the fields above)
+
+    def with_transport(self, transport: str) -> Profile:
+        """This profile with the links and per-action overhead of `transport` in place of MPI's."""
+        if transport == "mpi":
+            return self
+        if transport not in TRANSPORTS:
+            raise ProfileError(f"unknown transport {transport!r} (allowed: {', '.join(TRANSPORTS)})")
+        if transport not in self.transports:
+            raise ProfileError(f"profile {self.name!r} has no {transport} costs; "
+                               f"`pipesim calibrate --transport {transport}` measures them")
+        chosen = self.transports[transport]
+        return replace(self, intra_node=chosen.intra_node, inter_node=chosen.inter_node,
+                       action_overhead_s=chosen.action_overhead_s, transports={},
+                       name=f"{self.name} ({transport})")
 
     @property
     def measured_on(self) -> str:
@@ -278,10 +308,7 @@ def parse_profile(data: dict) -> Profile:
         from .kindcosts import parse_kinds
 
         kinds = parse_kinds(data["kinds"])
-    links = _table(data, "links", "")
-    _check_keys(links, {"intra_node", "inter_node"}, "links")
-    intra = _link(_table(links, "intra_node", "links"), "links.intra_node")
-    inter = _link(_table(links, "inter_node", "links"), "links.inter_node") if "inter_node" in links else intra
+    intra, inter = _links(_table(data, "links", ""), "links")
     collectives, reduce_s_per_byte = _collectives(data)
     return Profile(
         name=data["name"],
@@ -299,6 +326,7 @@ def parse_profile(data: dict) -> Profile:
         ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
         kinds=kinds,
+        transports=_transports(data),
     )
 
 
@@ -313,6 +341,28 @@ def _collectives(data: dict) -> tuple[dict[str, Link], float]:
     links = {name: _link(_table(table, name, "collectives"), f"collectives.{name}")
              for name in ("intra_node", "inter_node") if name in table}
     return links, _number(table, "reduce_s_per_byte", "collectives", 0.0)
+
+
+def _links(links: dict, where: str) -> tuple[Link, Link]:
+    _check_keys(links, {"intra_node", "inter_node"}, where)
+    intra = _link(_table(links, "intra_node", where), f"{where}.intra_node")
+    inter = _link(_table(links, "inter_node", where), f"{where}.inter_node") if "inter_node" in links else intra
+    return intra, inter
+
+
+def _transports(data: dict) -> dict[str, Transport]:
+    if "transports" in data and data["version"] < 3:
+        raise ProfileError(f"profile field transports needs version 3, not {data['version']}")
+    found = {}
+    for name in _table(data, "transports", "") if "transports" in data else ():
+        where = f"transports.{name}"
+        if name not in TRANSPORTS[1:]:
+            raise ProfileError(f"profile field {where}: unknown transport (allowed: {', '.join(TRANSPORTS[1:])})")
+        table = _table(data["transports"], name, "transports")
+        _check_keys(table, {"links", "action_overhead_s", "metadata"}, where)
+        intra, inter = _links(_table(table, "links", where), f"{where}.links")
+        found[name] = Transport(intra, inter, _number(table, "action_overhead_s", where, 0.0))
+    return found
 
 
 def load_profile(source: str | Path | None = None) -> Profile:

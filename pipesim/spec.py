@@ -45,6 +45,7 @@ from .errors import UserError
 from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
+TRANSPORTS = ("mpi", "gloo")  # as profile.TRANSPORTS (spec.py imports no profile code)
 RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
@@ -62,6 +63,7 @@ class ExecutionSpec:
     width: int | None = None
     profile: str = "default"
     profile_sha256: str | None = None
+    transport: str = "mpi"
     stages: tuple[int, ...] | None = None
     chunks: tuple[int, ...] | None = None
     schedule: tuple[str, ...] | None = None
@@ -97,7 +99,8 @@ class ExecutionSpec:
 # (table, key in the file) -> field; `kind`: int, ints (one or a list), str, strs, path
 _LAYOUT: dict[str, dict[str, tuple[str, str]]] = {
     "model": {"file": ("model_file", "path"), "layers": ("layers", "int"), "width": ("width", "int")},
-    "profile": {"path": ("profile", "profile"), "sha256": ("profile_sha256", "str")},
+    "profile": {"path": ("profile", "profile"), "sha256": ("profile_sha256", "str"),
+                "transport": ("transport", "str")},
     "execution": {"stages": ("stages", "ints"), "chunks": ("chunks", "ints"), "schedule": ("schedule", "strs"),
                   "schedule_file": ("schedule_file", "path"), "microbatches": ("microbatches", "ints"),
                   "batch_size": ("batch_size", "int"), "partition": ("partition", "str"),
@@ -186,6 +189,8 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
 
     if spec.placement is not None and spec.placement not in PLACEMENTS:
         raise SpecError(f"{where}: placement must be one of {', '.join(PLACEMENTS)}, got {spec.placement!r}")
+    if spec.transport not in TRANSPORTS:
+        raise SpecError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {spec.transport!r}")
     if spec.recompute.strip() not in RECOMPUTE and not all(
             item.strip().isdigit() and len(item.strip()) <= 9 for item in spec.recompute.split(",")):
         raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r}")

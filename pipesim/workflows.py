@@ -45,7 +45,7 @@ def costs_of(spec: ExecutionSpec, model: ModelSpec, what_ifs: bool = True):
     from .costs import ProfileCostModel, parse_link_override, parse_rank_speed
     from .profile import load_profile
 
-    profile = load_profile(spec.profile)
+    profile = load_profile(spec.profile).with_transport(spec.transport)
     ProfileCostModel(profile).check_kinds(model, spec.model_file)
     if not what_ifs:
         return profile, ProfileCostModel(profile, optimizer=spec.optimizer or "sgd")
@@ -451,7 +451,7 @@ def run_report(spec: ExecutionSpec, sweep_spec: ExecutionSpec, max_simulations: 
 
 def run_calibrate(out: Path, command: str, model_files: list[str], width: int | None, widths, ranks: int,
                   microbatch_sizes, repeats, stack_mib, threads_per_rank: int, optimizer: str,
-                  name: str | None) -> dict | None:
+                  name: str | None, transport: str = "mpi") -> dict | None:
     """Measure the costs on this machine and write the profile to `out`; returns the profile
     (None on a rank other than 0 inside an existing MPI world, which writes nothing). fc widths:
     --widths or --width; else the fc-only models'; else none when models of other kinds are given
@@ -467,8 +467,8 @@ def run_calibrate(out: Path, command: str, model_files: list[str], width: int | 
     given = {"microbatch_sizes": microbatch_sizes and tuple(microbatch_sizes), "repeats": repeats,
              "stack_bytes": stack_mib and stack_mib << 20}
     settings = CalibrationSettings(ranks=ranks, widths=widths, threads_per_rank=threads_per_rank,
-                                   optimizer=optimizer, extra_metadata={"command": command}, kind_jobs=jobs,
-                                   **{key: value for key, value in given.items() if value},
+                                   optimizer=optimizer, transport=transport, extra_metadata={"command": command},
+                                   kind_jobs=jobs, **{key: value for key, value in given.items() if value},
                                    **({"kind_repeats": repeats} if repeats else {}))
     check_runner_available("pipesim calibrate")
     if widths:

@@ -15,6 +15,7 @@ from pipesim.plan import make_plan
 from pipesim.runner import config as config_module
 from pipesim.runner import records as records_module
 from pipesim.runner.config import (
+    GlooBenchConfig,
     JobFile,
     KindJob,
     LayerWire,
@@ -26,6 +27,7 @@ from pipesim.runner.config import (
 )
 from pipesim.runner.records import (
     AllreduceSample,
+    GlooResult,
     ComputeSample,
     KindSample,
     LinkSample,
@@ -68,10 +70,14 @@ ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
                                      "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
 
+GLOO = GlooBenchConfig(message_sizes=(1, 4096), pingpong_repeats=2, threads_per_rank=1, seed=0, probe_width=16,
+                       probe_layers_per_stage=2, probe_microbatches=4, probe_mb_size=2, iterations=3, warmup=1)
+GLOO_RESULT = GlooResult(LINKS[:1], (2e-3, 2.1e-3), "2.13.0")
+
 EXAMPLES = [run_config(), LayerWire.of(layer("embedding", vocab_size=9, hidden=4, seq_len=3)),
             RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN, RANK_RUN.step_memory,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
-            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0]]
+            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0], GLOO, GLOO_RESULT]
 
 
 def through_json(data: dict) -> object:
@@ -137,7 +143,7 @@ MALFORMED = [
     ("{not json", r"not JSON"),
     (json.dumps([1, 2]), r"expected an object with keys job, config, result_path, got list"),
     (json.dumps({"job": "run", "config": {}}), r"expected an object with keys job, config, result_path"),
-    (json.dumps(job(job="train")), r"unknown job 'train' \(allowed: run, runs, calibrate\)"),
+    (json.dumps(job(job="train")), r"unknown job 'train' \(allowed: run, runs, calibrate, gloo\)"),
     (json.dumps(job(result_path=3)), r"result_path: expected a str"),
     (json.dumps(job(changed(iteratoins=3))), r"config: unknown key 'iteratoins' \(allowed: model_name, "),
     (json.dumps(job(without("warmup"))), r"config: missing key 'warmup'"),

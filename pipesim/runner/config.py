@@ -146,8 +146,25 @@ class MicrobenchConfig:
     kind_warmup: int = 2
 
 
-JobConfig = RunConfig | RunBatch | MicrobenchConfig
-JOBS: dict[str, type[JobConfig]] = {"run": RunConfig, "runs": RunBatch, "calibrate": MicrobenchConfig}
+@dataclass(frozen=True)
+class GlooBenchConfig:
+    """The gloo transport's measurements (runner/gloo.py): ping-pongs and a torch 1F1B probe."""
+
+    message_sizes: tuple[int, ...]  # bytes
+    pingpong_repeats: int
+    threads_per_rank: int
+    seed: int
+    probe_width: int
+    probe_layers_per_stage: int
+    probe_microbatches: int
+    probe_mb_size: int
+    iterations: int
+    warmup: int
+
+
+JobConfig = RunConfig | RunBatch | MicrobenchConfig | GlooBenchConfig
+JOBS: dict[str, type[JobConfig]] = {"run": RunConfig, "runs": RunBatch, "calibrate": MicrobenchConfig,
+                                    "gloo": GlooBenchConfig}
 
 
 def job_name(config: JobConfig) -> str:

@@ -146,3 +146,13 @@ class MicrobenchResult:
     mpi: str
     torch: str
     allreduce: tuple[AllreduceSample, ...] = ()  # the whole world as one group (runner/collbench.py)
+
+
+# --- the `gloo` job (calibrate --transport gloo) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class GlooResult:
+    links: tuple[LinkSample, ...]  # ping-pongs over gloo between neighbours
+    probe_step_s: tuple[float, ...]  # torch.distributed.pipelining 1F1B steps of the probe pipeline
+    torch: str

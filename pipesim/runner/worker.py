@@ -22,8 +22,8 @@ from typing import Any, assert_never
 
 from ..errors import UserError
 from ..wire import to_dict
-from .config import JobConfig, MicrobenchConfig, RunBatch, RunConfig, load_job_file
-from .records import MicrobenchResult, RankRun, RunBatchResult, RunResult
+from .config import GlooBenchConfig, JobConfig, MicrobenchConfig, RunBatch, RunConfig, load_job_file
+from .records import GlooResult, MicrobenchResult, RankRun, RunBatchResult, RunResult
 
 
 def _local_rank() -> int:
@@ -154,7 +154,7 @@ def mpi_version() -> str:
     return MPI.Get_library_version().split(",")[0].strip()
 
 
-def execute(config: JobConfig, comm: Any) -> RunResult | RunBatchResult | MicrobenchResult | None:
+def execute(config: JobConfig, comm: Any) -> RunResult | RunBatchResult | MicrobenchResult | GlooResult | None:
     """Run the job `config` describes on this rank; rank 0 returns the gathered result."""
     match config:
         case RunConfig():
@@ -165,6 +165,10 @@ def execute(config: JobConfig, comm: Any) -> RunResult | RunBatchResult | Microb
             from .microbench import execute as execute_microbench
 
             return execute_microbench(config, comm)
+        case GlooBenchConfig():
+            from .gloo import execute as execute_gloo
+
+            return execute_gloo(config, comm)
         case _:
             assert_never(config)
 
