@@ -126,8 +126,11 @@ def case_sources(plan, profile: Profile) -> CaseSources:
         biggest = max(layers, key=lambda layer: layer.params)
         width = round(((1 + 4 * biggest.params) ** 0.5 - 1) / 2)
         working_set = sum(layer.params for layer in layers) * 4
-        axes = _law_axes(profile, biggest.kind, kinds)
-        if axes is None:
+        by_shape = _by_shape_status(profile, layers, mbs)
+        axes = None if by_shape else _law_axes(profile, biggest.kind, kinds)
+        if by_shape is not None:
+            width_status, mbs_status = by_shape
+        elif axes is None:
             ranges = profile.ranges.get(biggest.kind, {})
             width_status = _fitted(width, ranges.get("width"))
             mbs_status = _fitted(mbs, ranges.get("microbatch_size"))
@@ -140,6 +143,22 @@ def case_sources(plan, profile: Profile) -> CaseSources:
              and all(c == OVERHEAD_LAYERS_PER_STAGE for c in counts)
              and all(layer.params == OVERHEAD_WIDTH * OVERHEAD_WIDTH + OVERHEAD_WIDTH for layer in plan.model.layers))
     return CaseSources(tuple(pieces), _optimizer_status(plan, profile), probe)
+
+
+def _by_shape_status(profile: Profile, layers, mbs: int) -> tuple[str, str] | None:
+    """A piece holding layer kinds timed by shape (kindcosts.py): (shape status, micro-batch
+    status) over its layers: a shape is measured or extrapolated by its kind's law (or, for
+    fc, beyond the width table), a micro-batch size on, between or beyond those its shape was
+    timed at. None when no layer of the piece is timed by shape."""
+    from .kindcosts import extrapolations, priced_by_shape
+
+    timed = [(layer, priced_by_shape(profile, layer.kind)) for layer in layers]
+    timed = [(layer, costs) for layer, costs in timed if costs is not None]
+    if not timed:
+        return None
+    shape = EXTRAPOLATED if extrapolations(profile, layers) else MEASURED
+    sizes = [costs.measured(layer.cost_key) for layer, costs in timed]
+    return shape, worst(on_axis(mbs, s.microbatch_sizes) if s else EXTRAPOLATED for s in sizes)
 
 
 def _fitted(value: float, measured_range) -> str:

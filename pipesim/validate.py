@@ -151,6 +151,9 @@ def run_validation(grid: Grid, profile: Profile, log=print, measure=None, measur
         from .runner.results import measure_memory
     costs = ProfileCostModel(profile)
     plans = [plan_case(case, costs) for case in grid.cases]
+    # predicted before anything is measured: a case the profile cannot predict fails in seconds
+    predictions = [predict(plan, costs, profile.name) for plan in plans]
+    sources = [case_sources(plan, profile) for plan in plans]
     measured: list[list] = [[] for _ in grid.cases]
     total = grid.rounds * len(grid.cases)
     for round_ in range(grid.rounds):
@@ -167,8 +170,8 @@ def run_validation(grid: Grid, profile: Profile, log=print, measure=None, measur
             log(f"[memory {index + 1}/{len(plans)}] {case.label}: step adds "
                 + ", ".join("?" if m is None or m.rss_increase_bytes is None else f"{m.rss_increase_bytes / 2**20:.2f} MiB"
                             for m in memory[index]))
-    return [CaseResult(case, predict(plan, costs, profile.name), tuple(rounds), mem, case_sources(plan, profile))
-            for case, plan, rounds, mem in zip(grid.cases, plans, measured, memory)]
+    return [CaseResult(case, prediction, tuple(rounds), mem, source)
+            for case, prediction, rounds, mem, source in zip(grid.cases, predictions, measured, memory, sources)]
 
 
 # --- summary ----------------------------------------------------------------------

@@ -85,3 +85,19 @@ def test_the_paragraph_counts_what_the_cases_used():
     probe = make_plan(fc(8, 256), 2, 8, 32, "1f1b", "4,4")
     assert "1 case(s) below are that probe" in held_out_paragraph([case_sources(probe, tabled_profile())],
                                                                    tabled_profile())
+
+
+@pytest.mark.parametrize(("batch", "m", "mbs_status"), [(16, 2, MEASURED), (24, 2, INTERPOLATED), (256, 2, EXTRAPOLATED)])
+def test_pieces_of_kinds_timed_by_shape_say_where_their_costs_came_from(batch, m, mbs_status):
+    """vgg16-mini against the shipped profile, which timed its layers by shape at micro-batch
+    sizes 1..64: its conv pieces are measured shapes; its classifier's fc layers, narrower
+    than the fc table, are extrapolated; the micro-batch size is on, between or beyond the
+    timed sizes. (A piece of such kinds once made case_sources raise a missing-kind error.)"""
+    from pipesim.model import load_model
+    from pipesim.profile import load_profile
+
+    model, profile = load_model("models/vgg16-mini.toml"), load_profile("default")
+    plan = make_plan(model, 2, m, batch, "1f1b", "11,11")
+    first, second = case_sources(plan, profile).pieces
+    assert (first.width_status, first.microbatch_status) == (MEASURED, mbs_status)
+    assert second.width_status == EXTRAPOLATED  # its fc layers are narrower than the fc table
