@@ -6,8 +6,13 @@ Prints medians (ms) of: I and W back to back (micro_*), the steady state F(k) I(
 W delayed by one (W_d1), and 1F1B F/B. Measured 2026-11-28: W 7.3 back to back, 7.9 delayed
 by one, 8.1-8.5 delayed by two; I 6.8-6.9 in all. Source of microbench._time_split's pattern.
 """
-import time, sys, statistics as st, torch
+import statistics as st
+import sys
+import time
+
+import torch
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
 torch.set_num_threads(1)
 torch.manual_seed(0)
 W, D, MB = 512, 16, 64

@@ -27,9 +27,9 @@ from .profile import SCHEMA, VERSION, parse_profile
 from .runner.config import GlooBenchConfig, KindJob, MicrobenchConfig
 from .runner.records import (
     ComputeSample,
+    GlooResult,
     KindSample,
     LinkSample,
-    GlooResult,
     MicrobenchResult,
     OptimizerSample,
     RankSamples,
@@ -119,14 +119,6 @@ def calibration_models(model_files: Sequence[str], log: Log) -> tuple[tuple[int,
             jobs.append(KindJob(text, kind_microbatch_sizes(model)))
             log(f"calibrating the layer kinds of {path} at micro-batch sizes {list(jobs[-1].microbatch_sizes)}")
     return tuple(sorted(widths)), tuple(jobs)
-
-    def gloo_bench(self) -> GlooBenchConfig:
-        """The gloo transport's job: ping-pongs and torch's 1F1B on the overhead probe."""
-        return GlooBenchConfig(
-            message_sizes=self.message_sizes, pingpong_repeats=self.pingpong_repeats,
-            threads_per_rank=self.threads_per_rank, seed=self.seed, probe_width=OVERHEAD_WIDTH,
-            probe_layers_per_stage=OVERHEAD_LAYERS_PER_STAGE, probe_microbatches=OVERHEAD_MICROBATCHES,
-            probe_mb_size=OVERHEAD_MB_SIZE, iterations=self.overhead_iterations, warmup=3)
 
 
 # --- fitting (pure numpy/scipy: tested without MPI) ----------------------------

@@ -154,8 +154,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .formats.text import measurement_text
     from .formats.jsondata import measurement_json
+    from .formats.text import measurement_text
     from .workflows import run_real
 
     trace = output_file(args.trace, "--trace") if args.trace else None  # all checked before launching

@@ -81,30 +81,15 @@ def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, .
 
 
 def ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
-    """Bytes per sample the ledger adds when `kind` starts and when it ends."""
+    """Bytes per sample the ledger adds when `kind` starts and when it ends: F holds what the
+    piece saves; B frees it; I swaps it for what W needs, which W frees. A recomputed piece's
+    F holds only its input (and, on the last piece, the loss's saved tensors: the loss runs
+    outside the checkpoint); its B and I bring back the rest of what F saves as they start."""
+    held, extra = shape.saved_bytes_per_sample, 0
     if shape.recomputed:
-        return _recomputed_ledger_change(kind, shape)
-    match kind:
-        case Kind.F:
-            return shape.saved_bytes_per_sample, 0
-        case Kind.B:
-            return 0, -shape.saved_bytes_per_sample
-        case Kind.I:
-            return 0, shape.weight_bytes_per_sample - shape.saved_bytes_per_sample
-        case Kind.W:
-            return 0, -shape.weight_bytes_per_sample
-        case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
-            return 0, 0
-        case _:
-            assert_never(kind)
-
-
-def _recomputed_ledger_change(kind: Kind, shape: StageShape) -> tuple[int, int]:
-    """F keeps the piece's input (and, on the last piece, the loss's saved tensors: the loss
-    runs outside the checkpoint); B and I bring back, as they start, what the forward saves
-    besides those, then B frees all and I keeps what W needs, which W frees."""
-    held = shape.input_bytes_per_sample + shape.loss_bytes_per_sample
-    extra = shape.saved_bytes_per_sample - held + (0 if shape.layers[0].saves_input else shape.input_bytes_per_sample)
+        held = shape.input_bytes_per_sample + shape.loss_bytes_per_sample
+        extra = shape.saved_bytes_per_sample - held + (0 if shape.layers[0].saves_input
+                                                       else shape.input_bytes_per_sample)
     match kind:
         case Kind.F:
             return held, 0

@@ -152,12 +152,11 @@ def _by_shape_status(profile: Profile, layers, mbs: int) -> tuple[str, str] | No
     timed at. None when no layer of the piece is timed by shape."""
     from .kindcosts import extrapolations, priced_by_shape
 
-    timed = [(layer, priced_by_shape(profile, layer.kind)) for layer in layers]
-    timed = [(layer, costs) for layer, costs in timed if costs is not None]
-    if not timed:
+    sizes = [costs.measured(layer.cost_key) for layer in layers
+             if (costs := priced_by_shape(profile, layer.kind)) is not None]
+    if not sizes:
         return None
     shape = EXTRAPOLATED if extrapolations(profile, layers) else MEASURED
-    sizes = [costs.measured(layer.cost_key) for layer, costs in timed]
     return shape, worst(on_axis(mbs, s.microbatch_sizes) if s else EXTRAPOLATED for s in sizes)
 
 

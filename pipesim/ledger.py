@@ -91,7 +91,7 @@ def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) ->
 
 def action_change_bytes(kind: Kind, b: PieceBuffers) -> tuple[Any, Any]:
     """Bytes the step ledger adds when an action of `kind` on piece `b` starts and when it ends.
-    A recomputed piece (engine._recomputed_ledger_change) keeps its input from F (in its
+    A recomputed piece (engine.ledger_change) keeps its input from F (in its
     buffer, if it has one) and the loss's saved tensors; B and I bring the rest back as they start."""
     saved = b.saved_bytes - b.held_input_bytes  # what F adds and B frees, its buffered input aside
     at_f, brought = saved, 0

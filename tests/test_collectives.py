@@ -75,7 +75,8 @@ def test_an_older_profile_falls_back_to_the_point_to_point_link_and_says_so():
 
 
 def test_calibration_writes_the_fitted_all_reduce_and_compares_it_with_point_to_point():
-    from test_calibrate import MB_SIZES, SIZES as LINK_SIZES, WIDTHS, microbench_result
+    from test_calibrate import MB_SIZES, WIDTHS, microbench_result
+    from test_calibrate import SIZES as LINK_SIZES
 
     law = Link(9e-6, 2.5e9)
     samples = tuple(AllreduceSample((0, 1), n, (ring_allreduce_s(n, 2, law),) * 3) for n in SIZES)

@@ -95,8 +95,8 @@ def test_every_shipped_grid_is_in_the_base_and_axes_form(path):
 def test_a_grid_can_measure_a_model_file(tmp_path):
     """A model file in the base or an axis: its cases plan that model, are named by it,
     get their own one-rank baseline, and ask calibration for its widths."""
-    from pipesim.grid import calibration_cells, load_grid, plan_case
     from pipesim.costs import ProfileCostModel
+    from pipesim.grid import calibration_cells, load_grid, plan_case
     from pipesim.profile import load_profile
 
     models = Path(__file__).resolve().parent.parent / "models"

@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the runner extra is not installed")
 
+import reference_training
+
 from pipesim.model import ModelSpec, fc_layer
 from pipesim.plan import make_plan
 from pipesim.runner import launch as launch_module
@@ -21,7 +23,6 @@ from pipesim.runner.config import RunConfig
 from pipesim.runner.launch import RunFailed, RunnerUnavailable, launch
 from pipesim.runner.records import RunResult
 from pipesim.runner.results import measure
-import reference_training
 
 STEPS = 3
 BATCH = 8

@@ -13,12 +13,13 @@ torch = pytest.importorskip("torch", reason="the runner extra is not installed")
 
 import itertools
 
+import reference_training
+
 from pipesim.model import ModelSpec, fc_layer
 from pipesim.plan import make_plan
 from pipesim.runner.config import RunBatch, RunConfig
 from pipesim.runner.launch import launch
 from pipesim.runner.records import RunBatchResult
-import reference_training
 
 STEPS, BATCH, SEED = 3, 8, 5
 

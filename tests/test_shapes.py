@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
-
 from pipesim.cli import main
 from pipesim.costs import ProfileCostModel
 from pipesim.model import fc

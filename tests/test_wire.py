@@ -27,8 +27,8 @@ from pipesim.runner.config import (
 )
 from pipesim.runner.records import (
     AllreduceSample,
-    GlooResult,
     ComputeSample,
+    GlooResult,
     KindSample,
     LinkSample,
     MicrobenchResult,
