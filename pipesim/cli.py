@@ -24,7 +24,7 @@ _FLAGS = {"model": "model_file", "layers": "layers", "width": "width", "profile"
           "microbatches": "microbatches", "batch_size": "batch_size", "optimizer": "optimizer",
           "memory_cap": "memory_cap", "ranks_per_node": "ranks_per_node", "rank_speed": "rank_speed",
           "link": "links", "data_parallel": "data_parallel", "placement": "placement", "recompute": "recompute",
-          "transport": "transport"}
+          "transport": "transport", "allreduce": "allreduce"}
 
 
 def spec_from_args(args) -> ExecutionSpec:

@@ -50,6 +50,10 @@ class CostModel(Protocol):
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float: ...
 
 
+ALLREDUCE_MODELS = ("law", "ring-steps")  # the ring law (collectives.py), or its steps message by message
+# with a network interface per node (ringsteps.py)
+
+
 class WhatIfError(UserError):
     """A rank-speed or link override that cannot be used; one line for the user."""
 
@@ -86,6 +90,7 @@ class ProfileCostModel:
     ranks_per_node: int | None = None
     rank_speed: tuple[tuple[int, float], ...] = ()
     link_overrides: tuple[tuple[tuple[int, int], LinkOverride], ...] = ()
+    allreduce: str = "law"  # how data parallelism's all-reduces are simulated (ALLREDUCE_MODELS)
 
     # What the engine and the optimizer may assume (fastpath.py, stagecosts.py):
     runtime_inputs: ClassVar[frozenset[str]] = frozenset()  # no cost depends on what happens during the run
@@ -104,6 +109,8 @@ class ProfileCostModel:
                 raise WhatIfError(f"rank speed {rank}:{factor} needs a rank >= 0 and a finite factor > 0")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise WhatIfError(f"--ranks-per-node must be >= 1, got {self.ranks_per_node}")
+        if self.allreduce not in ALLREDUCE_MODELS:
+            raise WhatIfError(f"unknown --allreduce {self.allreduce!r} (allowed: {', '.join(ALLREDUCE_MODELS)})")
         ranks = [rank for rank, _ in self.rank_speed]
         if len(set(ranks)) != len(ranks):
             raise WhatIfError(f"--rank-speed names a rank twice: {sorted(ranks)}")
@@ -226,6 +233,11 @@ class ProfileCostModel:
                        "measures it")
             return self._link(src, dst)
         return self._overridden(link, src, dst)
+
+    @property
+    def reduce_s_per_byte(self) -> float:
+        """Seconds per byte of the all-reduce's additions (0 when the profile has none)."""
+        return self.profile.reduce_s_per_byte
 
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float:
         """A ring all-reduce of `nbytes` over global `ranks`, in ring order (collectives.py)."""

@@ -17,8 +17,10 @@ beside the rank's compute (non-blocking, as Iallreduce), after the rank's earlie
 all-reduces (one communicator per stage group, operations in order), and takes the
 cost model's ``allreduce_s`` (the ring law, collectives.py). A rank's optimizer
 step waits for its sends and its all-reduces. All-reduce traffic does not contend
-with pipeline messages here (the ring law's baseline; a per-node network
-interface model is not built).
+with pipeline messages here (the ring law's baseline). A cost model whose
+``allreduce`` is "ring-steps" (``--allreduce ring-steps``) gets one event
+simulation of the whole world instead, the ring's steps message by message and a
+network interface per node shared by all inter-node traffic (ringsteps.py).
 """
 
 from __future__ import annotations
@@ -161,6 +163,12 @@ def simulate_data_parallel(plan, costs, layout: Layout, path: str = "auto"):
     from .compact import compact
     from .engine import simulate
 
+    if getattr(costs, "allreduce", "law") == "ring-steps":
+        if path == "fast":
+            return None
+        from .ringsteps import simulate_ring_steps
+
+        return simulate_ring_steps(plan, costs, layout)
     schedule, mbs = plan.schedule, plan.microbatch_size
     views = [ReplicaCosts(costs, layout.replica_ranks(d)) for d in range(layout.data_parallel)]
     classes: dict[tuple, int] = {}

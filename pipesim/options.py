@@ -128,6 +128,12 @@ def add_spec_options(p, command: str) -> None:
         g.add_argument("--placement", choices=("stage-major", "replica-major"),
                        help="global rank of replica d, stage s: d*P+s (stage-major: a replica's pipeline on "
                             "consecutive ranks) or s*D+d (replica-major) (default: stage-major)")
+    if command in ("predict", "optimize", "sweep"):
+        g.add_argument("--allreduce", choices=("law", "ring-steps"),
+                       help="how the gradient all-reduces are simulated: the ring law after the pipelines, or "
+                            "the ring's 2(D-1) steps message by message in one event simulation with a network "
+                            "interface per node (--ranks-per-node) shared by all inter-node traffic "
+                            "(default: law)")
     if command == "sweep":
         g.add_argument("--partition", choices=("balanced", "even", "optimized"),
                        help="per point: the cut minimising the slowest stage, equal layer counts, or "

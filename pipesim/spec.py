@@ -19,6 +19,7 @@ experiment file (experiments/*.toml) holds four tables, each optional::
     partition_counts = [8, 8, 8, 8]     # what it resolved to (written by --save-config)
     data_parallel = 1                   # D pipeline replicas: world = stages x D ranks
     placement = "stage-major"           # or "replica-major": how replicas' ranks are numbered
+    allreduce = "law"                   # or "ring-steps": the all-reduce's steps message by message
     recompute = "none"                  # "all", or pieces like "0,2" (0 .. stages x chunks - 1)
     optimizer = "sgd"
     memory_cap = "64MiB"                # optimize and sweep
@@ -46,6 +47,7 @@ from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
 TRANSPORTS = ("mpi", "gloo")  # as profile.TRANSPORTS (spec.py imports no profile code)
+ALLREDUCE_MODELS = ("law", "ring-steps")  # as costs.ALLREDUCE_MODELS
 RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
@@ -74,6 +76,7 @@ class ExecutionSpec:
     partition_counts: tuple[int, ...] | None = None
     data_parallel: int = 1
     placement: str | None = None  # None: stage-major
+    allreduce: str | None = None  # None: the ring law (costs.ALLREDUCE_MODELS)
     recompute: str = "none"
     optimizer: str | None = None
     memory_cap: str | None = None
@@ -105,7 +108,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, str]]] = {
                   "schedule_file": ("schedule_file", "path"), "microbatches": ("microbatches", "ints"),
                   "batch_size": ("batch_size", "int"), "partition": ("partition", "str"),
                   "partition_counts": ("partition_counts", "ints"), "data_parallel": ("data_parallel", "int"),
-                  "placement": ("placement", "str"),
+                  "placement": ("placement", "str"), "allreduce": ("allreduce", "str"),
                   "recompute": ("recompute", "str"), "optimizer": ("optimizer", "str"),
                   "memory_cap": ("memory_cap", "str")},
     "what_ifs": {"rank_speed": ("rank_speed", "strs"), "links": ("links", "strs"),
@@ -189,6 +192,8 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
 
     if spec.placement is not None and spec.placement not in PLACEMENTS:
         raise SpecError(f"{where}: placement must be one of {', '.join(PLACEMENTS)}, got {spec.placement!r}")
+    if spec.allreduce is not None and spec.allreduce not in ALLREDUCE_MODELS:
+        raise SpecError(f"{where}: allreduce must be one of {', '.join(ALLREDUCE_MODELS)}, got {spec.allreduce!r}")
     if spec.transport not in TRANSPORTS:
         raise SpecError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {spec.transport!r}")
     if spec.recompute.strip() not in RECOMPUTE and not all(

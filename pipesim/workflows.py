@@ -52,7 +52,8 @@ def costs_of(spec: ExecutionSpec, model: ModelSpec, what_ifs: bool = True):
     rank_speed = tuple(pair for text in spec.rank_speed for pair in parse_rank_speed(text))
     links = tuple(parse_link_override(text) for text in spec.links)
     return profile, ProfileCostModel(profile, optimizer=spec.optimizer or "sgd", rank_speed=rank_speed,
-                                     link_overrides=links, ranks_per_node=spec.ranks_per_node)
+                                     link_overrides=links, ranks_per_node=spec.ranks_per_node,
+                                     allreduce=spec.allreduce or "law")
 
 
 def single(values: tuple | None, name: str, command: str):
@@ -93,6 +94,8 @@ def check_world(costs, num_stages: int, spec: ExecutionSpec) -> None:
         raise DataParallelError(f"--stages {num_stages} x --data-parallel {d} = {num_stages * d} ranks; "
                                 f"at most {lim.MAX_STAGES}")
     costs.check_ranks(num_stages * d)
+    if d == 1 and costs.allreduce != "law":
+        warn_no_effect(f"--allreduce {costs.allreduce}: one replica has no all-reduce")
     layout = Layout(num_stages, d, placement, costs.ranks_per_node) if d > 1 else None
     warn_unused_what_ifs(costs.link_overrides, costs.ranks_per_node, num_stages * d, layout)
 
@@ -377,6 +380,8 @@ def run_real(spec: ExecutionSpec, options: dict, baseline: bool) -> RunResult:
 
     if spec.rank_speed or spec.links or spec.ranks_per_node is not None:
         warn_no_effect("what-ifs (rank speeds, links, ranks per node): run measures the real machine")
+    if spec.allreduce not in (None, "law"):
+        warn_no_effect(f"allreduce {spec.allreduce}: run measures the real all-reduces")
     _no_search(spec, "run")
     model = model_of(spec)
     _, costs = costs_of(spec, model, what_ifs=False)
