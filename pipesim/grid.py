@@ -30,8 +30,9 @@ union of every entry's product over the base::
     model_file = ["../models/uneven.toml"]    # a model file (relative to the grid) instead of fc layers x width
 
 Axes keys: model_file, layers, width, batch_size, stages, microbatches,
-partition, schedule, chunks, data_parallel (``models = [...]``, ``data_parallels = [...]``
-in the older form; data_parallel D runs D pipeline replicas, P x D ranks). For every
+partition, schedule, chunks, data_parallel, recompute (``models = [...]``,
+``data_parallels = [...]``, ``recomputes = [...]`` in the older form; data_parallel D runs D
+pipeline replicas, P x D ranks; recompute is none, all or piece indices like "0,2"). For every
 (model, batch size) a single-rank baseline case is added, so that measured and
 predicted speedups can be compared. The first form,
 ``[[groups]]`` of plural lists (``widths = [512]``, ``batch_sizes = [512]``...),
@@ -55,7 +56,7 @@ from .tomlfile import read_toml
 
 _GRID_KEYS = {"name", "iterations", "warmup", "rounds", "network", "groups", "base", "axes"}
 _GROUP_KEYS = {"layers", "widths", "batch_sizes", "stages", "microbatches", "partitions", "schedules", "chunks",
-               "models", "data_parallels"}
+               "models", "data_parallels", "recomputes"}
 
 
 class GridError(UserError):
@@ -79,6 +80,7 @@ class Case:
     chunks: int = 0  # chunks per rank; 0: the schedule's own
     model_file: str = ""  # a model file (models/*.toml) instead of fc layers x width
     data_parallel: int = 1  # pipeline replicas: stages x data_parallel ranks
+    recompute: str = "none"  # pieces that recompute their activations (plan.recompute_pieces)
 
     def model(self) -> ModelSpec:
         return _model_file(self.model_file) if self.model_file else fc(self.layers, self.width)
@@ -91,8 +93,9 @@ class Case:
     def label(self) -> str:
         chunks = f" v{self.chunks}" if self.chunks else ""
         replicas = f" d{self.data_parallel}" if self.data_parallel > 1 else ""
+        recompute = f" recompute {self.recompute}" if self.recompute != "none" else ""
         return (f"{self.model_name} b{self.batch_size} p{self.stages}{replicas} m{self.microbatches} "
-                f"{self.schedule}{chunks} [{self.partition}]")
+                f"{self.schedule}{chunks} [{self.partition}]{recompute}")
 
     @property
     def model_key(self) -> tuple[str, int]:
@@ -181,6 +184,7 @@ def load_grid(path: str | Path) -> Grid:
         lists.append(_list(group, "chunks", where) if "chunks" in group else [0])
         lists.append([_relative(item, path) for item in _list(group, "models", where)] if "models" in group else [""])
         lists.append(_list(group, "data_parallels", where) if "data_parallels" in group else [1])
+        lists.append([str(r) for r in _list(group, "recomputes", where)] if "recomputes" in group else ["none"])
         for values in itertools.product(*lists):
             case = Case(*values)
             if case not in cases:
@@ -219,9 +223,9 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
 
         replica = replica_costs(costs, Layout(case.stages, case.data_parallel, ranks_per_node=costs.ranks_per_node))
         return make_plan(case.model(), case.stages, case.microbatches, case.batch_size, schedule, case.partition,
-                         replica, case.chunks or None, case.data_parallel)
+                         replica, case.chunks or None, case.data_parallel, recompute=case.recompute)
     return make_plan(case.model(), case.stages, case.microbatches, case.batch_size,
-                     schedule, case.partition, costs, case.chunks or None)
+                     schedule, case.partition, costs, case.chunks or None, recompute=case.recompute)
 
 
 
@@ -231,9 +235,9 @@ def plan_case(case: Case, costs: ProfileCostModel) -> Plan:
 # axis key (a spec field) -> the group key of the [[groups]] form
 _AXES = {"model_file": "models", "layers": "layers", "width": "widths", "batch_size": "batch_sizes", "stages": "stages",
          "microbatches": "microbatches", "partition": "partitions", "schedule": "schedules", "chunks": "chunks",
-         "data_parallel": "data_parallels"}
+         "data_parallel": "data_parallels", "recompute": "recomputes"}
 _DEFAULTS = {"layers": 32, "width": 512, "batch_size": 512, "stages": 2, "microbatches": 8,
-             "partition": "balanced", "schedule": "1f1b", "data_parallel": 1}
+             "partition": "balanced", "schedule": "1f1b", "data_parallel": 1, "recompute": "none"}
 _UNUSED = ("profile", "profile_sha256", "schedule_file", "partition_counts", "memory_cap",
            "rank_speed", "links", "ranks_per_node", "placement")
 

@@ -133,3 +133,21 @@ def test_a_data_parallel_axis_makes_replica_cases(tmp_path):
     path.write_text("[[axes]]\ndata_parallel = [0]\n")
     with pytest.raises(GridError, match="data_parallels must hold integers"):
         load_grid(path)
+
+
+def test_a_recompute_axis_makes_cases_whose_plans_recompute(tmp_path):
+    from pipesim.costs import ProfileCostModel
+    from pipesim.grid import plan_case
+    from pipesim.profile import constant_profile
+
+    path = tmp_path / "rc.toml"
+    path.write_text("[base.model]\nlayers = 4\nwidth = 8\n[base.execution]\nbatch_size = 16\nstages = 2\n"
+                    "microbatches = 4\n[[axes]]\nrecompute = [\"none\", \"all\", \"1\"]\n")
+    grid = load_grid(path)
+    assert [c.recompute for c in grid.cases] == ["none", "none", "all", "1"]  # the baseline first
+    assert grid.cases[2].label.endswith("recompute all") and "recompute" not in grid.cases[1].label
+    costs = ProfileCostModel(constant_profile(1e-3, 2e-3))
+    assert [plan_case(c, costs).recompute for c in grid.cases[1:]] == [(), (0, 1), (1,)]
+    path.write_text("[[axes]]\nrecompute = [2]\n")
+    with pytest.raises(GridError, match="recomputes must hold strings"):
+        load_grid(path)
