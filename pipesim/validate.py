@@ -79,7 +79,7 @@ class CaseResult:
     def predicted_step_bytes(self) -> tuple[int, ...]:
         """Per rank: the step ledger's peak (ledger.py), static bytes not included."""
         plan = self.prediction.plan
-        return step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
+        return step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute), plan.microbatch_size,
                                plan.batch_size)
 
     def memory_errors(self) -> list[tuple[int, int, float]]:
@@ -102,7 +102,7 @@ class CaseResult:
 def saved_peak_bytes(plan) -> tuple[int, ...]:
     from .ledger import saved_peak_bytes as saved
 
-    return saved(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size)
+    return saved(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute), plan.microbatch_size)
 
 
 def rank_breakdown(timeline: Timeline, overhead_per_action_s: float | None = None) -> dict[str, float]:

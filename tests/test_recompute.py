@@ -132,3 +132,17 @@ def test_gpipe_on_one_rank_holds_every_input_then_one_re_forward():
     timeline = simulate(build_schedule("gpipe", 1, 2), Partition.from_counts([3]), fc(3, 8), COSTS, 2,
                         recompute=(0,))
     assert compute_metrics(timeline).ranks[0].peak_activation_bytes == (2 * 8 * 4 + 3 * 8 * 4) * 2
+
+
+def test_the_validation_report_predicts_memory_with_the_plans_recomputation():
+    """validate's ledger figures (saved accounting, step ledger) are the engine's, recomputation
+    included (they once left it out, so a recomputed case was predicted as a plain one)."""
+    from pipesim.validate import saved_peak_bytes
+
+    model = load_model("models/gpt2-mini.toml")
+    plain, again = (make_plan(model, 2, 4, 8, "1f1b", "3,3", recompute=r) for r in ("none", "all"))
+    for plan in (plain, again):
+        metrics = compute_metrics(simulate(plan.schedule, plan.partition, model, COSTS, plan.microbatch_size,
+                                           recompute=plan.recompute))
+        assert saved_peak_bytes(plan) == tuple(r.peak_activation_bytes for r in metrics.ranks)
+    assert saved_peak_bytes(again)[0] < saved_peak_bytes(plain)[0]
