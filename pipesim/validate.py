@@ -77,10 +77,13 @@ class CaseResult:
                 for p, m in zip(predicted, measured)]
 
     def predicted_step_bytes(self) -> tuple[int, ...]:
-        """Per rank: the step ledger's peak (ledger.py), static bytes not included."""
+        """Per global rank: the step ledger's peak (ledger.py) of its stage in one replica
+        (replicas hold the same), static bytes not included."""
         plan = self.prediction.plan
-        return step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute), plan.microbatch_size,
-                               plan.batch_size)
+        local = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute),
+                                plan.microbatch_size, plan.batch_size // plan.data_parallel)
+        layout = plan.layout()
+        return tuple(local[layout.stage_of(rank)] for rank in range(plan.world_size))
 
     def memory_errors(self) -> list[tuple[int, int, float]]:
         """Per rank: (predicted, measured, error) of the bytes one step adds: the step ledger's
@@ -165,8 +168,14 @@ def run_validation(grid: Grid, profile: Profile, log=print, measure=None, measur
             log(f"[{done}/{total}] round {round_ + 1}: {case.label}: {m.median_s * 1e3:.2f} ms")
     memory: list[tuple] = [() for _ in grid.cases]
     if measure_memory is not False:
+        from .runner.launch import RunFailed
+
         for index, (case, plan) in enumerate(zip(grid.cases, plans)):
-            memory[index] = tuple(measure_memory(plan, lambda _: None, profile_memory=True) or ())
+            try:  # an extra measurement: its failure must not throw away the timed rounds
+                memory[index] = tuple(measure_memory(plan, lambda _: None, profile_memory=True) or ())
+            except RunFailed as exc:
+                log(f"[memory {index + 1}/{len(plans)}] {case.label}: not measured ({str(exc).splitlines()[-1]})")
+                continue
             log(f"[memory {index + 1}/{len(plans)}] {case.label}: step adds "
                 + ", ".join("?" if m is None or m.rss_increase_bytes is None else f"{m.rss_increase_bytes / 2**20:.2f} MiB"
                             for m in memory[index]))

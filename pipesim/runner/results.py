@@ -89,5 +89,5 @@ def measure_memory(plan: Plan, log: Callable[[str], object] = print,
 
     settings: RunOptions = {"warmup": 3, **options, "iterations": 0, "progress": False, "memory_probe": True}
     config = RunConfig.from_plan(plan, **settings)
-    result = launch(config, RunResult, plan.num_stages, config.threads_per_rank, log, ENVIRONMENT)
+    result = launch(config, RunResult, plan.world_size, config.threads_per_rank, log, ENVIRONMENT)
     return None if result is None else tuple(r.step_memory for r in sorted(result.ranks, key=lambda r: r.rank))
