@@ -299,6 +299,8 @@ def run_shapes(spec: ExecutionSpec, ranks: int, max_simulations: int):
         warn_no_effect(f"data_parallel {spec.data_parallel}: optimize --ranks searches every replica count")
     if spec.partition not in (None, "balanced"):
         warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
+    if spec.recompute.strip() != "none":
+        warn_no_effect(f"recompute {spec.recompute}: optimize --ranks searches shapes without recomputation")
     model = model_of(spec)
     profile, costs = costs_of(spec, model)
     costs.check_ranks(ranks)
