@@ -19,7 +19,7 @@ experiment file (experiments/*.toml) holds four tables, each optional::
     partition_counts = [8, 8, 8, 8]     # what it resolved to (written by --save-config)
     data_parallel = 1                   # D pipeline replicas: world = stages x D ranks
     placement = "stage-major"           # or "replica-major": how replicas' ranks are numbered
-    recompute = "none"                  # "all", or pieces like "0,2" (0 .. stages x chunks - 1); optimize: "auto"
+    recompute = "none"                  # "all", or pieces like "0,2" (0 .. stages x chunks - 1)
     optimizer = "sgd"
     memory_cap = "64MiB"                # optimize and sweep
     [what_ifs]
@@ -46,7 +46,7 @@ from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
 TRANSPORTS = ("mpi", "gloo")  # as profile.TRANSPORTS (spec.py imports no profile code)
-RECOMPUTE = ("none", "all", "auto")  # or pieces like "0,2" (plan.recompute_pieces checks the range); auto: optimize
+RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
 class SpecError(UserError):
@@ -191,7 +191,7 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
         raise SpecError(f"{where}: placement must be one of {', '.join(PLACEMENTS)}, got {spec.placement!r}")
     if spec.transport not in TRANSPORTS:
         raise SpecError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {spec.transport!r}")
-    if spec.recompute.strip() not in RECOMPUTE and not all(
+    if spec.recompute.strip() not in (*RECOMPUTE, "auto") and not all(  # auto: optimize's (recomputation.py)
             item.strip().isdigit() and len(item.strip()) <= 9 for item in spec.recompute.split(",")):
         raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r} "
                         "(optimize also takes auto)")
