@@ -49,11 +49,15 @@ class Problem:
     num_chunks: int | None = None
     data_parallel: int = 1  # D replicas; `costs` is over global ranks (see `replica_costs`)
     placement: str = "stage-major"
+    recompute: tuple[int, ...] = ()  # pieces that recompute their activations (Plan.recompute)
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, str):
             object.__setattr__(self, "schedule", build_schedule(
                 self.schedule, self.num_stages, self.num_microbatches, self.num_chunks))
+        pieces = self.build_schedule().num_pieces
+        if any(not 0 <= piece < pieces for piece in self.recompute):
+            raise ValueError(f"recompute {self.recompute}: pieces are 0..{pieces - 1}")
 
     @property
     def num_pieces(self) -> int:
@@ -84,7 +88,8 @@ class Problem:
         schedule = self.build_schedule()
         chunks = f" x {schedule.num_chunks} chunks" if schedule.num_chunks > 1 else ""
         return (f"{self.model.num_layers} layers into {self.num_stages} stages{chunks} ({schedule.name}, "
-                f"{self.num_microbatches} micro-batches of {self.microbatch_size})")
+                f"{self.num_microbatches} micro-batches of {self.microbatch_size}"
+                + (f", recompute {','.join(map(str, self.recompute))}" if self.recompute else "") + ")")
 
 
 def held_microbatches(schedule: Schedule, piece: int) -> int:
@@ -330,7 +335,7 @@ def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...
     from .ledger import step_peak_bytes
 
     schedule, model, mbs = table.schedule, table.model, table.mbs
-    step = step_peak_bytes(schedule, stage_shapes(model, partition), mbs, mbs * schedule.num_microbatches)
+    step = step_peak_bytes(schedule, stage_shapes(model, partition, tuple(sorted(table.recompute))), mbs, mbs * schedule.num_microbatches)
     return tuple(sum(table.costs.static_bytes(table.params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
                  + step[rank] for rank in range(schedule.num_ranks))
 

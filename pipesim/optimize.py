@@ -113,6 +113,8 @@ class Optimum:
     candidates: tuple[Candidate, ...]  # every simulated partition, fastest first
     proven: bool  # no unsimulated partition can be faster
     remaining_bound_s: float  # lower bound of every partition not simulated (inf: none left)
+    recompute_reason: str = ""  # which recomputation (problem.recompute) and why (recomputation.py)
+    recompute_tried: tuple[dict, ...] = ()  # --recompute auto: each option's best time, or the cap it needs
 
     @property
     def gain_over_even(self) -> float:
@@ -155,10 +157,12 @@ def _infeasible(problem: Problem, table: StageCosts) -> InfeasibleError:
 
 def simulate_partition(problem: Problem, schedule: Schedule, partition: Partition) -> tuple[float, tuple[int, ...]]:
     if problem.data_parallel > 1:
-        plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement)
+        plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement,
+                    problem.recompute)
         timeline = simulate_plan(plan, problem.costs)
     else:
-        timeline = simulate(schedule, partition, problem.model, problem.costs, problem.microbatch_size)
+        timeline = simulate(schedule, partition, problem.model, problem.costs, problem.microbatch_size,
+                            recompute=problem.recompute)
     metrics = compute_metrics(timeline)
     return metrics.iteration_time_s, tuple(r.peak_memory_bytes for r in metrics.ranks)
 
@@ -296,5 +300,6 @@ def optimize(problem: Problem, max_simulations: int = MAX_SIMULATIONS,
 
 
 def _prediction(problem: Problem, schedule: Schedule, partition: Partition) -> Prediction:
-    plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement)
+    plan = Plan(problem.model, partition, schedule, problem.batch_size, problem.data_parallel, problem.placement,
+                problem.recompute)
     return predict(plan, problem.costs, problem.profile_name)

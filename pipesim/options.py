@@ -150,7 +150,13 @@ def add_spec_options(p, command: str) -> None:
     if command in ("predict", "run"):
         g.add_argument("--recompute", metavar="none|all|LIST",
                        help="activation recomputation: pieces that keep only their input and run the forward "
-                            "again before the backward: none, all, or piece indices like 0,2 (default: none)")
+                            "again before the backward: none, all, or piece indices like 0,2 (default: none; "
+                            "auto is optimize's)")
+    if command == "optimize":
+        g.add_argument("--recompute", metavar="auto|none|all|LIST",
+                       help="activation recomputation: auto (optimize only) tries none, all and (up to 4 "
+                            "pieces) each piece alone, each with its best partition, and keeps the fastest "
+                            "that fits --memory-cap; none, all or piece indices like 0,2 fix it (default: none)")
     if command in ("optimize", "report", "sweep"):
         g.add_argument("--memory-cap", metavar="BYTES",
                        help="largest peak memory any rank may use, like 2GiB, 512MiB or 1.5e9 (default: none)")

@@ -111,6 +111,9 @@ def load_schedule_file(path: str, num_stages: int | None, num_chunks: int | None
 def recompute_pieces(text: str, num_pieces: int) -> tuple[int, ...]:
     """The pieces `--recompute` names: "none", "all", or piece indices like "0,2" (0..P*V-1)."""
     text = text.strip()
+    if text == "auto":
+        raise ScheduleError("--recompute auto: only optimize searches recomputation; "
+                            "predict and run take none, all or piece indices like 0,2")
     if text == "none":
         return ()
     if text == "all":

@@ -196,9 +196,10 @@ def check_spec(spec: ExecutionSpec, where: str = "the execution") -> ExecutionSp
         raise SpecError(f"{where}: allreduce must be one of {', '.join(ALLREDUCE_MODELS)}, got {spec.allreduce!r}")
     if spec.transport not in TRANSPORTS:
         raise SpecError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {spec.transport!r}")
-    if spec.recompute.strip() not in RECOMPUTE and not all(
+    if spec.recompute.strip() not in (*RECOMPUTE, "auto") and not all(  # auto: optimize's (recomputation.py)
             item.strip().isdigit() and len(item.strip()) <= 9 for item in spec.recompute.split(",")):
-        raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r}")
+        raise SpecError(f"{where}: recompute must be none, all or piece indices like 0,2, got {spec.recompute!r} "
+                        "(optimize also takes auto)")
     return spec
 
 

@@ -8,6 +8,10 @@ allows for that). Any other cost model is asked per range, cached: exact, but
 as slow as there are ranges (layers squared per piece), so `optimize` on
 hundreds of layers then takes minutes.
 
+A piece the problem recomputes (``Problem.recompute``) costs what the engine charges
+(engine.compute_s): its B and I run its forward first, so they cost B (or I) + F; its
+memory is the step ledger with ``recomputed=1`` (ledger.py).
+
 Memory figures are integer prefix sums of the model's per-layer bytes: exact.
 Every figure exists as a scalar (piece, first, last) and as a matrix over all
 (first, last) of one piece, which the dynamic programmes of bounds.py read.
@@ -61,6 +65,7 @@ class StageCosts:
         self.sends_forward = {a.piece for row in lowered.ranks for a in row
                               if a.kind == Kind.SEND and a.direction == Kind.F}
         self.additive = bool(getattr(self.costs, "additive_layers", False))
+        self.recompute = frozenset(getattr(problem, "recompute", ()))
         self._laws: dict[tuple[int, Kind], tuple[float, np.ndarray]] = {}
         layers = model.layers
         self._params = _prefix([layer.params for layer in layers])
@@ -93,7 +98,18 @@ class StageCosts:
         rank = self.schedule.rank_of(stage)
         return self.costs.compute_s(self.model.layers[first : last + 1], kind, self.mbs, rank=rank)
 
+    def _refolds(self, stage: int, kind: Kind) -> bool:
+        """Whether this action of `stage` runs the piece's forward again first (engine.compute_s)."""
+        return stage in self.recompute and kind in (Kind.B, Kind.I)
+
     def action_s(self, stage: int, first: int, last: int, kind: Kind) -> float:
+        """One action's seconds, as the engine charges it (a recomputed B or I includes an F)."""
+        seconds = self._plain_s(stage, first, last, kind)
+        if self._refolds(stage, kind):
+            seconds += self._plain_s(stage, first, last, Kind.F)
+        return seconds
+
+    def _plain_s(self, stage: int, first: int, last: int, kind: Kind) -> float:
         if not self.additive:
             return self._ranged(stage, first, last, kind)
         base, prefix = self._law(self.schedule.rank_of(stage), kind)
@@ -102,6 +118,12 @@ class StageCosts:
     def action_matrix(self, stage: int, kind: Kind, firsts: np.ndarray, width: int) -> np.ndarray:
         """action_s of first..last for first in `firsts` (rows) and last = first + k,
         k in 0..width-1 (columns); inf where last is past the model's end."""
+        matrix = self._plain_matrix(stage, kind, firsts, width)
+        if self._refolds(stage, kind):
+            matrix = matrix + self._plain_matrix(stage, Kind.F, firsts, width)
+        return matrix
+
+    def _plain_matrix(self, stage: int, kind: Kind, firsts: np.ndarray, width: int) -> np.ndarray:
         n = self.n
         lasts = firsts[:, None] + np.arange(width)[None, :]
         clipped = np.minimum(lasts, n - 1)
@@ -184,7 +206,8 @@ class StageCosts:
             input_received=received, output_sent=sent, first=int(stage == 0),
             top_param_bytes=self._param_array.astype(dtype)[lasts] * FLOAT32_BYTES,
             top_input_bytes=self._input_array.astype(dtype)[lasts] * mbs, top_output_bytes=outputs * mbs,
-            loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs)
+            loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs,
+            recomputed=int(stage in self.recompute))
         batch = mbs * schedule.num_microbatches
         targets = np.where(lasts == self.n - 1, model.target_bytes_per_sample * batch, 0).astype(dtype)
         start = piece_start_bytes(b, schedule.num_microbatches, self._input[0] * batch if stage == 0 else 0, targets)

@@ -145,8 +145,8 @@ def _no_schedule_file(spec: ExecutionSpec, command: str) -> None:
 
 def _no_recompute(spec: ExecutionSpec, command: str) -> None:
     if spec.recompute.strip() != "none":
-        raise SpecError(f"recompute {spec.recompute}: {command} does not search with recomputation yet; "
-                        "predict and run take it")
+        raise SpecError(f"recompute {spec.recompute}: {command} does not search with recomputation; "
+                        "optimize does (--recompute auto), predict and run take none, all or pieces")
 
 
 def _no_search(spec: ExecutionSpec, command: str) -> None:
@@ -242,11 +242,11 @@ class OptimizeResult:
 
 def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     """The optimum of every (schedule, chunks) of the spec's lists that can be built."""
-    from .optimize import MAX_EXPANSIONS, Problem, optimize
+    from .optimize import MAX_EXPANSIONS, Problem
+    from .recomputation import optimize_recompute, options
     from .schedule import ScheduleError
 
     _no_schedule_file(spec, "optimize")
-    _no_recompute(spec, "optimize")
     stages = single(spec.stages, "stage count", "optimize") or DEFAULT_STAGES
     if stages > lim.MAX_OPTIMIZE_STAGES:
         raise SpecError(f"optimize takes at most {lim.MAX_OPTIMIZE_STAGES} stages, got {stages}")
@@ -260,9 +260,12 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
     combos = [(name, chunks) for name in spec.schedule or ("1f1b",) for chunks in spec.chunks or (None,)]
     for _, chunks in combos:
         lim.check_size(model.num_layers, stages, microbatches, chunks or 1)
-    lim.check_work(len(combos) * lim.optimize_work_s(model.num_layers, stages, microbatches,
-                                                     max_simulations, MAX_EXPANSIONS),
-                   "optimize's search (at most --max-simulations runs per schedule and chunk count)")
+    searches = sum(len(options(stages * (chunks or 1))) if spec.recompute.strip() == "auto" else 1
+                   for _, chunks in combos)
+    lim.check_work(searches * lim.optimize_work_s(model.num_layers, stages, microbatches,
+                                                  max_simulations, MAX_EXPANSIONS),
+                   "optimize's search (at most --max-simulations runs per schedule, chunk count and "
+                   "recomputation option)")
     spec, batch = _common(spec, model)
     spec = replace(spec, stages=(stages,), microbatches=(microbatches,), schedule=spec.schedule or ("1f1b",))
     optima, skipped = [], []
@@ -275,7 +278,7 @@ def run_optimize(spec: ExecutionSpec, max_simulations: int) -> OptimizeResult:
                 raise
             skipped.append(f"{name} with --chunks {chunks}: {exc}")
             continue
-        optimum = optimize(problem, max_simulations=max_simulations)
+        optimum = optimize_recompute(problem, spec.recompute, max_simulations)
         check_finite_time(optimum.best.metrics.iteration_time_s, "the predicted iteration time")
         check_finite_time(optimum.best.baseline_time_s, "the one-rank baseline time")
         optima.append(optimum)
@@ -299,6 +302,8 @@ def run_shapes(spec: ExecutionSpec, ranks: int, max_simulations: int):
         warn_no_effect(f"data_parallel {spec.data_parallel}: optimize --ranks searches every replica count")
     if spec.partition not in (None, "balanced"):
         warn_no_effect(f"partition {spec.partition}: optimize searches every partition")
+    if spec.recompute.strip() != "none":
+        warn_no_effect(f"recompute {spec.recompute}: optimize --ranks searches shapes without recomputation")
     model = model_of(spec)
     profile, costs = costs_of(spec, model)
     costs.check_ranks(ranks)

@@ -116,7 +116,7 @@ def test_predict_takes_recompute_and_records_it(capsys):
 @pytest.mark.parametrize("args, expected", [
     (["predict", "--layers", "8", "--stages", "2", "--recompute", "2"], "pieces are 0..1"),
     (["predict", "--layers", "8", "--stages", "2", "--recompute", "some"], "recompute must be none, all or"),
-    (["optimize", "--layers", "8", "--stages", "2", "--config", "RECOMPUTE"], "optimize does not search"),
+    (["sweep", "--layers", "8", "--stages", "2", "--config", "RECOMPUTE"], "sweep does not search"),
 ])
 def test_bad_recompute_is_a_one_line_error(tmp_path, capsys, args, expected):
     config = tmp_path / "r.toml"

@@ -107,6 +107,8 @@ def optimum_json(optimum: Optimum, top: int = 5) -> dict:
     return {
         **prediction_json(optimum.best),
         "memory_cap_bytes": problem.memory_cap_bytes,
+        "recompute": {"pieces": list(problem.recompute), "reason": optimum.recompute_reason,
+                      "tried": list(optimum.recompute_tried)},
         "proven_optimal": optimum.proven,
         "remaining_lower_bound_s": None if math.isinf(optimum.remaining_bound_s) else optimum.remaining_bound_s,
         "partitions_total": count_partitions(problem.model.num_layers, problem.num_pieces),

@@ -10,6 +10,15 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
 
 
+def recompute_text(optimum) -> list[str]:
+    """Which recomputation optimize chose and why, and (--recompute auto) what each option gave."""
+    if not optimum.recompute_reason:
+        return []
+    tried = [f"{t['recompute']} {fmt_s(t['iteration_time_s'])}, {fmt_bytes(t['peak_memory_bytes'])}" if t["fits"]
+             else f"{t['recompute']} needs {fmt_bytes(t['min_cap_bytes'])}" for t in optimum.recompute_tried]
+    return [f"chosen     {optimum.recompute_reason}"] + ([f"           tried: {'; '.join(tried)}"] if tried else [])
+
+
 def fmt_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(nbytes) < 1024 or unit == "GiB":
@@ -229,6 +238,7 @@ def optimum_text(optimum) -> str:
         f"pipeline   {problem.schedule.name}, {problem.num_stages} stages x {problem.schedule.num_chunks} chunk(s), "
         f"{problem.num_microbatches} micro-batches "
         f"x {problem.microbatch_size} samples (batch {problem.batch_size}); {cap_text(problem.memory_cap_bytes)}",
+        *recompute_text(optimum),
         "",
         f"{'':<11} {'partition':<24} {'iteration':>12} {'speedup':>8} {'peak memory':>12}",
     ]
