@@ -18,8 +18,8 @@ Three views of one (unrecorded) step after the others:
   the heap and the high-water read 37-42 % above the tensors alive at once.)
   Smaller blocks, page rounding and MPI's own buffers remain in the
   measurement; a receive buffer (``torch.empty``) becomes resident only when
-  its message lands, not when it is posted. The timed runs keep glibc's
-  defaults (an mmap per tensor costs page faults: time the runs do not spend).
+  its message lands, not when it is posted. The timed runs keep freed memory in
+  the heap instead (`allocator`: an mmap per tensor costs page faults).
 - **torch's profiler** (``profile_memory=True``, optional, on a further step:
   its own buffers would show in the RSS): the peak of the running sum of the
   allocations and frees torch reports, relative to the step's start: tensors
@@ -32,14 +32,13 @@ Linux and glibc only for the RSS view; elsewhere it is None.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import allocator
 from .records import StepMemory
 
 MMAP_THRESHOLD_BYTES = 4096  # blocks this large or larger get their own mmap (glibc: 128 KiB, then dynamic)
@@ -71,18 +70,9 @@ def reset_high_water() -> bool:
     return True
 
 
-def _libc() -> Any | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
 def trim_heap() -> bool:
     """Hand freed heap pages back to the kernel; False without glibc."""
-    libc = _libc()
+    libc = allocator.libc()
     if libc is None:
         return False
     libc.malloc_trim(0)

@@ -22,6 +22,7 @@ from typing import Any, assert_never
 
 from ..errors import UserError
 from ..wire import to_dict
+from . import allocator
 from .config import GlooBenchConfig, JobConfig, MicrobenchConfig, RunBatch, RunConfig, load_job_file
 from .records import GlooResult, MicrobenchResult, RankRun, RunBatchResult, RunResult
 
@@ -156,6 +157,7 @@ def mpi_version() -> str:
 
 def execute(config: JobConfig, comm: Any) -> RunResult | RunBatchResult | MicrobenchResult | GlooResult | None:
     """Run the job `config` describes on this rank; rank 0 returns the gathered result."""
+    allocator.keep_freed_memory()  # calibration and runs alike: freed tensors stay in the heap
     match config:
         case RunConfig():
             return execute_run(config, comm)
