@@ -62,3 +62,9 @@ def test_an_environment_setting_is_left_alone():
     faults, said = _faults("keep", {"MALLOC_TRIM_THRESHOLD_": "4096"})
     assert said == "glibc, as the environment sets it"
     assert faults > 40 * 128
+
+
+def test_pipesim_malloc_default_keeps_glibc_defaults():
+    faults, said = _faults("keep", {"PIPESIM_MALLOC": "default"})
+    assert said == "glibc defaults (PIPESIM_MALLOC=default)"
+    assert faults > 40 * 128

@@ -16,7 +16,8 @@ keeps glibc and sets, for calibration and runs alike:
 - ``M_TRIM_THRESHOLD`` 1 GiB: freed heap memory is kept for the next micro-batch.
 
 A process whose environment already sets ``MALLOC_MMAP_THRESHOLD_`` or
-``MALLOC_TRIM_THRESHOLD_`` keeps what it set (the memory probe fixes the mmap
+``MALLOC_TRIM_THRESHOLD_`` keeps what it set, ``PIPESIM_MALLOC=default`` keeps glibc's
+defaults (the memory probe fixes the mmap
 threshold at a page for its own job); without glibc nothing changes.
 """
 
@@ -48,6 +49,8 @@ def keep_freed_memory() -> str:
     """Apply the settings above to this process; says what it did (for the run's record)."""
     if any(key in os.environ for key in ENVIRONMENT_KEYS):
         return "glibc, as the environment sets it"
+    if os.environ.get("PIPESIM_MALLOC") == "default":
+        return "glibc defaults (PIPESIM_MALLOC=default)"
     found = libc()
     if found is None:
         return "the system's allocator (not glibc: unchanged)"
