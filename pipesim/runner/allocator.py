@@ -12,13 +12,17 @@ vgg16-mini on one rank at a micro-batch of 64 measured 59.5-61.8 ms (p10-p90
 allocator for it (jemalloc or tcmalloc in torch's CPU performance guides); pipesim
 keeps glibc and sets, for calibration and runs alike:
 
-- ``M_MMAP_THRESHOLD`` 32 MiB (glibc's largest): tensors below it come from the heap;
+- ``M_MMAP_MAX`` 0: no block gets a mapping of its own, every one comes from the heap
+  (a threshold would not do: glibc caps it at 32 MiB, and Open MPI's all-reduce
+  allocates a scratch buffer the size of the message each call: fc32 x 512 on one
+  rank per replica, two replicas, 32 MiB of gradients, measured 158.9-161.2 ms with the
+  threshold at 32 MiB and 147.6-149.1 ms with no mappings);
 - ``M_TRIM_THRESHOLD`` 1 GiB: freed heap memory is kept for the next micro-batch.
 
-A process whose environment already sets ``MALLOC_MMAP_THRESHOLD_`` or
-``MALLOC_TRIM_THRESHOLD_`` keeps what it set, ``PIPESIM_MALLOC=default`` keeps glibc's
-defaults (the memory probe fixes the mmap
-threshold at a page for its own job); without glibc nothing changes.
+A process whose environment already sets ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_MAX_`` keeps what it set (the memory probe
+fixes the mmap threshold at a page for its own job); ``PIPESIM_MALLOC=default`` keeps
+glibc's defaults; without glibc nothing changes.
 """
 
 from __future__ import annotations
@@ -29,10 +33,9 @@ import os
 from typing import Any
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 << 20
+M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30
-ENVIRONMENT_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+ENVIRONMENT_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")
 
 
 def libc() -> Any | None:
@@ -54,8 +57,8 @@ def keep_freed_memory() -> str:
     found = libc()
     if found is None:
         return "the system's allocator (not glibc: unchanged)"
-    ok = found.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    ok = found.mallopt(M_MMAP_MAX, 0) == 1
     ok = found.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
     if not ok:
         return "glibc defaults (mallopt refused)"
-    return f"glibc, mmap threshold {MMAP_THRESHOLD_BYTES >> 20} MiB, trim threshold {TRIM_THRESHOLD_BYTES >> 20} MiB"
+    return f"glibc, no mmap per block, trim threshold {TRIM_THRESHOLD_BYTES >> 20} MiB"
