@@ -18,6 +18,7 @@ from .limits import BANDWIDTH_BPS, MAX_SECONDS, MAX_STAGES, RANK_SPEED, check_nu
 from .model import FLOAT32_BYTES, LayerSpec, ModelSpec
 from .profile import CALIBRATE_HINT, Affine, Link, Profile, ProfileError, Table, piecewise
 from .schedule import Kind
+from .spec import ALLREDUCE_MODELS  # the ring law (collectives.py), or its steps (ringsteps.py)
 
 # Optimizer state in parameter-sized tensors.
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2}  # SGD with momentum: 1 buffer; Adam: 2
@@ -48,10 +49,6 @@ class CostModel(Protocol):
     def optimizer_s(self, params: int, rank: int | None = None) -> float: ...
     def static_bytes(self, params: int) -> int: ...
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float: ...
-
-
-ALLREDUCE_MODELS = ("law", "ring-steps")  # the ring law (collectives.py), or its steps message by message
-# with a network interface per node (ringsteps.py)
 
 
 class WhatIfError(UserError):

@@ -14,6 +14,7 @@ from . import __version__
 from . import limits as lim
 from .errors import UserError
 from .schedule import SCHEDULES
+from .spec import ALLREDUCE_MODELS
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,7 +130,7 @@ def add_spec_options(p, command: str) -> None:
                        help="global rank of replica d, stage s: d*P+s (stage-major: a replica's pipeline on "
                             "consecutive ranks) or s*D+d (replica-major) (default: stage-major)")
     if command in ("predict", "optimize", "sweep"):
-        g.add_argument("--allreduce", choices=("law", "ring-steps"),
+        g.add_argument("--allreduce", choices=ALLREDUCE_MODELS,
                        help="how the gradient all-reduces are simulated: the ring law after the pipelines, or "
                             "the ring's 2(D-1) steps message by message in one event simulation with a network "
                             "interface per node (--ranks-per-node) shared by all inter-node traffic "

@@ -47,7 +47,7 @@ from .tomlfile import read_toml
 
 OPTIMIZERS = ("sgd", "adam")
 TRANSPORTS = ("mpi", "gloo")  # as profile.TRANSPORTS (spec.py imports no profile code)
-ALLREDUCE_MODELS = ("law", "ring-steps")  # as costs.ALLREDUCE_MODELS
+ALLREDUCE_MODELS = ("law", "ring-steps")  # how all-reduces are simulated (costs.ProfileCostModel.allreduce)
 RECOMPUTE = ("none", "all")  # or piece indices like "0,2" (plan.recompute_pieces checks the range)
 
 
