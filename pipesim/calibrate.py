@@ -32,6 +32,7 @@ from .runner.records import (
     LinkSample,
     MicrobenchResult,
     OptimizerSample,
+    ProgressSample,
     RankSamples,
 )
 
@@ -210,6 +211,20 @@ def fit_link(samples: Sequence[LinkSample]) -> tuple[dict[str, Any], float]:
     return link, float(np.max(np.abs(predicted / medians - 1)))
 
 
+def fit_rendezvous(samples: Sequence[ProgressSample]) -> int | None:
+    """The smallest probed size from which on every larger one waited for its sender's next MPI
+    call (Link.rendezvous_bytes); None when the largest did not (messages move on their own)."""
+    waits: dict[int, list[bool]] = {}
+    for s in samples:
+        waits.setdefault(s.bytes, []).append(s.waits_for_sender)
+    threshold = None
+    for nbytes in sorted(waits, reverse=True):
+        if statistics.median(waits[nbytes]) < 0.5:  # most pairs saw it move on its own
+            break
+        threshold = nbytes
+    return threshold
+
+
 def fit_optimizer(samples: Sequence[OptimizerSample]) -> tuple[dict[str, float], float]:
     """Affine in the parameter count; returned for the summary (the step time
     is superlinear once the state leaves the caches, so the table is used)."""
@@ -246,6 +261,7 @@ def _fit_links(ranks: Sequence[RankSamples]) -> tuple[dict[str, dict[str, Any]],
                                                        dict[str, float]]:
     processors = [r.processor for r in sorted(ranks, key=lambda r: r.rank)]
     samples = [s for r in ranks for s in r.links]
+    progress = [s for r in ranks for s in r.progress]
     classes = link_classes(processors, sorted({s.pair for s in samples}))
     links, worst, noise = {}, {}, {}
     for name in ("intra_node", "inter_node"):
@@ -253,6 +269,9 @@ def _fit_links(ranks: Sequence[RankSamples]) -> tuple[dict[str, dict[str, Any]],
         if chosen:
             links[name], worst[name] = fit_link(chosen)
             noise[name] = statistics.median(cv(s.one_way_s) for s in chosen)
+            probed = [s for s in progress if classes.get(s.pair) == name]
+            if probed:
+                links[name]["rendezvous_bytes"] = fit_rendezvous(probed)
     if "intra_node" not in links:  # every neighbour pair crossed nodes
         links["intra_node"] = links["inter_node"]
     return links, worst, noise
@@ -447,6 +466,10 @@ def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResul
                                           **({"kinds": kinds_worst} if kinds else {})},
             "links": [{"pair": list(s.pair), "bytes": s.bytes, "median_s": statistics.median(s.one_way_s)}
                       for r in raw.ranks for s in r.links],
+            "rendezvous_probe": [{"pair": list(s.pair), "bytes": s.bytes, "sender_busy_s": s.busy_s,
+                                  "receiver_wait_idle_s": statistics.median(s.idle_s),
+                                  "receiver_wait_sender_busy_s": statistics.median(s.sender_busy_s)}
+                                 for r in raw.ranks for s in r.progress],
         },
         **({"kinds": kinds} if kinds else {}),
     }

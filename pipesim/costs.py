@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, ClassVar, Protocol, assert_never
 
@@ -49,6 +49,8 @@ class CostModel(Protocol):
     def optimizer_s(self, params: int, rank: int | None = None) -> float: ...
     def static_bytes(self, params: int) -> int: ...
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float: ...
+    # optional: handshake_s(src, dst, nbytes) -> float | None and mpi_window_s (ProfileCostModel's);
+    # a model without them moves every message as soon as it is sent
 
 
 class WhatIfError(UserError):
@@ -63,9 +65,8 @@ class LinkOverride:
     bandwidth_Bps: float | None = None
 
     def apply(self, link: Link) -> Link:
-        return Link(link.latency_s if self.latency_s is None else self.latency_s,
-                    link.bandwidth_Bps if self.bandwidth_Bps is None else self.bandwidth_Bps,
-                    link.duplex)
+        return replace(link, latency_s=link.latency_s if self.latency_s is None else self.latency_s,
+                       bandwidth_Bps=link.bandwidth_Bps if self.bandwidth_Bps is None else self.bandwidth_Bps)
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,18 @@ class ProfileCostModel:
 
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float:
         return self._link(src, dst).time_s(nbytes)
+
+    def handshake_s(self, src: int, dst: int, nbytes: int) -> float | None:
+        """None when a message of `nbytes` moves as soon as it is sent; else it waits for the
+        rendezvous (Link.rendezvous_bytes), whose two control messages each take this long."""
+        link = self._link(src, dst)
+        return link.latency_s if link.handshake(nbytes) else None
+
+    @property
+    def mpi_window_s(self) -> float:
+        """How long a rank is inside MPI (testing a receive) before an action that takes a
+        message starts computing: the per-action overhead, where the runner calls MPI_Test."""
+        return self.profile.action_overhead_s
 
     def link_id(self, src: int, dst: int) -> Hashable:
         """Transfers with the same id are serialised: one per direction, or one

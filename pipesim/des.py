@@ -7,6 +7,18 @@ SEND on a link that several ranks send on (so that a link's messages are
 queued in the order they are sent, ties in event order), and, for a cost
 model with run-time inputs, before each action, whose cost it then asks for.
 A link's queue is its "free at" time: first come, first served.
+
+A message that needs MPI's rendezvous (Resolved.handshake_s, from a link's
+``rendezvous_bytes``) is not put on its link by its sender. A handshake process
+carries it: the announcement reaches the receiver after one control-message
+time; the receiver matches it at its next MPI call (at once when it is waiting
+or between actions, else when its current compute action ends, where the
+runner tests its requests); the reply reaches the sender after another control
+time; the sender pushes the data at its next MPI call; only then does the
+message queue for its link. An action that takes a message starts inside MPI
+(the runner tests the receive first) for ``mpi_window_s``, the per-action
+overhead: a reply that comes back within it is taken at once. To know what a rank is doing "now", every rank
+then yields before every action (lock step), as with run-time cost inputs.
 """
 
 from __future__ import annotations
@@ -42,6 +54,34 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
     send_start, arrival = [float("nan")] * n, [float("nan")] * n
     waiting: dict[int, simpy.Event] = {}
     ask = _asker(c, partition, model, cost_model, microbatch_size, recompute) if runtime_inputs(cost_model) else None
+    handshake: list[float] = costs.handshake_s.tolist() if costs.handshake_s is not None else []
+    lock_step = ask is not None or costs.handshakes
+    window = costs.mpi_window_s
+    if costs.handshakes:
+        shared = set(link)  # every send in time order: queued and handshaken messages share links
+    busy = [(0.0, 0.0)] * c.schedule.num_ranks  # per rank: its compute action that started last
+
+    def put_on_link(i: int, t: float) -> None:
+        code = link[i]
+        begin = max(t, free_at.get(code, t))
+        free_at[code] = arrival[i] = begin + message_s[i]
+        send_start[i] = begin
+        if i in waiting:
+            waiting.pop(i).succeed()
+
+    def next_mpi_call(r: int):
+        """Wait until rank r is in an MPI call: now, unless a compute action it started
+        before now is still running (then its end, where the runner tests its requests)."""
+        began, ends = busy[r]
+        if began < env.now < ends:
+            yield env.timeout(ends - env.now)
+
+    def rendezvous(i: int, sender: int, receiver: int, sent: float):
+        yield env.timeout(sent + handshake[i] - env.now)  # the announcement reaches the receiver
+        yield from next_mpi_call(receiver)  # which matches it and replies
+        yield env.timeout(handshake[i])
+        yield from next_mpi_call(sender)  # which pushes the data
+        put_on_link(i, env.now)
 
     def rank_process(r: int):
         t = 0.0
@@ -51,23 +91,22 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
                     event = waiting[k] = env.event()
                     yield event
                 t = max(t, arrival[k])
+            if lock_step and t > env.now:
+                yield env.timeout(t - env.now)
             if ask is not None:
-                if t > env.now:
-                    yield env.timeout(t - env.now)
                 duration[k] = ask(k)
             start[k] = t
             t += duration[k]
             end[k] = t
+            busy[r] = (start[k] + (window if receives[k] else 0.0), t)
             i = sends[k]
             if i >= 0:
-                code = link[i]
-                if code in shared and t > env.now:
+                if handshake and handshake[i] == handshake[i]:  # not nan: a rendezvous
+                    env.process(rendezvous(i, r, int(c.rank[i]), t))
+                    continue
+                if link[i] in shared and t > env.now:
                     yield env.timeout(t - env.now)
-                begin = max(t, free_at.get(code, t))
-                free_at[code] = arrival[i] = begin + message_s[i]
-                send_start[i] = begin
-                if i in waiting:
-                    waiting.pop(i).succeed()
+                put_on_link(i, t)
 
     for r in range(c.schedule.num_ranks):
         env.process(rank_process(r))

@@ -170,7 +170,7 @@ def simulate(
         raise RuntimeError(f"simulation ended with ranks {blocked_ranks(c)} blocked: schedule deadlocks")
     resolved = resolve(c, partition, model, costs, microbatch_size, recompute)
     times, used = None, "des"
-    if path != "des" and not runtime_inputs(costs):
+    if path != "des" and not runtime_inputs(costs) and not resolved.handshakes:
         times, used = longest_path(c, resolved), "fast"
     if times is None and path == "fast":
         return None

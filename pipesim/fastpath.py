@@ -46,6 +46,14 @@ class Resolved:
     ledger_end_bytes: np.ndarray
     static_bytes: tuple[int, ...]  # per rank
     step_peak_bytes: tuple[int, ...] = ()  # per rank: the step ledger's peak (ledger.py)
+    handshake_s: np.ndarray | None = None  # per node: the rendezvous's control-message time of the
+    # message it receives (NaN: it moves as soon as it is sent); None: no message waits for one
+    mpi_window_s: float = 0.0  # with handshakes: time in MPI at the start of an action that receives
+
+    @property
+    def handshakes(self) -> bool:
+        """Whether some message waits for both ranks' MPI calls (only the event simulation has them)."""
+        return self.handshake_s is not None
 
 
 def runtime_inputs(costs: CostModel) -> frozenset[str]:
@@ -68,7 +76,7 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
         kind = KINDS[code]
         duration[piece, code] = compute_s(costs, shapes[piece], kind, mbs, schedule.rank_of(piece))
         at_start[piece, code], at_end[piece, code] = (b * mbs for b in ledger_change(kind, shapes[piece]))
-    message, link, link_ids = _messages(c, shapes, costs, mbs)
+    message, link, link_ids, handshake = _messages(c, shapes, costs, mbs)
     optimizer = np.array([costs.optimizer_s(sum(shapes[s].params for s in schedule.pieces_of(r)), rank=r)
                           for r in range(schedule.num_ranks)], dtype=float)
     static = [0] * schedule.num_ranks
@@ -78,11 +86,13 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
 
     step = step_peak_bytes(schedule, shapes, mbs, mbs * schedule.num_microbatches)
     return Resolved(duration[c.piece, c.kind], message, link, link_ids, optimizer,
-                    at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static), step)
+                    at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static), step, handshake,
+                    float(getattr(costs, "mpi_window_s", 0.0)) if handshake is not None else 0.0)
 
 
 def _messages(c: CompactSchedule, shapes, costs: CostModel, mbs: int):
-    """Transfer time and link of each received message, asked once per (receiving piece, direction)."""
+    """Transfer time, link and handshake (None: none) of each received message, asked once per
+    (receiving piece, direction)."""
     from .engine import message_bytes_per_sample
 
     cross = c.cross
@@ -94,6 +104,8 @@ def _messages(c: CompactSchedule, shapes, costs: CostModel, mbs: int):
     codes: dict[Hashable, int] = {}
     unique, first = np.unique(keys, return_index=True)
     seconds, link_of_key = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
+    handshake_of_key = np.full(len(unique), np.nan)
+    handshake_s = getattr(costs, "handshake_s", None)
     for n, (key, i) in enumerate(zip(unique.tolist(), nodes[first].tolist())):
         piece, is_backward = divmod(key, 2)
         src, dst = int(c.rank[c.producer[i]]), int(c.rank[i])
@@ -101,9 +113,16 @@ def _messages(c: CompactSchedule, shapes, costs: CostModel, mbs: int):
         nbytes = message_bytes_per_sample(MessageKey(piece, direction, 0), shapes) * mbs
         seconds[n] = costs.transfer_s(src, dst, nbytes)
         link_of_key[n] = codes.setdefault(costs.link_id(src, dst), len(codes))
+        control = handshake_s(src, dst, nbytes) if handshake_s is not None else None
+        if control is not None:
+            handshake_of_key[n] = control
     where = np.searchsorted(unique, keys)
     message[nodes], link[nodes] = seconds[where], link_of_key[where]
-    return message, link, tuple(codes)
+    handshake = None
+    if not np.isnan(handshake_of_key).all():
+        handshake = np.full(c.num_nodes, np.nan)
+        handshake[nodes] = handshake_of_key[where]
+    return message, link, tuple(codes), handshake
 
 
 def longest_path(c: CompactSchedule, costs: Resolved) -> StepArrays | None:

@@ -1,14 +1,15 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 3 (versions 1 and 2 still load: version 1
+Schema ``pipesim-profile`` version 4 (versions 1 to 3 still load: version 1
 lacks the input/weight split, so the zero-bubble schedules are refused with it;
 versions 1 and 2 lack the measured all-reduce, so data parallelism's ring law
 uses their point-to-point links, with a warning; they lack the ``kinds``
 section, so they cost fc layers only, and ``transports``, so only MPI can be
-predicted with them)::
+predicted with them; versions 1 to 3 lack a link's ``rendezvous_bytes``, so every
+message moves on its own, as over shared memory)::
 
     {
-      "schema": "pipesim-profile", "version": 3, "name": "...",
+      "schema": "pipesim-profile", "version": 4, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
         "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
@@ -21,7 +22,8 @@ predicted with them)::
       "action_overhead_s": 0.0,                    # per F or B action
       "optimizer": {"fixed_s": 0.0, "s_per_param": 0.0},  # or {"params": [...], "seconds": [...]}
       "links": {"intra_node": {"latency_s": 0.0, "bandwidth_Bps": null,    # null = free
-                               "duplex": true},   # false: both directions share one channel
+                               "duplex": true,    # false: both directions share one channel
+                               "rendezvous_bytes": 65536},  # version 4, optional (see Link)
                 "inter_node": {...}},              # optional, defaults to intra_node
       "collectives": {"intra_node": {"latency_s": 1e-5, "bandwidth_Bps": 5e9},  # version 3: the ring
                       "inter_node": {...}, "reduce_s_per_byte": 0.0},  # all-reduce's alpha, beta per class
@@ -56,8 +58,8 @@ from .errors import UserError, read_user_text
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 
 SCHEMA = "pipesim-profile"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 TRANSPORTS = ("mpi", "gloo")  # mpi: the top-level links and overhead
 CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
@@ -118,9 +120,21 @@ class Table:
 
 @dataclass(frozen=True)
 class Link:
+    """``rendezvous_bytes`` (version 4): a message of at least this many bytes does not move on
+    its own. The send only announces it; it moves once the receiver has entered an MPI call
+    after the announcement arrived (to match it) and then the sender has entered one after the
+    reply arrived. That is MPI's rendezvous protocol without asynchronous progress, e.g. Open
+    MPI over TCP. None: every message moves as soon as it is sent (shared memory, where the
+    receiver copies it in one go, or a transport that progresses on its own)."""
+
     latency_s: float = 0.0
     bandwidth_Bps: float = math.inf
     duplex: bool = True  # False: both directions between two ranks share one channel
+    rendezvous_bytes: int | None = None
+
+    def handshake(self, nbytes: int) -> bool:
+        """Whether a message of `nbytes` waits for both ranks' MPI calls before it moves."""
+        return self.rendezvous_bytes is not None and nbytes >= self.rendezvous_bytes
 
     def time_s(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps
@@ -267,16 +281,23 @@ def _affine(table: dict, where: str) -> Affine:
     return Affine(**{key: _number(table, key, where, 0.0) for key in _AFFINE_KEYS})
 
 
-def _link(table: dict, where: str) -> Link:
-    _check_keys(table, {"latency_s", "bandwidth_Bps", "duplex"}, where)
+def _link(table: dict, where: str, version: int = VERSION) -> Link:
+    _check_keys(table, {"latency_s", "bandwidth_Bps", "duplex", "rendezvous_bytes"}, where)
     bandwidth = table.get("bandwidth_Bps")
     if bandwidth is not None:
         bandwidth = _finite(bandwidth, f"{where}.bandwidth_Bps (or null: free)", *BANDWIDTH_BPS)
     duplex = table.get("duplex", True)
     if not isinstance(duplex, bool):
         raise ProfileError(f"profile field {where}.duplex must be true or false, got {duplex!r}")
+    rendezvous = table.get("rendezvous_bytes")
+    if rendezvous is not None:
+        if version < 4:
+            raise ProfileError(f"profile field {where}.rendezvous_bytes needs version 4, the file says {version}")
+        if isinstance(rendezvous, bool) or not isinstance(rendezvous, int) or rendezvous < 0:
+            raise ProfileError(f"profile field {where}.rendezvous_bytes must be a byte count >= 0 or null, "
+                               f"got {rendezvous!r}")
     return Link(_number(table, "latency_s", where, 0.0),
-                math.inf if bandwidth is None else float(bandwidth), duplex)
+                math.inf if bandwidth is None else float(bandwidth), duplex, rendezvous)
 
 
 def parse_profile(data: dict) -> Profile:
@@ -308,7 +329,7 @@ def parse_profile(data: dict) -> Profile:
         from .kindcosts import parse_kinds
 
         kinds = parse_kinds(data["kinds"])
-    intra, inter = _links(_table(data, "links", ""), "links")
+    intra, inter = _links(_table(data, "links", ""), "links", data["version"])
     collectives, reduce_s_per_byte = _collectives(data)
     return Profile(
         name=data["name"],
@@ -343,10 +364,11 @@ def _collectives(data: dict) -> tuple[dict[str, Link], float]:
     return links, _number(table, "reduce_s_per_byte", "collectives", 0.0)
 
 
-def _links(links: dict, where: str) -> tuple[Link, Link]:
+def _links(links: dict, where: str, version: int) -> tuple[Link, Link]:
     _check_keys(links, {"intra_node", "inter_node"}, where)
-    intra = _link(_table(links, "intra_node", where), f"{where}.intra_node")
-    inter = _link(_table(links, "inter_node", where), f"{where}.inter_node") if "inter_node" in links else intra
+    intra = _link(_table(links, "intra_node", where), f"{where}.intra_node", version)
+    inter = (_link(_table(links, "inter_node", where), f"{where}.inter_node", version) if "inter_node" in links
+             else intra)
     return intra, inter
 
 
@@ -360,7 +382,7 @@ def _transports(data: dict) -> dict[str, Transport]:
             raise ProfileError(f"profile field {where}: unknown transport (allowed: {', '.join(TRANSPORTS[1:])})")
         table = _table(data["transports"], name, "transports")
         _check_keys(table, {"links", "action_overhead_s", "metadata"}, where)
-        intra, inter = _links(_table(table, "links", where), f"{where}.links")
+        intra, inter = _links(_table(table, "links", where), f"{where}.links", data["version"])
         found[name] = Transport(intra, inter, _number(table, "action_overhead_s", where, 0.0))
     return found
 

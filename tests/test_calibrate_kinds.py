@@ -20,7 +20,7 @@ from pipesim.calibrate import (
 )
 from pipesim.kindcosts import DIRECTIONS
 from pipesim.model import load_model, parse_model
-from pipesim.profile import parse_profile
+from pipesim.profile import VERSION, parse_profile
 from pipesim.runner.config import KindJob, MicrobenchConfig
 from pipesim.runner.records import (
     KindSample,
@@ -127,7 +127,7 @@ def test_profile_of_kinds_only_has_no_fc_table_and_loads():
     settings = CalibrationSettings(widths=(), message_sizes=(1, 1 << 16, 1 << 20), kind_jobs=jobs)
     data = build_profile(settings, "kinds", raw, [1e-5])
     profile = parse_profile(data)
-    assert data["version"] == 3 and data["compute"] == {} and "fc" not in data["ranges"]
+    assert data["version"] == VERSION and data["compute"] == {} and "fc" not in data["ranges"]
     assert set(profile.kinds) == {"conv2d", "maxpool", "bottleneck", "avgpool", "flatten", "fc", "embedding",
                                   "transformer_block", "lm_head"}
     assert data["metadata"]["kind_models"] == [{"name": "tiny-cnn", "microbatch_sizes": [1, 4]},

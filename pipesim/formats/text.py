@@ -160,6 +160,11 @@ def profile_text(profile: dict) -> str:
         bandwidth = "inf" if link["bandwidth_Bps"] is None else f"{link['bandwidth_Bps'] / 1e9:.3f} GB/s"
         lines.append(f"  {name:<12} latency {link['latency_s'] * 1e6:.2f} us, bandwidth {bandwidth}, "
                      f"{'duplex' if link.get('duplex', True) else 'one channel shared by both directions'}")
+        if "rendezvous_bytes" in link:
+            rendezvous = link["rendezvous_bytes"]
+            lines.append("               " + ("every probed message moved while its sender computed" if rendezvous is None
+                                          else f"messages from {rendezvous >> 10} KiB on wait for both ranks' "
+                                               "MPI calls (rendezvous without asynchronous progress)"))
     lines.append(f"  per action   {profile['action_overhead_s'] * 1e6:.1f} us overhead")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ import torch
 from ..model import fc_layer
 from .config import MicrobenchConfig
 from .interpreter import SavedBytes, clock
-from .records import ComputeSample, LinkSample, MicrobenchResult, OptimizerSample, RankSamples
+from .records import ComputeSample, LinkSample, MicrobenchResult, OptimizerSample, ProgressSample, RankSamples
 from .stage import make_optimizer, make_stage
 
 OPTIMIZER_WIDTH, OPTIMIZER_DEPTHS = 512, (1, 2, 4, 8, 16, 32)  # 0.26M .. 8.4M parameters
@@ -204,6 +204,54 @@ def _time_links(config: MicrobenchConfig, comm: Any) -> list[LinkSample]:
     return results
 
 
+PROGRESS_SIZES = tuple(1 << k for k in range(10, 21))  # 1 KiB .. 1 MiB: where the rendezvous starts
+PROGRESS_BUSY_S = 0.010
+
+
+def _spin(seconds: float) -> None:
+    """Compute without entering MPI (as a rank does inside an F or B)."""
+    end = clock() + seconds
+    while clock() < end:
+        pass
+
+
+def _progress_probe(comm: Any, peer: int, leader: bool, repeats: int = 3) -> list[ProgressSample]:
+    """Per size, the receiver's wait with the sender idle in MPI_Wait and with the sender
+    computing PROGRESS_BUSY_S between MPI_Isend and MPI_Wait (the leader sends)."""
+    samples = []
+    for nbytes in PROGRESS_SIZES:
+        view = torch.zeros(nbytes, dtype=torch.uint8).numpy()
+        waits: dict[float, list[float]] = {0.0: [], PROGRESS_BUSY_S: []}
+        for _ in range(repeats + 1):
+            for busy in waits:
+                comm.sendrecv(None, dest=peer, source=peer)  # start together
+                start = clock()
+                if leader:
+                    request = comm.Isend(view, dest=peer, tag=9)
+                    _spin(busy)
+                    request.Wait()
+                else:
+                    comm.Irecv(view, source=peer, tag=9).Wait()
+                    waits[busy].append(clock() - start)
+        if not leader:
+            comm.send({busy: times[1:] for busy, times in waits.items()}, dest=peer, tag=10)
+        else:
+            got = comm.recv(source=peer, tag=10)
+            samples.append(ProgressSample((min(comm.Get_rank(), peer), max(comm.Get_rank(), peer)), nbytes,
+                                          PROGRESS_BUSY_S, tuple(got[0.0]), tuple(got[PROGRESS_BUSY_S])))
+    return samples
+
+
+def _time_progress(comm: Any) -> list[ProgressSample]:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    results: list[ProgressSample] = []
+    for left in range(size - 1):
+        comm.Barrier()
+        if rank in (left, left + 1):
+            results += _progress_probe(comm, left + 1 if rank == left else left, leader=rank == left)
+    return results
+
+
 def _pingpong_repeats(config: MicrobenchConfig, nbytes: int) -> int:
     return config.pingpong_repeats if nbytes < (1 << 22) else max(3, config.pingpong_repeats // 4)
 
@@ -252,6 +300,9 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
     log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
         f"{config.message_sizes[0]} B .. {config.message_sizes[-1] >> 20} MiB")
     links = _time_links(config, comm)
+    log(f"  rendezvous: does a message move while its sender computes? {len(PROGRESS_SIZES)} sizes "
+        f"{PROGRESS_SIZES[0] >> 10} KiB .. {PROGRESS_SIZES[-1] >> 20} MiB")
+    progress = _time_progress(comm)
     allreduce: tuple = ()
     if config.allreduce_sizes:
         from .collbench import measure_allreduce
@@ -260,7 +311,7 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
             f"{config.allreduce_sizes[0] >> 10} KiB .. {config.allreduce_sizes[-1] >> 20} MiB")
         allreduce = measure_allreduce(comm, config.allreduce_sizes, config.pingpong_repeats)
     mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
-                       tuple(links), tuple(kinds))
+                       tuple(links), tuple(kinds), tuple(progress))
     everyone: list[RankSamples] | None = comm.gather(mine, root=0)
     if everyone is None:  # not rank 0
         return None

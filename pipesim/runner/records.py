@@ -7,6 +7,7 @@ Times are on each rank's own clock; results.py aligns them. No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import median
 
 from ..timeline import MemorySample, Span
 
@@ -121,6 +122,25 @@ class LinkSample:
 
 
 @dataclass(frozen=True)
+class ProgressSample:
+    """Does a message of ``bytes`` move while its sender computes? The receiver's wait for it
+    (seconds, from a common start) with the sender idle in MPI_Wait (``idle_s``) and with the
+    sender computing ``busy_s`` without MPI calls between its MPI_Isend and its MPI_Wait."""
+
+    pair: tuple[int, int]
+    bytes: int
+    busy_s: float
+    idle_s: tuple[float, ...]
+    sender_busy_s: tuple[float, ...]
+
+    @property
+    def waits_for_sender(self) -> bool:
+        """The message moved only once the sender was back in MPI (a rendezvous without
+        asynchronous progress): the receiver waited about ``busy_s`` longer."""
+        return median(self.sender_busy_s) - median(self.idle_s) > self.busy_s / 2
+
+
+@dataclass(frozen=True)
 class AllreduceSample:
     """MPI_Allreduce of ``bytes`` (float32 sum, in place) over global ``ranks``."""
 
@@ -138,6 +158,7 @@ class RankSamples:
     optimizer: tuple[OptimizerSample, ...]
     links: tuple[LinkSample, ...]  # the pairs this rank led (the left one)
     kinds: tuple[KindSample, ...] = ()  # layers of other kinds, by shape
+    progress: tuple[ProgressSample, ...] = ()  # the pairs this rank led: rendezvous probe
 
 
 @dataclass(frozen=True)
