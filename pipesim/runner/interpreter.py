@@ -23,6 +23,7 @@ checkpoint's own hooks hide those tensors from the counter during the step).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, assert_never
@@ -140,6 +141,30 @@ class StageWorker:
         self.loss = loss_fn(plan.model)
         self.recompute = set(plan.recompute) & set(self.pieces)
         self.recomputed_bytes = {s: self._saved_by_forward(s) for s in sorted(self.recompute)}
+        self.sends: list[tuple[MPI.Request, torch.Tensor]] = []
+        self.receives: dict[int, tuple[MPI.Request, torch.Tensor]] = {}
+        if os.environ.get("PIPESIM_PROGRESS") == "layers":
+            self._progress_between_layers()
+
+    def _progress_between_layers(self) -> None:
+        """PIPESIM_PROGRESS=layers: an MPI test of the step's requests after every layer's
+        forward and after every layer's output gradient, so that a rendezvous over a transport
+        without asynchronous progress (Open MPI over TCP) is matched and pushed within a layer,
+        not at the end of an action. An experiment (issue 16); off by default."""
+
+        def progress(*_: Any) -> None:
+            requests = [r for r, _ in self.sends] + [r for r, _ in self.receives.values()]
+            if requests:
+                MPI.Request.Testall(requests)
+
+        def after_forward(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            progress()
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(progress)  # returns None: the gradient is unchanged
+
+        for module in self.modules.values():
+            for layer in module:
+                layer.register_forward_hook(after_forward)
 
     def _saved_by_forward(self, piece: int) -> int:
         """Bytes a plain forward of one micro-batch saves besides its input (for the ledger
@@ -173,7 +198,7 @@ class StageWorker:
         del inputs, targets  # the copies above are what the step holds (the memory ledger counts them)
         self.optimizer.zero_grad(set_to_none=False)
         self.receives = self._post_receives()
-        self.sends: list[tuple[MPI.Request, torch.Tensor]] = []
+        self.sends = []
         self.tensors: dict[MessageKey, torch.Tensor] = {}  # produced or received, not yet consumed
         self.saved: dict[tuple[int, int], tuple] = {}
         self.held_bytes = 0
