@@ -109,3 +109,23 @@ def test_a_what_if_link_keeps_the_rendezvous():
     link = Link(H, BANDWIDTH, True, 1000)
     assert LinkOverride(bandwidth_Bps=1e6).apply(link) == Link(H, 1e6, True, 1000)
     assert math.isinf(Link().bandwidth_Bps) and not Link().handshake(1 << 30)
+
+
+def _probe(nbytes, waits):
+    from pipesim.runner.records import ProgressSample
+
+    idle = (nbytes / 1e8,) * 3
+    return ProgressSample((0, 1), nbytes, 0.01, idle, tuple(t + (0.0099 if waits else 0.0) for t in idle))
+
+
+@pytest.mark.parametrize("waiting, expected", [
+    ({}, None),  # shared memory: nothing waits
+    ({65536, 131072, 262144, 524288}, 65536),
+    ({1024, 262144, 524288}, 262144),  # a lone small size that waited does not set the threshold
+    ({1024, 2048, 4096, 524288, 131072}, 524288),
+])
+def test_the_threshold_is_where_every_larger_size_waited(waiting, expected):
+    from pipesim.calibrate import fit_rendezvous
+
+    sizes = [1 << k for k in range(10, 20)]
+    assert fit_rendezvous([_probe(n, n in waiting) for n in sizes]) == expected

@@ -69,6 +69,19 @@ def test_pipeline_training_equals_single_process(tmp_path, stages, partition, sc
     assert any(not np.allclose(untrained[n], want[n]) for n in want)
 
 
+def test_testing_requests_between_layers_keeps_training_exact(tmp_path, monkeypatch):
+    """PIPESIM_PROGRESS=layers: MPI tests in forward and gradient hooks change no number."""
+    monkeypatch.setenv("PIPESIM_PROGRESS", "layers")
+    model = uneven_model()
+    plan = make_plan(model, 2, 4, BATCH, "1f1b", "2,6")
+    params_path = tmp_path / "params.npz"
+    measure(plan, log=lambda _: None, iterations=STEPS, warmup=0, seed=SEED, optimizer="sgd",
+            params_path=str(params_path))
+    got, want = dict(np.load(params_path)), reference_parameters(model, STEPS, "sgd")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_measured_timeline_has_every_action_once_and_memory(tmp_path):
     model = uneven_model()
     plan = make_plan(model, 2, 4, BATCH, "1f1b", "4,4")
@@ -136,6 +149,10 @@ def test_a_tiny_calibration_runs_both_jobs_and_its_profile_loads():
     assert data["samples"]["saved_bytes_per_sample_per_layer"] == [16 * 4, 32 * 4]  # each layer's output
     assert [(s["pair"], s["bytes"]) for s in data["samples"]["links"]] == [([0, 1], 1), ([0, 1], 1 << 16)]
     assert "duplex" in data["links"]["intra_node"]  # the exchange of the largest message was timed
+    probed = data["samples"]["rendezvous_probe"]
+    assert [s["bytes"] for s in probed] == [1 << k for k in range(10, 21)]
+    # over shared memory a message moves while its sender computes (the receiver copies it)
+    assert data["links"]["intra_node"]["rendezvous_bytes"] is None, probed
     assert profile.action_overhead_s > 0
 
 
