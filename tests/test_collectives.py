@@ -12,7 +12,7 @@ import pytest
 from pipesim.calibrate import CalibrationSettings, build_profile
 from pipesim.collectives import fit_allreduce, law_errors, ring_allreduce_s
 from pipesim.costs import ProfileCostModel
-from pipesim.profile import Link, ProfileError, parse_profile
+from pipesim.profile import VERSION, Link, ProfileError, parse_profile
 from pipesim.runner.records import AllreduceSample, MicrobenchResult
 from pipesim.wire import from_dict, to_dict
 
@@ -85,7 +85,7 @@ def test_calibration_writes_the_fitted_all_reduce_and_compares_it_with_point_to_
     settings = CalibrationSettings(widths=WIDTHS, microbatch_sizes=MB_SIZES, message_sizes=tuple(LINK_SIZES))
     data = build_profile(settings, "with-allreduce", raw, [1e-5])
     profile = parse_profile(data)
-    assert data["version"] == 3
+    assert data["version"] == VERSION
     assert profile.collectives["intra_node"].latency_s == pytest.approx(9e-6, rel=1e-6)
     assert profile.collectives["intra_node"].bandwidth_Bps == pytest.approx(2.5e9, rel=1e-6)
     record = data["samples"]["allreduce"]
