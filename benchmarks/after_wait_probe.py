@@ -1,6 +1,7 @@
-"""Per compute action of real runs (2 ranks, 20 iterations after 5 warm-up, shipped profile): its time against the profile's,
-rank waited for a message just before it (a wait span ending at the action's start)."""
-import sys, statistics as st
+"""Per compute action of real runs (2 ranks, 20 iterations after 5 warm-up, shipped profile):
+its time over the profile's, split by whether the rank waited for a message just before it
+(a wait span ending at the action's start). Prints medians; reports/contention.md has a run."""
+import statistics as st
 from pipesim.model import fc
 from pipesim.plan import make_plan
 from pipesim.runner.results import measure
