@@ -13,6 +13,7 @@ import platform
 import socket
 import statistics
 import tomllib
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -31,6 +32,7 @@ from .runner.records import (
     KindSample,
     LinkSample,
     MicrobenchResult,
+    ColdSample,
     OptimizerSample,
     ProgressSample,
     RankSamples,
@@ -223,6 +225,22 @@ def fit_rendezvous(samples: Sequence[ProgressSample]) -> int | None:
             break
         threshold = nbytes
     return threshold
+
+
+def fit_cold_start(samples: Sequence[ColdSample]) -> dict[str, Any] | None:
+    """Per stack size, each rank's median cold time less its median warm time (F and B), the
+    median over ranks, at least 0 and never less than a smaller stack's (profile.ColdStart)."""
+    sizes = sorted({s.stack_bytes for s in samples})
+    if not sizes:
+        return None
+    table: dict[str, Any] = {"width": samples[0].width, "microbatch_size": samples[0].microbatch_size, "stack_bytes": sizes}
+    for name, cold, warm in (("forward_s", "cold_forward_s", "warm_forward_s"),
+                             ("backward_s", "cold_backward_s", "warm_backward_s")):
+        extra = [max(statistics.median(statistics.median(getattr(s, cold)) - statistics.median(getattr(s, warm))
+                                       for s in samples if s.stack_bytes == n), 0.0)
+                 for n in sizes]  # each rank's cold less its own warm, then the median over ranks
+        table[name] = [float(x) for x in np.maximum.accumulate(extra)]
+    return table
 
 
 def fit_optimizer(samples: Sequence[OptimizerSample]) -> tuple[dict[str, float], float]:
@@ -473,6 +491,15 @@ def build_profile(settings: CalibrationSettings, name: str, raw: MicrobenchResul
         },
         **({"kinds": kinds} if kinds else {}),
     }
+    cold = fit_cold_start([s for r in raw.ranks for s in r.cold])
+    if cold is not None:
+        profile["cold_start"] = cold
+        samples = typing.cast(dict[str, Any], profile["samples"])
+        samples["cold_start"] = [
+            {"rank": s.rank, "stack_bytes": s.stack_bytes, **{f"{k}_median_s": statistics.median(getattr(s, k))
+                                                             for k in ("warm_forward_s", "warm_backward_s",
+                                                                       "cold_forward_s", "cold_backward_s")}}
+            for r in raw.ranks for s in r.cold]
     if raw.allreduce:
         _add_collectives(profile, raw, links)
     parse_profile(profile)  # what we write must load

@@ -50,7 +50,8 @@ class CostModel(Protocol):
     def static_bytes(self, params: int) -> int: ...
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float: ...
     # optional: handshake_s(src, dst, nbytes) -> float | None and mpi_window_s (ProfileCostModel's);
-    # a model without them moves every message as soon as it is sent
+    # a model without them moves every message as soon as it is sent; cold_start_s(layers, kind,
+    # rank) -> float: the extra cost of an action right after its rank waited (none without it)
 
 
 class WhatIfError(UserError):
@@ -206,6 +207,14 @@ class ProfileCostModel:
                   rank: int | None = None) -> float:
         work = sum(self.layer_s(layer, kind, microbatch_size) for layer in layers)
         return (work + self.profile.action_overhead_s) / self.speed(rank)
+
+    def cold_start_s(self, layers: Sequence[LayerSpec], kind: Kind, rank: int | None = None) -> float:
+        """What `kind` on these layers costs more when its rank waited for a message just before
+        it: its weights left the shared cache meanwhile (profile ``cold_start``; 0 without)."""
+        if self.profile.cold_start is None or kind not in DIRECTION_OF:
+            return 0.0
+        nbytes = sum(layer.params for layer in layers) * FLOAT32_BYTES
+        return self.profile.cold_start.seconds(kind != Kind.F, nbytes) / self.speed(rank)
 
     def same_node(self, src: int, dst: int) -> bool:
         return self.ranks_per_node is None or src // self.ranks_per_node == dst // self.ranks_per_node

@@ -19,6 +19,9 @@ message queue for its link. An action that takes a message starts inside MPI
 (the runner tests the receive first) for ``mpi_window_s``, the per-action
 overhead: a reply that comes back within it is taken at once. To know what a rank is doing "now", every rank
 then yields before every action (lock step), as with run-time cost inputs.
+
+An action that had to wait for its message costs ``Resolved.cold_s`` more (its weights
+came back into cache), as on the fast path.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
     handshake: list[float] = costs.handshake_s.tolist() if costs.handshake_s is not None else []
     lock_step = ask is not None or costs.handshakes
     window = costs.mpi_window_s
+    cold = costs.cold_s.tolist() if costs.cold_s is not None else [0.0] * n
     if costs.handshakes:
         shared = set(link)  # every send in time order: queued and handshaken messages share links
     busy = [(0.0, 0.0)] * c.schedule.num_ranks  # per rank: its compute action that started last
@@ -86,17 +90,19 @@ def run_des(c: CompactSchedule, costs: Resolved, partition: Partition, model: Mo
     def rank_process(r: int):
         t = 0.0
         for k in range(int(c.offsets[r]), int(c.offsets[r + 1])):
+            waited = False
             if receives[k]:
                 if arrival[k] != arrival[k]:  # nan: not sent yet
                     event = waiting[k] = env.event()
                     yield event
+                waited = arrival[k] > t
                 t = max(t, arrival[k])
             if lock_step and t > env.now:
                 yield env.timeout(t - env.now)
             if ask is not None:
                 duration[k] = ask(k)
             start[k] = t
-            t += duration[k]
+            t += duration[k] + (cold[k] if waited else 0.0)
             end[k] = t
             busy[r] = (start[k] + (window if receives[k] else 0.0), t)
             i = sends[k]

@@ -49,6 +49,8 @@ class Resolved:
     handshake_s: np.ndarray | None = None  # per node: the rendezvous's control-message time of the
     # message it receives (NaN: it moves as soon as it is sent); None: no message waits for one
     mpi_window_s: float = 0.0  # with handshakes: time in MPI at the start of an action that receives
+    cold_s: np.ndarray | None = None  # per node: what it costs more right after its rank waited
+    # for a message (CostModel.cold_start_s); None: nothing
 
     @property
     def handshakes(self) -> bool:
@@ -69,12 +71,16 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
     shapes = stage_shapes(model, partition, recompute)
     p, mbs = schedule.num_pieces, microbatch_size
     duration = np.zeros((p, 4))
+    cold = np.zeros((p, 4))
+    cold_start_s = getattr(costs, "cold_start_s", None)
     at_start = np.zeros((p, 4), dtype=np.int64)
     at_end = np.zeros((p, 4), dtype=np.int64)
     for key in np.unique(c.piece * 4 + c.kind).tolist():  # only the kinds the schedule runs
         piece, code = divmod(key, 4)
         kind = KINDS[code]
         duration[piece, code] = compute_s(costs, shapes[piece], kind, mbs, schedule.rank_of(piece))
+        if cold_start_s is not None:
+            cold[piece, code] = cold_start_s(shapes[piece].layers, kind, schedule.rank_of(piece))
         at_start[piece, code], at_end[piece, code] = (b * mbs for b in ledger_change(kind, shapes[piece]))
     message, link, link_ids, handshake = _messages(c, shapes, costs, mbs)
     optimizer = np.array([costs.optimizer_s(sum(shapes[s].params for s in schedule.pieces_of(r)), rank=r)
@@ -87,7 +93,8 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
     step = step_peak_bytes(schedule, shapes, mbs, mbs * schedule.num_microbatches)
     return Resolved(duration[c.piece, c.kind], message, link, link_ids, optimizer,
                     at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static), step, handshake,
-                    float(getattr(costs, "mpi_window_s", 0.0)) if handshake is not None else 0.0)
+                    float(getattr(costs, "mpi_window_s", 0.0)) if handshake is not None else 0.0,
+                    cold[c.piece, c.kind] if cold.any() else None)
 
 
 def _messages(c: CompactSchedule, shapes, costs: CostModel, mbs: int):
@@ -138,10 +145,14 @@ def longest_path(c: CompactSchedule, costs: Resolved) -> StepArrays | None:
     duration, message = costs.duration_s, costs.message_s
     waves = c.waves
     assert waves is not None, "simulate() refuses a deadlocking schedule first"
+    cold = costs.cold_s
     for front in waves:
-        begin = np.maximum(end[pred[front]], end[producer[front]] + message[front])
+        ready, arrives = end[pred[front]], end[producer[front]] + message[front]
+        begin = np.maximum(ready, arrives)
         start[front] = begin
         end[front] = begin + duration[front]
+        if cold is not None:  # waited for a message: the weights come back into cache
+            end[front] += np.where(c.cross[front] & (arrives > ready), cold[front], 0.0)
     end = end[:n]
     cross = c.cross
     send_start = np.full(n, np.nan)

@@ -1,15 +1,16 @@
 """The profile file: measured (or stated) costs, as versioned JSON.
 
-Schema ``pipesim-profile`` version 4 (versions 1 to 3 still load: version 1
+Schema ``pipesim-profile`` version 5 (versions 1 to 4 still load: version 1
 lacks the input/weight split, so the zero-bubble schedules are refused with it;
 versions 1 and 2 lack the measured all-reduce, so data parallelism's ring law
 uses their point-to-point links, with a warning; they lack the ``kinds``
 section, so they cost fc layers only, and ``transports``, so only MPI can be
 predicted with them; versions 1 to 3 lack a link's ``rendezvous_bytes``, so every
-message moves on its own, as over shared memory)::
+message moves on its own, as over shared memory; versions 1 to 4 lack ``cold_start``,
+so an action costs the same whether or not its rank waited before it)::
 
     {
-      "schema": "pipesim-profile", "version": 4, "name": "...",
+      "schema": "pipesim-profile", "version": 5, "name": "...",
       "description": "...",                        # optional
       "compute": {                                 # per layer kind ("*" = any kind)
         "fc": {"forward":  {"fixed_s": 0.0, "s_per_param": 4e-10,      # an affine law ...
@@ -32,6 +33,10 @@ message moves on its own, as over shared memory)::
                                                    # the top-level links and overhead are MPI's
       "ranges": {"fc": {"width": [256, 1024], "microbatch_size": [4, 512]}},  # measured; optional
       "kinds": {...},      # version 3, optional: other layer kinds by shape (kindcosts.py)
+      "cold_start": {"width": 512, "microbatch_size": 32,   # version 5, optional: what an F
+                     "stack_bytes": [1048576, ...],        # (or B, I, W) of a piece with this
+                     "forward_s": [1e-5, ...], "backward_s": [...]},  # many bytes of weights
+                           # costs more when its rank waited for a message just before it (ColdStart)
       "metadata": {...}, "samples": {...}, "noise": {...}   # optional, free-form
     }
 
@@ -53,20 +58,21 @@ from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError, read_user_text
 from .limits import BANDWIDTH_BPS, MAX_SECONDS, check_number
 
 SCHEMA = "pipesim-profile"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 TRANSPORTS = ("mpi", "gloo")  # mpi: the top-level links and overhead
 CALIBRATE_HINT = "`pipesim calibrate` measures them"
 DEFAULT_PROFILE = "default"  # pipesim/data/default.json
 
 _TOP_KEYS = {"schema", "version", "name", "description", "compute", "action_overhead_s",
              "optimizer", "links", "metadata", "ranges", "samples", "noise", "collectives", "kinds",
-             "transports"}
+             "transports", "cold_start"}
 _AFFINE_KEYS = {"fixed_s", "s_per_param", "s_per_sample", "s_per_flop"}
 _TABLE_KEYS = {"widths", "microbatch_sizes", "seconds"}
 
@@ -141,6 +147,25 @@ class Link:
 
 
 @dataclass(frozen=True)
+class ColdStart:
+    """What an action costs more when its rank waited for a message just before it, by the
+    bytes of its piece's weights: measured (calibrate) as the time of a stack's F (or B) right
+    after the rank waited while the other rank computed, less its time back to back, at a few
+    stack sizes of one width and micro-batch size. Between the measured sizes (and from 0
+    bytes, 0 seconds) linear in bytes, beyond the largest at its seconds per byte."""
+
+    stack_bytes: tuple[int, ...]
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+
+    def seconds(self, backward: bool, nbytes: int) -> float:
+        ys = self.backward_s if backward else self.forward_s
+        if nbytes >= self.stack_bytes[-1]:
+            return ys[-1] * nbytes / self.stack_bytes[-1]
+        return piecewise((0, *self.stack_bytes), (0.0, *ys), nbytes)
+
+
+@dataclass(frozen=True)
 class Transport:
     """Links and per-action overhead of one transport other than MPI (version 3)."""
 
@@ -167,6 +192,7 @@ class Profile:
     extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
     kinds: dict = field(default_factory=dict)  # kind -> kindcosts.KindCosts (version 3)
     transports: dict[str, Transport] = field(default_factory=dict)  # besides MPI (the fields above)
+    cold_start: ColdStart | None = None  # an action right after a wait (version 5)
 
     def with_transport(self, transport: str) -> Profile:
         """This profile with the links and per-action overhead of `transport` in place of MPI's."""
@@ -331,7 +357,9 @@ def parse_profile(data: dict) -> Profile:
         kinds = parse_kinds(data["kinds"])
     intra, inter = _links(_table(data, "links", ""), "links", data["version"])
     collectives, reduce_s_per_byte = _collectives(data)
+    cold_start = _cold_start(data) if "cold_start" in data else None
     return Profile(
+        cold_start=cold_start,
         name=data["name"],
         compute=compute,
         split_backward=split,
@@ -362,6 +390,23 @@ def _collectives(data: dict) -> tuple[dict[str, Link], float]:
     links = {name: _link(_table(table, name, "collectives"), f"collectives.{name}")
              for name in ("intra_node", "inter_node") if name in table}
     return links, _number(table, "reduce_s_per_byte", "collectives", 0.0)
+
+
+def _cold_start(data: dict) -> ColdStart:
+    if data["version"] < 5:
+        raise ProfileError(f"profile field cold_start needs version 5, the file says {data['version']}")
+    table = _table(data, "cold_start", "")
+    _check_keys(table, {"width", "microbatch_size", "stack_bytes", "forward_s", "backward_s"}, "cold_start")
+    sizes: Any = table.get("stack_bytes")
+    columns: list[Any] = [table.get("forward_s"), table.get("backward_s")]
+    if (not isinstance(sizes, list) or not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0
+                                                         for b in sizes)
+            or sizes != sorted(set(sizes)) or any(not isinstance(c, list) or len(c) != len(sizes) for c in columns)):
+        raise ProfileError("profile field cold_start must hold increasing positive stack_bytes and one forward_s "
+                           "and one backward_s each")
+    forward, backward = ([_finite(x, f"cold_start.{name}", 0.0, MAX_SECONDS) for x in column]
+                         for name, column in zip(("forward_s", "backward_s"), columns))
+    return ColdStart(tuple(sizes), tuple(forward), tuple(backward))
 
 
 def _links(links: dict, where: str, version: int) -> tuple[Link, Link]:

@@ -161,9 +161,9 @@ def test_bad_profile_content_exits_2(capsys, tmp_path):
     path.write_text("{not json")
     code, _, err = run_main(capsys, "predict", "--profile", str(path))
     assert code == 2 and "not valid JSON" in err
-    path.write_text(json.dumps({"schema": "pipesim-profile", "version": 5, "name": "x"}))
+    path.write_text(json.dumps({"schema": "pipesim-profile", "version": 6, "name": "x"}))
     code, _, err = run_main(capsys, "predict", "--profile", str(path))
-    assert code == 2 and "version must be one of (1, 2, 3, 4)" in err
+    assert code == 2 and "version must be one of (1, 2, 3, 4, 5)" in err
 
 
 @pytest.mark.parametrize("argv, expected", [

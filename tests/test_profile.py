@@ -87,7 +87,7 @@ def test_wrong_schema(schema):
     assert "schema" in error(data)
 
 
-@pytest.mark.parametrize("version", [0, 5, "1", None])
+@pytest.mark.parametrize("version", [0, 6, "1", None])
 def test_wrong_version(version):
     data = base(version=version)
     if version is None:

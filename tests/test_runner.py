@@ -153,6 +153,8 @@ def test_a_tiny_calibration_runs_both_jobs_and_its_profile_loads():
     assert [s["bytes"] for s in probed] == [1 << k for k in range(10, 21)]
     # over shared memory a message moves while its sender computes (the receiver copies it)
     assert data["links"]["intra_node"]["rendezvous_bytes"] is None, probed
+    assert data["cold_start"]["stack_bytes"] == [d * (512 * 512 + 512) * 4 for d in (1, 4, 16)]
+    assert profile.cold_start is not None and len(data["samples"]["cold_start"]) == 6  # 3 sizes x 2 ranks
     assert profile.action_overhead_s > 0
 
 

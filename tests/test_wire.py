@@ -27,6 +27,7 @@ from pipesim.runner.config import (
 )
 from pipesim.runner.records import (
     AllreduceSample,
+    ColdSample,
     ComputeSample,
     GlooResult,
     KindSample,
@@ -66,8 +67,9 @@ COMPUTE = ComputeSample(1, 512, 8, 16, 262656, 524800.0, (1e-4, 1.1e-4), (2e-4,)
 LINKS = (LinkSample((0, 1), 1, (1e-6, 2e-6)), LinkSample((0, 1), 1 << 20, (1e-3,), (1.5e-3, 1.6e-3)))
 KIND = KindSample(0, 0, 3, "conv2d", "conv2d:3x32x32->16", 4, (1e-4,), (2e-4,), (1e-4,), (1e-4,))
 PROGRESS = ProgressSample((0, 1), 65536, 0.01, (2.6e-3, 2.7e-3), (1.2e-2, 1.2e-2))
+COLD = ColdSample(0, 512, 32, 4, 4202496, (7.7e-4,), (1.7e-3,), (8.0e-4,), (1.8e-3,))
 RANK_SAMPLES = RankSamples(0, "node-a", "node-a", (COMPUTE,), (OptimizerSample(262656, (3e-4, 4e-4)),), LINKS,
-                           (KIND,), (PROGRESS,))
+                           (KIND,), (PROGRESS,), (COLD,))
 ALLREDUCE = AllreduceSample((0, 1), 4096, (2e-5, 2.1e-5))
 MICROBENCH_RESULT = MicrobenchResult((RANK_SAMPLES, dataclasses.replace(RANK_SAMPLES, rank=1, links=())),
                                      "Open MPI v5.0.8", "2.13.0", (ALLREDUCE,))
@@ -79,7 +81,7 @@ GLOO_RESULT = GlooResult(LINKS[:1], (2e-3, 2.1e-3), "2.13.0")
 EXAMPLES = [run_config(), LayerWire.of(layer("embedding", vocab_size=9, hidden=4, seq_len=3)),
             RunBatch((run_config(), run_config(device="cuda"))), MICROBENCH, STEP, RANK_RUN, RANK_RUN.step_memory,
             RUN_RESULT, RunBatchResult((RUN_RESULT, RUN_RESULT)), COMPUTE, *LINKS, RANK_SAMPLES.optimizer[0],
-            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0], GLOO, GLOO_RESULT, PROGRESS]
+            RANK_SAMPLES, MICROBENCH_RESULT, ALLREDUCE, KIND, MICROBENCH.kind_jobs[0], GLOO, GLOO_RESULT, PROGRESS, COLD]
 
 
 def through_json(data: dict) -> object:

@@ -24,7 +24,15 @@ import torch
 from ..model import fc_layer
 from .config import MicrobenchConfig
 from .interpreter import SavedBytes, clock
-from .records import ComputeSample, LinkSample, MicrobenchResult, OptimizerSample, ProgressSample, RankSamples
+from .records import (
+    ColdSample,
+    ComputeSample,
+    LinkSample,
+    MicrobenchResult,
+    OptimizerSample,
+    ProgressSample,
+    RankSamples,
+)
 from .stage import make_optimizer, make_stage
 
 OPTIMIZER_WIDTH, OPTIMIZER_DEPTHS = 512, (1, 2, 4, 8, 16, 32)  # 0.26M .. 8.4M parameters
@@ -149,6 +157,67 @@ def _measure_compute(config: MicrobenchConfig, comm: Any,
         if (round_ + 1) % 10 == 0 or round_ + 1 == rounds:
             log(f"  compute: round {round_ + 1}/{rounds} over {len(points)} (width, micro-batch) points")
     return [point.sample(comm.Get_rank(), stacks[point.width][1]) for point in points]
+
+
+COLD_WIDTH, COLD_MICROBATCH, COLD_DEPTHS, COLD_REPEATS = 512, 32, (1, 4, 16), 8  # 1, 4 and 16 MiB
+
+
+def _measure_cold_start(config: MicrobenchConfig, comm: Any) -> list[ColdSample]:
+    """Ranks 0 and 1, each stack size in turn: both time F then B back to back (warm); then
+    each in turn waits in MPI while the other runs its own stack's F and B, and times its B
+    (of an F run before the wait), waits again, and times an F (cold). The waiting rank
+    busy-polls in MPI_Recv, as a pipeline rank waiting for a message does."""
+    rank = comm.Get_rank()
+    if rank > 1:
+        return []
+    peer = 1 - rank
+    samples = []
+    for depth in COLD_DEPTHS:
+        stack = make_stage([fc_layer(COLD_WIDTH, COLD_WIDTH)] * depth, 0, config.seed)
+        storages = {p.untyped_storage().data_ptr() for p in stack.parameters()}
+        x = torch.randn(COLD_MICROBATCH, COLD_WIDTH, requires_grad=True)
+
+        def forward() -> tuple[torch.Tensor, float]:
+            start = clock()
+            with torch.autograd.graph.saved_tensors_hooks(SavedBytes(storages).pack, lambda tensor: tensor):
+                out = stack(x)
+            return out, clock() - start
+
+        def backward(out: torch.Tensor) -> float:
+            start = clock()
+            out.backward(torch.ones_like(out))
+            return clock() - start
+
+        times: dict[str, list[float]] = {"warm_f": [], "warm_b": [], "cold_f": [], "cold_b": []}
+        for repeat in range(config.warmup + COLD_REPEATS):
+            keep = repeat >= config.warmup
+            comm.sendrecv(None, dest=peer, source=peer)
+            backward(forward()[0])
+            out, f = forward()
+            b = backward(out)
+            if keep:
+                times["warm_f"].append(f)
+                times["warm_b"].append(b)
+            for waiter in (0, 1):
+                comm.sendrecv(None, dest=peer, source=peer)
+                if rank == waiter:
+                    out, _ = forward()
+                    comm.recv(source=peer, tag=11)  # the other rank computes meanwhile
+                    b = backward(out)
+                    comm.recv(source=peer, tag=11)
+                    out, f = forward()
+                    backward(out)
+                    if keep:
+                        times["cold_b"].append(b)
+                        times["cold_f"].append(f)
+                else:
+                    for _ in range(2):
+                        backward(forward()[0])
+                        comm.send(None, dest=peer, tag=11)
+        nbytes = depth * fc_layer(COLD_WIDTH, COLD_WIDTH).params * 4
+        samples.append(ColdSample(rank, COLD_WIDTH, COLD_MICROBATCH, depth, nbytes, tuple(times["warm_f"]), tuple(times["warm_b"]),
+                                  tuple(times["cold_f"]), tuple(times["cold_b"])))
+    return samples
 
 
 def _measure_optimizer(config: MicrobenchConfig, comm: Any) -> list[OptimizerSample]:
@@ -295,6 +364,10 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
         started = clock()
         kinds = measure_kinds(config, comm, log)
         log(f"  kinds: {clock() - started:.1f} s")
+    cold: list[ColdSample] = []
+    if config.widths and comm.Get_size() > 1:
+        log(f"  cold start: width {COLD_WIDTH} stacks of {list(COLD_DEPTHS)} layers right after a wait")
+        cold = _measure_cold_start(config, comm)
     log(f"  optimizer ({config.optimizer}) step at {len(OPTIMIZER_DEPTHS)} sizes")
     optimizer = _measure_optimizer(config, comm)
     log(f"  links: ping-pong between neighbours, {len(config.message_sizes)} sizes "
@@ -311,7 +384,7 @@ def execute(config: MicrobenchConfig, comm: Any) -> MicrobenchResult | None:
             f"{config.allreduce_sizes[0] >> 10} KiB .. {config.allreduce_sizes[-1] >> 20} MiB")
         allreduce = measure_allreduce(comm, config.allreduce_sizes, config.pingpong_repeats)
     mine = RankSamples(rank, socket.gethostname(), _processor_name(), tuple(compute), tuple(optimizer),
-                       tuple(links), tuple(kinds), tuple(progress))
+                       tuple(links), tuple(kinds), tuple(progress), tuple(cold))
     everyone: list[RankSamples] | None = comm.gather(mine, root=0)
     if everyone is None:  # not rank 0
         return None

@@ -141,6 +141,23 @@ class ProgressSample:
 
 
 @dataclass(frozen=True)
+class ColdSample:
+    """A stack's F and B (whole stack, seconds) back to back with the other rank computing too
+    (``warm_*``), and right after this rank waited while the other rank ran its own stack
+    (``cold_*``): the cost of finding its weights out of cache (profile.ColdStart)."""
+
+    rank: int
+    width: int
+    microbatch_size: int
+    depth: int
+    stack_bytes: int
+    warm_forward_s: tuple[float, ...]
+    warm_backward_s: tuple[float, ...]
+    cold_forward_s: tuple[float, ...]
+    cold_backward_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class AllreduceSample:
     """MPI_Allreduce of ``bytes`` (float32 sum, in place) over global ``ranks``."""
 
@@ -159,6 +176,7 @@ class RankSamples:
     links: tuple[LinkSample, ...]  # the pairs this rank led (the left one)
     kinds: tuple[KindSample, ...] = ()  # layers of other kinds, by shape
     progress: tuple[ProgressSample, ...] = ()  # the pairs this rank led: rendezvous probe
+    cold: tuple[ColdSample, ...] = ()  # stacks timed right after a wait (2 ranks or more)
 
 
 @dataclass(frozen=True)
