@@ -347,8 +347,13 @@ def test_optimize_user_errors_exit_2(capsys, argv, expected):
     assert expected in err and err.count("\n") == 1
 
 
-def test_predict_accepts_what_ifs(capsys):
-    base = ["predict", "--layers", "8", "--width", "64", "--stages", "2", "--partition", "4,4", "--json"]
+def test_predict_accepts_what_ifs(capsys, tmp_path):
+    # without the cold start: a slower rank 1 makes rank 0 wait, and waiting costs rank 0 too
+    data = json.loads((Path(REPO) / "pipesim" / "data" / "default.json").read_text())
+    data.pop("cold_start", None)
+    (tmp_path / "warm.json").write_text(json.dumps(data))
+    base = ["predict", "--layers", "8", "--width", "64", "--stages", "2", "--partition", "4,4", "--json",
+            "--profile", str(tmp_path / "warm.json")]
     _, out, _ = run_main(capsys, *base)
     plain = json.loads(out)
     _, out, _ = run_main(capsys, *base, "--rank-speed", "1:0.5")
