@@ -177,7 +177,8 @@ def simulate_data_parallel(plan, costs, layout: Layout, path: str = "auto"):
     first = {k: class_of.index(k) for k in range(len(classes))}
     timelines = []
     for k in range(len(classes)):
-        timeline = simulate(schedule, plan.partition, plan.model, views[first[k]], mbs, path, recompute=plan.recompute)
+        timeline = simulate(schedule, plan.partition, plan.model, views[first[k]], mbs, path, recompute=plan.recompute,
+                            allreduce=True)
         if timeline is None:
             return None
         timelines.append(timeline)

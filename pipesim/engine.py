@@ -152,6 +152,7 @@ def simulate(
     microbatch_size: int,
     path: str = "auto",
     recompute: tuple[int, ...] = (),
+    allreduce: bool = False,
 ):
     """Simulate one training step of `schedule`; returns an ArrayTimeline (a Timeline's
     interface) whose ``engine_path`` says which path produced it. ``path``: "auto" (the
@@ -168,7 +169,7 @@ def simulate(
     c = compact(schedule)
     if c.waves is None:
         raise RuntimeError(f"simulation ended with ranks {blocked_ranks(c)} blocked: schedule deadlocks")
-    resolved = resolve(c, partition, model, costs, microbatch_size, recompute)
+    resolved = resolve(c, partition, model, costs, microbatch_size, recompute, allreduce)
     times, used = None, "des"
     if path != "des" and not runtime_inputs(costs) and not resolved.handshakes:
         times, used = longest_path(c, resolved), "fast"

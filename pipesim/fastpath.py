@@ -64,7 +64,9 @@ def runtime_inputs(costs: CostModel) -> frozenset[str]:
 
 
 def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: CostModel,
-            microbatch_size: int, recompute: tuple[int, ...] = ()) -> Resolved:
+            microbatch_size: int, recompute: tuple[int, ...] = (), allreduce: bool = False) -> Resolved:
+    """``allreduce``: the ranks all-reduce their gradients (data parallelism; the step ledger
+    then holds MPI's scratch buffer)."""
     from .engine import compute_s, ledger_change, stage_shapes
 
     schedule = c.schedule
@@ -90,7 +92,7 @@ def resolve(c: CompactSchedule, partition: Partition, model: ModelSpec, costs: C
         static[schedule.rank_of(piece)] += costs.static_bytes(shape.params)
     from .ledger import step_peak_bytes
 
-    step = step_peak_bytes(schedule, shapes, mbs, mbs * schedule.num_microbatches)
+    step = step_peak_bytes(schedule, shapes, mbs, mbs * schedule.num_microbatches, allreduce)
     return Resolved(duration[c.piece, c.kind], message, link, link_ids, optimizer,
                     at_start[c.piece, c.kind], at_end[c.piece, c.kind], tuple(static), step, handshake,
                     float(getattr(costs, "mpi_window_s", 0.0)) if handshake is not None else 0.0,

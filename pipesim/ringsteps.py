@@ -90,7 +90,8 @@ def run_world(plan, costs, layout: Layout) -> tuple[DataParallelTimeline, Networ
     if c.waves is None:
         raise RuntimeError(f"simulation ended with ranks {blocked_ranks(c)} blocked: schedule deadlocks")
     views = [ReplicaCosts(costs, layout.replica_ranks(d)) for d in range(layout.data_parallel)]
-    resolved = [resolve(c, plan.partition, plan.model, v, plan.microbatch_size, plan.recompute) for v in views]
+    resolved = [resolve(c, plan.partition, plan.model, v, plan.microbatch_size, plan.recompute, allreduce=True)
+                for v in views]
     world = _World(plan, costs, layout, c, resolved)
     world.run()
     timelines = []

@@ -32,9 +32,14 @@ from .schedule import Kind, Schedule
 INF = np.inf
 
 
-def piece_actions(schedule: Schedule, piece: int) -> list[Kind]:
-    """The kinds of a piece's actions, in its rank's order."""
-    return [a.kind for a in schedule.ranks[schedule.rank_of(piece)] if a.piece == piece]
+def piece_actions(schedule: Schedule, piece: int, allreduce: bool = False) -> list[Kind]:
+    """The kinds of a piece's actions, in its rank's order; with `allreduce`, its gradient
+    all-reduce after its last B or W (schedule.gradients_ready)."""
+    kinds = [a.kind for a in schedule.ranks[schedule.rank_of(piece)] if a.piece == piece]
+    if allreduce:
+        last = max(i for i, kind in enumerate(kinds) if kind in (Kind.B, Kind.W))
+        kinds.insert(last + 1, Kind.ALLREDUCE)
+    return kinds
 
 
 def ledger_states(schedule: Schedule, piece: int) -> set[tuple[int, int]]:
@@ -76,7 +81,8 @@ class StageCosts:
         self._param_array = np.array([layer.params for layer in layers], dtype=np.int64)
         self._saves_input = np.array([int(layer.saves_input) for layer in layers], dtype=np.int64)
         self._saves_output = np.array([int(layer.saves_output) for layer in layers], dtype=np.int64)
-        self.kinds = [piece_actions(schedule, s) for s in range(schedule.num_pieces)]
+        self.kinds = [piece_actions(schedule, s, getattr(problem, "data_parallel", 1) > 1)
+                      for s in range(schedule.num_pieces)]
         self.link_s = cache(self._link_s)
         self.optimizer_s = cache(self._optimizer_s)
         self._ranged = cache(self._ranged_s)
@@ -207,7 +213,8 @@ class StageCosts:
             top_param_bytes=self._param_array.astype(dtype)[lasts] * FLOAT32_BYTES,
             top_input_bytes=self._input_array.astype(dtype)[lasts] * mbs, top_output_bytes=outputs * mbs,
             loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs,
-            recomputed=int(stage in self.recompute))
+            recomputed=int(stage in self.recompute),
+            param_bytes=_spans(self._params, dtype, firsts, lasts) * FLOAT32_BYTES)
         batch = mbs * schedule.num_microbatches
         targets = np.where(lasts == self.n - 1, model.target_bytes_per_sample * batch, 0).astype(dtype)
         start = piece_start_bytes(b, schedule.num_microbatches, self._input[0] * batch if stage == 0 else 0, targets)

@@ -61,3 +61,19 @@ def test_one_rank_holds_no_buffers_beyond_its_input_and_target():
     # inputs + targets, the one micro-batch's saved activations less its input (an input copy),
     # the backward's temporaries less the last output that autograd frees
     assert step_peak_bytes(build_schedule("gpipe", 1, 1), shapes, mbs, mbs) == (2 * a + saved - a + weight_grad + a,)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_an_allreduce_holds_a_gradient_sized_scratch_to_the_steps_end(m):
+    """Data parallelism, one stage: after the last B only the input and target copies remain,
+    and Open MPI's all-reduce then allocates a buffer of the gradient's size."""
+    model, batch = fc(6, 256), 64
+    schedule = build_schedule("1f1b", 1, m)
+    shapes = stage_shapes(model, Partition.from_counts([6]))
+    mbs = batch // m
+    plain = step_peak_bytes(schedule, shapes, mbs, batch)[0]
+    copies = (shapes[0].input_bytes_per_sample + shapes[0].target_bytes_per_sample) * batch
+    gradient = sum(layer.params for layer in model.layers) * 4
+    assert step_peak_bytes(schedule, shapes, mbs, batch, allreduce=True)[0] == max(plain, copies + gradient)
+    assert gradient > plain  # the case the RSS showed: the scratch sets the peak
+
