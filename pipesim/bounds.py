@@ -335,7 +335,8 @@ def peak_memory_bytes(partition: Partition, table: StageCosts) -> tuple[int, ...
     from .ledger import step_peak_bytes
 
     schedule, model, mbs = table.schedule, table.model, table.mbs
-    step = step_peak_bytes(schedule, stage_shapes(model, partition, tuple(sorted(table.recompute))), mbs, mbs * schedule.num_microbatches)
+    step = step_peak_bytes(schedule, stage_shapes(model, partition, tuple(sorted(table.recompute))), mbs,
+                           mbs * schedule.num_microbatches, getattr(table.problem, "data_parallel", 1) > 1)
     return tuple(sum(table.costs.static_bytes(table.params(*partition.bounds[s])) for s in schedule.pieces_of(rank))
                  + step[rank] for rank in range(schedule.num_ranks))
 

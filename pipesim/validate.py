@@ -81,7 +81,7 @@ class CaseResult:
         (replicas hold the same), static bytes not included."""
         plan = self.prediction.plan
         local = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute),
-                                plan.microbatch_size, plan.batch_size // plan.data_parallel)
+                                plan.microbatch_size, plan.batch_size // plan.data_parallel, plan.data_parallel > 1)
         layout = plan.layout()
         return tuple(local[layout.stage_of(rank)] for rank in range(plan.world_size))
 
