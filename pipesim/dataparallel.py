@@ -127,6 +127,19 @@ class ReplicaCosts:
     def link_id(self, src: int, dst: int) -> Hashable:
         return self.base.link_id(self.ranks[src], self.ranks[dst])
 
+    # the optional parts of a CostModel (costs.py), when the base has them
+    def handshake_s(self, src: int, dst: int, nbytes: int) -> float | None:
+        handshake = getattr(self.base, "handshake_s", None)
+        return None if handshake is None else handshake(self.ranks[src], self.ranks[dst], nbytes)
+
+    @property
+    def mpi_window_s(self) -> float:
+        return float(getattr(self.base, "mpi_window_s", 0.0))
+
+    def cold_start_s(self, layers, kind, rank: int | None = None) -> float:
+        cold_start = getattr(self.base, "cold_start_s", None)
+        return 0.0 if cold_start is None else cold_start(layers, kind, rank=self._g(rank))
+
     def optimizer_s(self, params: int, rank: int | None = None) -> float:
         return self.base.optimizer_s(params, rank=self._g(rank))
 

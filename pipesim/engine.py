@@ -32,6 +32,11 @@ F on; B and I run the forward again first (their time includes an F), and the
 re-forward's saved tensors join the ledger as they start; B frees everything, I
 leaves what W needs (W then uses what I kept and recomputes nothing).
 
+Two costs depend on what happens during the step, and only the event simulation has the
+first: a message that needs MPI's rendezvous moves only once the receiver and then the
+sender reach an MPI call (des.py); an action that waited for its message costs the cold
+start more (its weights came back into cache; both paths).
+
 Knows nothing of FLOPs or torch: every duration comes from the CostModel.
 """
 

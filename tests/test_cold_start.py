@@ -100,3 +100,18 @@ def test_fit_takes_each_ranks_own_difference_and_a_running_maximum():
     assert fitted["forward_s"] == pytest.approx([0.1, 0.1, 0.2])
     assert fitted["backward_s"] == pytest.approx([0.2, 0.2, 0.4])
     assert fit_cold_start([]) is None
+
+
+def test_a_replica_sees_the_cold_start_and_the_rendezvous_of_its_global_ranks():
+    from pipesim.dataparallel import ReplicaCosts
+    from pipesim.schedule import Kind
+
+    profile = replace(constant_profile(U, 2 * U, 1e-5), cold_start=COLD,
+                      intra_node=Link(1e-5, 1e9, True, 64), inter_node=Link(1e-5, 1e9, True, 64))
+    base = ProfileCostModel(profile, rank_speed=((3, 2.0),))
+    replica = ReplicaCosts(base, (2, 3))
+    layers = MODEL.layers[:2]
+    assert replica.cold_start_s(layers, Kind.B, rank=1) == pytest.approx(base.cold_start_s(layers, Kind.B, rank=3))
+    assert replica.cold_start_s(layers, Kind.B, rank=1) == pytest.approx(5e-4 / 2)  # rank 3 runs twice as fast
+    assert replica.handshake_s(0, 1, 64) == 1e-5 and replica.handshake_s(0, 1, 63) is None
+    assert replica.mpi_window_s == base.mpi_window_s
