@@ -2,12 +2,13 @@
 its time over the profile's, split by whether the rank waited for a message just before it
 (a wait span ending at the action's start). Prints medians; reports/contention.md has a run."""
 import statistics as st
+
+from pipesim.costs import ProfileCostModel
+from pipesim.engine import compute_s, stage_shapes
 from pipesim.model import fc
 from pipesim.plan import make_plan
-from pipesim.runner.results import measure
-from pipesim.costs import ProfileCostModel
 from pipesim.profile import load_profile
-from pipesim.engine import stage_shapes, compute_s
+from pipesim.runner.results import measure
 from pipesim.schedule import Kind
 
 costs = ProfileCostModel(load_profile("calibration/reference-2core.json"))

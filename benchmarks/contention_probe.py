@@ -1,6 +1,11 @@
 """rank 0 times F and B of a 16 MiB fc stack while rank 1 idles (sleeps), busy-polls MPI, loops F or loops B."""
-import time, sys, statistics, torch
+import statistics
+import sys
+import time
+
+import torch
 from mpi4py import MPI
+
 torch.set_num_threads(1)
 comm = MPI.COMM_WORLD; rank = comm.Get_rank()
 W, L, MB = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

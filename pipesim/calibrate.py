@@ -27,12 +27,12 @@ from .plan import Plan, make_plan
 from .profile import SCHEMA, VERSION, parse_profile
 from .runner.config import GlooBenchConfig, KindJob, MicrobenchConfig
 from .runner.records import (
+    ColdSample,
     ComputeSample,
     GlooResult,
     KindSample,
     LinkSample,
     MicrobenchResult,
-    ColdSample,
     OptimizerSample,
     ProgressSample,
     RankSamples,
@@ -233,7 +233,8 @@ def fit_cold_start(samples: Sequence[ColdSample]) -> dict[str, Any] | None:
     sizes = sorted({s.stack_bytes for s in samples})
     if not sizes:
         return None
-    table: dict[str, Any] = {"width": samples[0].width, "microbatch_size": samples[0].microbatch_size, "stack_bytes": sizes}
+    table: dict[str, Any] = {"width": samples[0].width, "microbatch_size": samples[0].microbatch_size,
+                             "stack_bytes": sizes}
     for name, cold, warm in (("forward_s", "cold_forward_s", "warm_forward_s"),
                              ("backward_s", "cold_backward_s", "warm_backward_s")):
         extra = [max(statistics.median(statistics.median(getattr(s, cold)) - statistics.median(getattr(s, warm))

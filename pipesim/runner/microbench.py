@@ -162,6 +162,20 @@ def _measure_compute(config: MicrobenchConfig, comm: Any,
 COLD_WIDTH, COLD_MICROBATCH, COLD_DEPTHS, COLD_REPEATS = 512, 32, (1, 4, 16), 8  # 1, 4 and 16 MiB
 
 
+def _forward(stack: torch.nn.Module, x: torch.Tensor, storages: set[int]) -> tuple[torch.Tensor, float]:
+    """The stack's forward under the interpreter's saved-tensor counter, and its seconds."""
+    start = clock()
+    with torch.autograd.graph.saved_tensors_hooks(SavedBytes(storages).pack, lambda tensor: tensor):
+        out = stack(x)
+    return out, clock() - start
+
+
+def _backward(out: torch.Tensor) -> float:
+    start = clock()
+    out.backward(torch.ones_like(out))
+    return clock() - start
+
+
 def _measure_cold_start(config: MicrobenchConfig, comm: Any) -> list[ColdSample]:
     """Ranks 0 and 1, each stack size in turn: both time F then B back to back (warm); then
     each in turn waits in MPI while the other runs its own stack's F and B, and times its B
@@ -176,47 +190,35 @@ def _measure_cold_start(config: MicrobenchConfig, comm: Any) -> list[ColdSample]
         stack = make_stage([fc_layer(COLD_WIDTH, COLD_WIDTH)] * depth, 0, config.seed)
         storages = {p.untyped_storage().data_ptr() for p in stack.parameters()}
         x = torch.randn(COLD_MICROBATCH, COLD_WIDTH, requires_grad=True)
-
-        def forward() -> tuple[torch.Tensor, float]:
-            start = clock()
-            with torch.autograd.graph.saved_tensors_hooks(SavedBytes(storages).pack, lambda tensor: tensor):
-                out = stack(x)
-            return out, clock() - start
-
-        def backward(out: torch.Tensor) -> float:
-            start = clock()
-            out.backward(torch.ones_like(out))
-            return clock() - start
-
         times: dict[str, list[float]] = {"warm_f": [], "warm_b": [], "cold_f": [], "cold_b": []}
         for repeat in range(config.warmup + COLD_REPEATS):
             keep = repeat >= config.warmup
             comm.sendrecv(None, dest=peer, source=peer)
-            backward(forward()[0])
-            out, f = forward()
-            b = backward(out)
+            _backward(_forward(stack, x, storages)[0])
+            out, f = _forward(stack, x, storages)
+            b = _backward(out)
             if keep:
                 times["warm_f"].append(f)
                 times["warm_b"].append(b)
             for waiter in (0, 1):
                 comm.sendrecv(None, dest=peer, source=peer)
                 if rank == waiter:
-                    out, _ = forward()
+                    out, _ = _forward(stack, x, storages)
                     comm.recv(source=peer, tag=11)  # the other rank computes meanwhile
-                    b = backward(out)
+                    b = _backward(out)
                     comm.recv(source=peer, tag=11)
-                    out, f = forward()
-                    backward(out)
+                    out, f = _forward(stack, x, storages)
+                    _backward(out)
                     if keep:
                         times["cold_b"].append(b)
                         times["cold_f"].append(f)
                 else:
                     for _ in range(2):
-                        backward(forward()[0])
+                        _backward(_forward(stack, x, storages)[0])
                         comm.send(None, dest=peer, tag=11)
         nbytes = depth * fc_layer(COLD_WIDTH, COLD_WIDTH).params * 4
-        samples.append(ColdSample(rank, COLD_WIDTH, COLD_MICROBATCH, depth, nbytes, tuple(times["warm_f"]), tuple(times["warm_b"]),
-                                  tuple(times["cold_f"]), tuple(times["cold_b"])))
+        samples.append(ColdSample(rank, COLD_WIDTH, COLD_MICROBATCH, depth, nbytes,
+                                  *(tuple(times[k]) for k in ("warm_f", "warm_b", "cold_f", "cold_b"))))
     return samples
 
 
@@ -292,7 +294,7 @@ def _progress_probe(comm: Any, peer: int, leader: bool, repeats: int = 3) -> lis
         view = torch.zeros(nbytes, dtype=torch.uint8).numpy()
         waits: dict[float, list[float]] = {0.0: [], PROGRESS_BUSY_S: []}
         for _ in range(repeats + 1):
-            for busy in waits:
+            for busy, times in waits.items():
                 comm.sendrecv(None, dest=peer, source=peer)  # start together
                 start = clock()
                 if leader:
@@ -301,7 +303,7 @@ def _progress_probe(comm: Any, peer: int, leader: bool, repeats: int = 3) -> lis
                     request.Wait()
                 else:
                     comm.Irecv(view, source=peer, tag=9).Wait()
-                    waits[busy].append(clock() - start)
+                    times.append(clock() - start)
         if not leader:
             comm.send({busy: times[1:] for busy, times in waits.items()}, dest=peer, tag=10)
         else:
