@@ -19,8 +19,11 @@ What the runner (runner/interpreter.py) holds, per rank, in bytes:
 
 A hand-off between two pieces of one rank is no message; there the piece's input
 is counted as before (inside what F saves). Each action also holds temporaries
-for a moment (`transient_bytes`: for a backward, the last layer's weight
-gradient and two activation gradients), added to the peak, not to what stays.
+for a moment (`transient_bytes`), added to the peak, not to what stays. A backward walks
+the piece's layers from the last: at each, its scratch (a weight gradient made whole
+before it is added into .grad, LayerSpec.scratch_bytes) and the gradients at its input and
+output, less what autograd has freed of the later layers' saved tensors by then
+(`backward_walk_bytes`): a large layer low in the piece can set the peak.
 The allocator's own slack (page rounding, small blocks) is not in the ledger;
 the validation report compares it with what the runner's memory probe measured
 (runner/memory_probe.py).
@@ -54,7 +57,8 @@ class PieceBuffers:
     input_received: int  # 1: from another rank (a receive buffer); its input gradient is then sent back
     output_sent: int  # 1: to another rank; its output gradient then arrives in a receive buffer
     first: int  # 1: piece 0, whose input is an input copy
-    top_param_bytes: Any = 0  # the last layer's parameters (its weight gradient before it is added in)
+    backward_bytes: Any = 0  # what B holds for a moment at its peak (backward_walk_bytes)
+    scratch_bytes: Any = 0  # the largest of its layers' backward scratch (W's moment)
     top_input_bytes: Any = 0  # the last layer's input and output, one micro-batch
     top_output_bytes: Any = 0
     recomputed: int = 0  # 1: F keeps only the input (and the loss's saved tensors); B or I runs F again
@@ -67,6 +71,28 @@ class PieceBuffers:
         return self.input_bytes * self.input_saved * max(self.input_received, self.first)
 
 
+def backward_walk_bytes(layers: Sequence, microbatch_size: int, output_sent: int) -> int:
+    """What a piece's B holds for a moment at its peak, over what the ledger held as it
+    started: walking its layers from the last, at each layer its scratch and the gradients
+    at its input and output (one micro-batch), less what autograd has freed by then: the
+    saved tensors of the layers after it, and its own tail (e.g. its ReLU's result), except
+    an output a send still holds. The loss's saved tensors are not counted as freed."""
+    top = layers[-1]
+    kept = top.output_bytes_per_sample if output_sent and top.saves_output else 0
+    freed, values = 0, []
+    for i in range(len(layers) - 1, -1, -1):
+        x = layers[i]
+        if i + 1 < len(layers):
+            after = layers[i + 1]
+            freed += after.saved_bytes_per_sample
+            if after.saves_input and not x.saves_output:  # held only for the next layer
+                freed += x.output_bytes_per_sample
+        gone = freed + x.tail_saved_bytes_per_sample - kept
+        values.append(x.scratch_bytes(microbatch_size) + microbatch_size * (
+            x.input_bytes_per_sample + x.output_bytes_per_sample - gone))
+    return max(values)
+
+
 def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) -> list[PieceBuffers]:
     """`shapes`: engine.StageShape per piece."""
     last = schedule.num_pieces - 1
@@ -74,6 +100,7 @@ def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) ->
     for piece, shape in enumerate(shapes):
         rank = schedule.rank_of(piece)
         top = shape.layers[-1]
+        sent = int(piece < last and schedule.rank_of(piece + 1) != rank)
         out.append(PieceBuffers(
             input_bytes=shape.input_bytes_per_sample * microbatch_size,
             output_bytes=shape.output_bytes_per_sample * microbatch_size,
@@ -82,9 +109,10 @@ def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) ->
             input_saved=int(shape.layers[0].saves_input),
             output_saved=int(top.saves_output),
             input_received=int(piece > 0 and schedule.rank_of(piece - 1) != rank),
-            output_sent=int(piece < last and schedule.rank_of(piece + 1) != rank),
+            output_sent=sent,
             first=int(piece == 0),
-            top_param_bytes=top.params * FLOAT32_BYTES,
+            backward_bytes=backward_walk_bytes(shape.layers, microbatch_size, sent),
+            scratch_bytes=max(x.scratch_bytes(microbatch_size) for x in shape.layers),
             param_bytes=shape.params * FLOAT32_BYTES,
             top_input_bytes=top.input_bytes_per_sample * microbatch_size,
             top_output_bytes=top.output_bytes_per_sample * microbatch_size,
@@ -126,22 +154,21 @@ def action_change_bytes(kind: Kind, b: PieceBuffers) -> tuple[Any, Any]:
 
 
 def transient_bytes(kind: Kind, b: PieceBuffers) -> Any:
-    """What an action holds for a moment on top of the ledger, at its peak (its start for a
-    backward: all it frees is still there). F: the last layer's output before its activation
-    function. B: the last layer's weight gradient (made whole, then added into .grad), the
-    gradient at its output and the one at its input; once the activation's backward has run,
-    autograd frees the output the layer saved, unless a send still holds it. I: the two
-    gradients; W: the weight gradient."""
+    """What an action holds for a moment on top of the ledger, at its peak. F: the last
+    layer's output before its activation function. B: the walk down its layers
+    (backward_walk_bytes). I: the last layer's gradients at its output and its input; once
+    the activation's backward has run, autograd frees the output the layer saved, unless a
+    send still holds it. W: the largest weight gradient made whole before it is added in."""
     freed = b.top_output_bytes * b.output_saved * (1 - b.output_sent)
     match kind:
         case Kind.F:
             return b.top_output_bytes
         case Kind.B:
-            return b.top_param_bytes + b.top_input_bytes + b.top_output_bytes - freed
+            return b.backward_bytes
         case Kind.I:
             return b.top_input_bytes + b.top_output_bytes - freed
         case Kind.W:
-            return b.top_param_bytes
+            return b.scratch_bytes
         case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:
             return 0
         case _:

@@ -65,6 +65,12 @@ class LayerSpec:
     saves_output: bool
     tail_saved_bytes_per_sample: int
     output_grad_bytes_per_sample: int  # kept from the layer's I until its W (see stage_weight_bytes)
+    backward_scratch_bytes: int = 0  # held for a moment by its backward (layers/base.py Sizes)
+    backward_scratch_bytes_per_sample: int = 0
+
+    def scratch_bytes(self, microbatch_size: int) -> int:
+        """What the layer's backward holds for a moment beyond its input and output gradients."""
+        return max(self.backward_scratch_bytes, self.backward_scratch_bytes_per_sample * microbatch_size)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -128,6 +134,8 @@ def _layer(kind: str, config: tuple[tuple[str, Any], ...], input_shape: tuple[in
         saves_input=sizes.saves_input, saves_output=sizes.saves_output,
         tail_saved_bytes_per_sample=sizes.tail_saved_bytes,
         output_grad_bytes_per_sample=sizes.weight_grad_bytes,
+        backward_scratch_bytes=sizes.backward_scratch_bytes,
+        backward_scratch_bytes_per_sample=sizes.backward_scratch_bytes_per_sample,
     )
 
 

@@ -78,7 +78,6 @@ class StageCosts:
         self._input = [layer.input_bytes_per_sample for layer in layers]
         self._input_array = np.array(self._input, dtype=np.int64)
         self._output_array = np.array([layer.output_bytes_per_sample for layer in layers], dtype=np.int64)
-        self._param_array = np.array([layer.params for layer in layers], dtype=np.int64)
         self._saves_input = np.array([int(layer.saves_input) for layer in layers], dtype=np.int64)
         self._saves_output = np.array([int(layer.saves_output) for layer in layers], dtype=np.int64)
         self.kinds = [piece_actions(schedule, s, getattr(problem, "data_parallel", 1) > 1)
@@ -210,7 +209,8 @@ class StageCosts:
             input_bytes=inputs * mbs, output_bytes=outputs * mbs, saved_bytes=saved * mbs, weight_bytes=weight * mbs,
             input_saved=self._saves_input[firsts][:, None], output_saved=self._saves_output[lasts],
             input_received=received, output_sent=sent, first=int(stage == 0),
-            top_param_bytes=self._param_array.astype(dtype)[lasts] * FLOAT32_BYTES,
+            backward_bytes=self.memory.backward_walk(firsts, lasts, mbs, sent, dtype),
+            scratch_bytes=self.memory.scratch(firsts, lasts, mbs, dtype),
             top_input_bytes=self._input_array.astype(dtype)[lasts] * mbs, top_output_bytes=outputs * mbs,
             loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs,
             recomputed=int(stage in self.recompute),
@@ -264,7 +264,11 @@ class PieceMemory:
     saved(first, last) = the first layer's input if it saves it + each layer's saved bytes
     + each output only the next layer saves (first..last-1) + the loss's on the last piece;
     weight(first, last) = saved(first, w) - tail(w) + the output gradients of first..w, with
-    w the last layer with parameters up to `last` (0 when there is none from `first`)."""
+    w the last layer with parameters up to `last` (0 when there is none from `first`).
+
+    B's moment (ledger.backward_walk_bytes) is the running maximum, over the piece's layers
+    l, of walk[l] = scratch[l] + (input[l] + output[l] + saved to l + handed to l - tail[l])
+    x micro-batch, less (saved + handed to `last`) x micro-batch, plus a sent saved output."""
 
     def __init__(self, model):
         layers, n = model.layers, model.num_layers
@@ -280,11 +284,31 @@ class PieceMemory:
             previous = i if x.params else previous
             weighted.append(previous)
         self.weighted = np.array(weighted)
+        self.outputs = np.array([x.output_bytes_per_sample for x in layers], dtype=object)
+        self.saves_output = np.array([int(x.saves_output) for x in layers], dtype=object)
+        self.walk = np.array([x.input_bytes_per_sample + x.output_bytes_per_sample - x.tail_saved_bytes_per_sample
+                              for x in layers], dtype=object) + self.saved[1:] + self.handed[:-1]
+        self.scratch_fixed = np.array([x.backward_scratch_bytes for x in layers], dtype=object)
+        self.scratch_per_sample = np.array([x.backward_scratch_bytes_per_sample for x in layers], dtype=object)
         self.total = int(self.saved[-1] + self.handed[-1] + self.grads[-1] + max(self.input) + self.loss)
 
     def _saved(self, dtype, firsts: np.ndarray, lasts: np.ndarray):
         return (self.input.astype(dtype)[firsts][:, None] + _spans(self.saved, dtype, firsts, lasts)
                 + _spans(self.handed, dtype, firsts, lasts - 1))
+
+    def _scratch(self, mbs: int, dtype) -> np.ndarray:
+        return np.maximum(self.scratch_fixed, self.scratch_per_sample * mbs).astype(dtype)
+
+    def scratch(self, firsts: np.ndarray, lasts: np.ndarray, mbs: int, dtype) -> np.ndarray:
+        """The largest backward scratch of each row's first..each of its lasts."""
+        return _running_max(self._scratch(mbs, dtype), firsts, lasts)
+
+    def backward_walk(self, firsts: np.ndarray, lasts: np.ndarray, mbs: int, sent: int, dtype) -> np.ndarray:
+        """ledger.backward_walk_bytes of each row's first..each of its lasts."""
+        values = self._scratch(mbs, dtype) + self.walk.astype(dtype) * mbs
+        kept = self.outputs.astype(dtype)[lasts] * self.saves_output.astype(dtype)[lasts] * sent
+        return (_running_max(values, firsts, lasts)
+                - (self.saved.astype(dtype)[lasts + 1] + self.handed.astype(dtype)[lasts] - kept) * mbs)
 
     def spans(self, firsts: np.ndarray, lasts: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
         """(saved, weight) per sample for each row's first and each of its lasts."""
@@ -295,6 +319,14 @@ class PieceMemory:
         kept = (self._saved(dtype, firsts, w) - self.tail.astype(dtype)[w]
                 + _spans(self.grads, dtype, firsts, w))
         return saved, np.where(has, kept, 0).astype(dtype)
+
+
+def _running_max(values: np.ndarray, firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
+    """max(values[first..last]) for each row's first and each of its lasts (lasts >= first)."""
+    offsets = lasts - firsts[:, None]
+    span = np.arange(int(offsets.max()) + 1)
+    rows = values[np.minimum(firsts[:, None] + span[None, :], len(values) - 1)]
+    return np.take_along_axis(np.maximum.accumulate(rows, axis=1), offsets, axis=1)
 
 
 def _spans(prefix: np.ndarray, dtype, firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:

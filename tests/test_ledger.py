@@ -77,3 +77,18 @@ def test_an_allreduce_holds_a_gradient_sized_scratch_to_the_steps_end(m):
     assert step_peak_bytes(schedule, shapes, mbs, batch, allreduce=True)[0] == max(plain, copies + gradient)
     assert gradient > plain  # the case the RSS showed: the scratch sets the peak
 
+
+
+def test_the_backward_walk_peaks_at_a_large_layer_below_the_top():
+    """fc 8->32->32->8, micro-batch 2, per sample 4 bytes a feature. At each layer from the
+    top: its weight gradient (4 (in x out + out)) + its input and output gradients, less
+    what the layers above saved and its own ReLU result, all freed by then.
+    Top: 1056 + 2 (128 + 32 - 32) = 1312; middle: 4224 + 2 (128 + 128 - 32 - 128) = 4416;
+    bottom: 1152 + 2 (32 + 128 - 32 - 128 - 128) = 896."""
+    from pipesim.ledger import backward_walk_bytes
+    from pipesim.model import fc_layer
+
+    layers = (fc_layer(8, 32), fc_layer(32, 32), fc_layer(32, 8))
+    assert backward_walk_bytes(layers, 2, output_sent=0) == 4416
+    # a send holding the top's output keeps it: nothing of it is freed along the walk
+    assert backward_walk_bytes(layers, 2, output_sent=1) == 4416 + 2 * 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,16 +24,30 @@ def test_the_running_peak_follows_time_order_not_list_order():
     assert running_peak_bytes([]) == 0
 
 
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
-def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident():
+@pytest.mark.parametrize(("model", "batch", "m", "schedule", "partition"), [
+    ("fc16x512", 384, 6, "1f1b", "balanced"),
+    # its 4 MiB layers sit low on rank 0: their weight gradients set the backward's peak
+    ("uneven.toml", 512, 8, "1f1b", "balanced"),
+    # 3x3 convolutions' backward holds two weight-sized buffers; the last rank's peak is one
+    ("vgg16-mini.toml", 32, 4, "gpipe", "14,8"),
+    # a transformer block's backward: the softmax's attention-sized temporaries
+    ("gpt2-mini.toml", 8, 4, "1f1b", "3,3"),
+])
+def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(model, batch, m, schedule,
+                                                                                  partition):
     pytest.importorskip("torch", reason="the runner extra is not installed")
     from pipesim.engine import stage_shapes
     from pipesim.ledger import step_peak_bytes
-    from pipesim.model import fc
+    from pipesim.model import fc, load_model
     from pipesim.plan import make_plan
     from pipesim.runner.results import measure_memory
 
-    plan = make_plan(fc(16, 512), 2, 6, 384, "1f1b", "balanced")
+    spec = fc(16, 512) if model == "fc16x512" else load_model(MODELS / model)
+    plan = make_plan(spec, 2, m, batch, schedule, partition)
     measured = measure_memory(plan, lambda _: None, warmup=2, profile_memory=True)
     predicted = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
                                 plan.batch_size)

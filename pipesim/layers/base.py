@@ -72,6 +72,10 @@ class Sizes:
     only what that last op's successors saved: the last parametrised layer's
     ``tail_saved_bytes`` (e.g. its final ReLU's result) and everything saved by the
     parameter-free layers after it. W frees the rest. (``ModelSpec.stage_weight_bytes``.)
+
+    A backward also holds temporaries for a moment (``backward_scratch_bytes``, and
+    ``backward_scratch_bytes_per_sample`` x micro-batch size, whichever is larger) besides
+    the gradients at the layer's input and output.
     """
 
     output_shape: Shape
@@ -84,6 +88,13 @@ class Sizes:
     internal_saved_bytes: int
     tail_saved_bytes: int  # saved after the layer's last parametrised op (read only for layers with parameters)
     weight_grad_bytes: int
+    # What its backward holds for a moment beyond the gradients at its input and output
+    # (the step ledger's walk, pipesim/ledger.py): the larger of a fixed part, a weight
+    # gradient made whole before it is added into .grad (and torch's CPU convolution's
+    # second weight-sized buffer), and a per-sample part (activation-sized temporaries).
+    # Measured per kind by benchmarks/backward_scratch_probe.py.
+    backward_scratch_bytes: int = 0
+    backward_scratch_bytes_per_sample: int = 0
 
     @property
     def forward_flops(self) -> float:

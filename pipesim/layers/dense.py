@@ -22,7 +22,8 @@ def _fc_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=(n_out,), output_dtype="float32", params=n_in * n_out + n_out,
                  matmul_flops=2.0 * n_in * n_out, elementwise_flops=float(n_out if relu else 0),
                  saves_input=True, saves_output=relu, internal_saved_bytes=0,
-                 tail_saved_bytes=float_bytes(n_out) if relu else 0, weight_grad_bytes=float_bytes(n_out))
+                 tail_saved_bytes=float_bytes(n_out) if relu else 0, weight_grad_bytes=float_bytes(n_out),
+                 backward_scratch_bytes=float_bytes(n_in * n_out + n_out))
 
 
 def _build(name: str):
@@ -48,7 +49,8 @@ def _embedding_sizes(c: Config, shape: Shape) -> Sizes:
     Saves the token ids (int64); the position lookup is a slice of the weight and the add
     saves nothing. I keeps the output's gradient, which a correct split needs for W; torch's
     split backward, given token ids that carry no gradient, finds no parametrised op on the
-    input's path and computes no weight gradient at all (see the report of issue 14)."""
+    input's path and computes no weight gradient at all (see the report of issue 14).
+    Its backward makes the token table's gradient whole (vocab x hidden), then adds it in."""
     seq, hidden, positions = c["seq_len"], c["hidden"], c["max_positions"]
     if shape != (seq,):
         raise ShapeError(f"embedding expects token ids of shape ({seq},), got {shape}")
@@ -58,7 +60,8 @@ def _embedding_sizes(c: Config, shape: Shape) -> Sizes:
                  params=(c["vocab_size"] + positions) * hidden, matmul_flops=0.0,
                  elementwise_flops=float(seq * hidden if positions else 0),
                  saves_input=True, saves_output=False, internal_saved_bytes=0,
-                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(seq * hidden))
+                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(seq * hidden),
+                 backward_scratch_bytes=float_bytes(c["vocab_size"] * hidden))
 
 
 EMBEDDING = LayerKind(
@@ -84,7 +87,9 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     (A S^2), merged heads (SH), x1 = x + attention (SH), LN2 mean+rstd (2S), LN2 out (SH),
     MLP hidden before and after GELU (8SH): 15SH + AS^2 + 4S floats besides x.
     Nothing after the last Linear saves anything (tail 0), so I frees none of it; I keeps
-    the gradients of LN1 out, qkv, x1, LN2 out, MLP hidden and the block output (11SH)."""
+    the gradients of LN1 out, qkv, x1, LN2 out, MLP hidden and the block output (11SH).
+    Its backward holds for a moment the larger of the MLP's first weight gradient and
+    three attention-sized tensors per sample (the softmax's backward: 3 A S^2 floats)."""
     hidden, heads = c["hidden"], c["heads"]
     if hidden % heads:
         raise ShapeError(f"hidden {hidden} is not a multiple of heads {heads}")
@@ -93,7 +98,9 @@ def _block_sizes(c: Config, shape: Shape) -> Sizes:
     return Sizes(output_shape=(s, hidden), output_dtype="float32", params=12 * hidden * hidden + 13 * hidden,
                  matmul_flops=2.0 * (12 * sh * hidden + 2 * s * sh), elementwise_flops=float(8 * sh + 3 * attn),
                  saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(15 * sh + attn + 4 * s),
-                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(11 * sh))
+                 tail_saved_bytes=0, weight_grad_bytes=float_bytes(11 * sh),
+                 backward_scratch_bytes=float_bytes(4 * hidden * hidden + 4 * hidden),
+                 backward_scratch_bytes_per_sample=float_bytes(3 * attn))
 
 
 TRANSFORMER_BLOCK = LayerKind(
@@ -108,11 +115,13 @@ def _head_sizes(c: Config, shape: Shape) -> Sizes:
     hidden, vocab, norm = c["hidden"], c["vocab_size"], c["layer_norm"]
     s = _sequence(shape, hidden, "lm_head")
     sh = s * hidden
-    return Sizes(output_shape=(s, vocab), output_dtype="float32", params=hidden * vocab + (2 * hidden if norm else 0),
+    params = hidden * vocab + (2 * hidden if norm else 0)
+    return Sizes(output_shape=(s, vocab), output_dtype="float32", params=params,
                  matmul_flops=2.0 * sh * vocab, elementwise_flops=float(sh if norm else 0),
                  saves_input=True, saves_output=False, internal_saved_bytes=float_bytes(sh + 2 * s) if norm else 0,
                  tail_saved_bytes=0,
-                 weight_grad_bytes=float_bytes(s * vocab + (sh if norm else 0)))
+                 weight_grad_bytes=float_bytes(s * vocab + (sh if norm else 0)),
+                 backward_scratch_bytes=float_bytes(params))
 
 
 LM_HEAD = LayerKind(

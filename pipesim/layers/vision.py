@@ -36,18 +36,24 @@ def _image(shape: Shape, channels: int | None = None) -> tuple[int, int, int]:
 def _conv_sizes(c: Config, shape: Shape) -> Sizes:
     """Conv2d (bias only without batch-norm) [+ BatchNorm2d] + ReLU. The convolution saves
     its input, batch-norm the convolution's output, ReLU its result (the layer's output, the
-    tail freed at I). I keeps the gradients of the convolution's (and batch-norm's) output."""
+    tail freed at I). I keeps the gradients of the convolution's (and batch-norm's) output.
+    Its backward holds for a moment, beyond the gradients at its input and output: with a
+    kernel over 1, torch's CPU convolution makes two weight-sized buffers, or, if larger, an
+    input and an output's worth per sample; a 1x1 convolution, its weight gradient."""
     cin, cout, k, stride, pad, bn = (c[x] for x in ("in_channels", "out_channels", "kernel", "stride",
                                                     "padding", "batch_norm"))
     _, h, w = _image(shape, cin)
     out = (cout, conv_out(h, k, stride, pad), conv_out(w, k, stride, pad))
     n = numel(out)
-    return Sizes(output_shape=out, output_dtype="float32",
-                 params=cout * cin * k * k + (2 * cout if bn else cout),
+    params = cout * cin * k * k + (2 * cout if bn else cout)
+    spatial = k > 1
+    return Sizes(output_shape=out, output_dtype="float32", params=params,
                  matmul_flops=2.0 * n * cin * k * k, elementwise_flops=float(n * (3 if bn else 1)),
                  saves_input=True, saves_output=True, internal_saved_bytes=float_bytes(n) if bn else 0,
                  tail_saved_bytes=float_bytes(n),
-                 weight_grad_bytes=float_bytes(2 * n if bn else n))
+                 weight_grad_bytes=float_bytes(2 * n if bn else n),
+                 backward_scratch_bytes=float_bytes(params * (2 if spatial else 1)),
+                 backward_scratch_bytes_per_sample=float_bytes(numel(shape) + n) if spatial else 0)
 
 
 CONV2D = LayerKind(
@@ -107,7 +113,9 @@ def _bottleneck_sizes(c: Config, shape: Shape) -> Sizes:
     ReLU results, the shortcut convolution's output, and the final ReLU result (the output).
     The final ReLU's result is the tail freed at I. I keeps the gradients of each
     convolution's and batch-norm's output (the last batch-norm's and the shortcut
-    batch-norm's are both the gradient of the sum, held twice)."""
+    batch-norm's are both the gradient of the sum, held twice). Its backward's scratch is
+    the largest of its convolutions' (the 3x3's two weight-sized buffers, a 1x1's weight
+    gradient); its activation-sized temporaries are not counted."""
     cin, mid, cout, stride = (c[x] for x in ("in_channels", "mid_channels", "out_channels", "stride"))
     _, h, w = _image(shape, cin)
     hw, out = h * w, (cout, conv_out(h, 3, stride, 1), conv_out(w, 3, stride, 1))
@@ -122,7 +130,9 @@ def _bottleneck_sizes(c: Config, shape: Shape) -> Sizes:
                  internal_saved_bytes=float_bytes(inner),
                  tail_saved_bytes=float_bytes(out),
                  weight_grad_bytes=float_bytes(2 * mid * hw + 2 * mid * hw2 + 2 * cout * hw2
-                                               + (2 * cout * hw2 if shortcut else 0)))
+                                               + (2 * cout * hw2 if shortcut else 0)),
+                 backward_scratch_bytes=float_bytes(max(18 * mid * mid, cin * mid, mid * cout,
+                                                        cin * cout if shortcut else 0)))
 
 
 BOTTLENECK = LayerKind(
