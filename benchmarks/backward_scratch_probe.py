@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipesim.model import fc, load_model  # noqa: E402
-from pipesim.runner.memory_probe import profiler_changes, running_peak_bytes  # noqa: E402
+from pipesim.model import fc, load_model
+from pipesim.runner.memory_probe import profiler_changes, running_peak_bytes
 
 KIB = 1024
 

@@ -28,7 +28,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
-@pytest.mark.parametrize(("model", "batch", "m", "schedule", "partition"), [
+@pytest.mark.parametrize(("model", "batch", "microbatches", "schedule", "partition"), [
     ("fc16x512", 384, 6, "1f1b", "balanced"),
     # its 4 MiB layers sit low on rank 0: their weight gradients set the backward's peak
     ("uneven.toml", 512, 8, "1f1b", "balanced"),
@@ -37,7 +37,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
     # a transformer block's backward: the softmax's attention-sized temporaries
     ("gpt2-mini.toml", 8, 4, "1f1b", "3,3"),
 ])
-def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(model, batch, m, schedule,
+def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(model, batch, microbatches, schedule,
                                                                                   partition):
     pytest.importorskip("torch", reason="the runner extra is not installed")
     from pipesim.engine import stage_shapes
@@ -47,7 +47,7 @@ def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(
     from pipesim.runner.results import measure_memory
 
     spec = fc(16, 512) if model == "fc16x512" else load_model(MODELS / model)
-    plan = make_plan(spec, 2, m, batch, schedule, partition)
+    plan = make_plan(spec, 2, microbatches, batch, schedule, partition)
     measured = measure_memory(plan, lambda _: None, warmup=2, profile_memory=True)
     predicted = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
                                 plan.batch_size)
