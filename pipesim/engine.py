@@ -65,6 +65,7 @@ class StageShape:
     recomputed: bool = False  # holds only its input from F until B or I, which run F again
     loss_bytes_per_sample: int = 0  # the loss's saved tensors (last piece): held from F, recomputed or not
     target_bytes_per_sample: int = 0  # the last piece's target (ModelSpec.target_bytes_per_sample)
+    loss_backward_bytes_per_sample: int = 0  # the last piece (ModelSpec.loss_backward_bytes_per_sample)
 
 
 def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, ...] = ()) -> list[StageShape]:
@@ -81,6 +82,8 @@ def stage_shapes(model: ModelSpec, partition: Partition, recompute: tuple[int, .
             recomputed=piece in recompute,
             loss_bytes_per_sample=model.loss_saved_bytes_per_sample if last == model.num_layers - 1 else 0,
             target_bytes_per_sample=model.target_bytes_per_sample if last == model.num_layers - 1 else 0,
+            loss_backward_bytes_per_sample=(model.loss_backward_bytes_per_sample
+                                            if last == model.num_layers - 1 else 0),
         ))
     return shapes
 

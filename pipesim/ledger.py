@@ -58,11 +58,12 @@ class PieceBuffers:
     output_sent: int  # 1: to another rank; its output gradient then arrives in a receive buffer
     first: int  # 1: piece 0, whose input is an input copy
     backward_bytes: Any = 0  # what B holds for a moment at its peak (backward_walk_bytes)
-    scratch_bytes: Any = 0  # the largest of its layers' backward scratch (W's moment)
+    scratch_bytes: Any = 0  # W's moment (weight_pass_bytes)
     top_input_bytes: Any = 0  # the last layer's input and output, one micro-batch
     top_output_bytes: Any = 0
     recomputed: int = 0  # 1: F keeps only the input (and the loss's saved tensors); B or I runs F again
     loss_bytes: Any = 0  # the loss's saved tensors (inside saved_bytes), the last piece
+    loss_backward_bytes: Any = 0  # what the loss's backward holds for a moment, the last piece
     param_bytes: Any = 0  # all its parameters: an all-reduce's scratch buffer is one gradient
 
     @property
@@ -93,6 +94,14 @@ def backward_walk_bytes(layers: Sequence, microbatch_size: int, output_sent: int
     return max(values)
 
 
+def weight_pass_bytes(layers: Sequence, microbatch_size: int) -> int:
+    """What a piece's W holds for a moment: torch's stage_backward_weight computes one layer's
+    weight gradients, adds them into .grad and goes on to the next layer while still holding
+    the previous layer's (its loop variable), so two neighbours' scratch at once."""
+    scratch = [x.scratch_bytes(microbatch_size) for x in layers]
+    return max(map(sum, zip(scratch, scratch[1:], strict=False)), default=scratch[0])
+
+
 def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) -> list[PieceBuffers]:
     """`shapes`: engine.StageShape per piece."""
     last = schedule.num_pieces - 1
@@ -112,27 +121,34 @@ def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) ->
             output_sent=sent,
             first=int(piece == 0),
             backward_bytes=backward_walk_bytes(shape.layers, microbatch_size, sent),
-            scratch_bytes=max(x.scratch_bytes(microbatch_size) for x in shape.layers),
+            scratch_bytes=weight_pass_bytes(shape.layers, microbatch_size),
             param_bytes=shape.params * FLOAT32_BYTES,
             top_input_bytes=top.input_bytes_per_sample * microbatch_size,
             top_output_bytes=top.output_bytes_per_sample * microbatch_size,
             recomputed=int(shape.recomputed),
             loss_bytes=shape.loss_bytes_per_sample * microbatch_size,
+            loss_backward_bytes=shape.loss_backward_bytes_per_sample * microbatch_size,
         ))
     return out
+
+
+def _saved_split(b: PieceBuffers) -> tuple[Any, Any, Any]:
+    """(what B frees of what the piece saved, what F holds of it, what B or I brings back
+    as it starts): all at F, nothing brought, unless the piece is recomputed."""
+    saved = b.saved_bytes - b.held_input_bytes  # its buffered input aside
+    if not b.recomputed:
+        return saved, saved, 0
+    buffered = max(b.input_received, b.first)
+    saved = b.saved_bytes + b.input_bytes * (1 - b.input_saved) - b.input_bytes * buffered
+    at_f = b.input_bytes * (1 - buffered) + b.loss_bytes
+    return saved, at_f, saved - at_f
 
 
 def action_change_bytes(kind: Kind, b: PieceBuffers) -> tuple[Any, Any]:
     """Bytes the step ledger adds when an action of `kind` on piece `b` starts and when it ends.
     A recomputed piece (engine.ledger_change) keeps its input from F (in its
     buffer, if it has one) and the loss's saved tensors; B and I bring the rest back as they start."""
-    saved = b.saved_bytes - b.held_input_bytes  # what F adds and B frees, its buffered input aside
-    at_f, brought = saved, 0
-    if b.recomputed:
-        buffered = max(b.input_received, b.first)
-        saved = b.saved_bytes + b.input_bytes * (1 - b.input_saved) - b.input_bytes * buffered
-        at_f = b.input_bytes * (1 - buffered) + b.loss_bytes
-        brought = saved - at_f
+    saved, at_f, brought = _saved_split(b)
     grad_received = b.output_bytes * b.output_sent  # its receive buffer, freed here
     grad_sent = b.input_bytes * b.input_received  # made here, held to the step's end
     input_buffer = b.input_bytes * b.input_received  # freed with what the piece saved
@@ -158,15 +174,21 @@ def transient_bytes(kind: Kind, b: PieceBuffers) -> Any:
     layer's output before its activation function. B: the walk down its layers
     (backward_walk_bytes). I: the last layer's gradients at its output and its input; once
     the activation's backward has run, autograd frees the output the layer saved, unless a
-    send still holds it. W: the largest weight gradient made whole before it is added in."""
+    send still holds it. B and I of the last piece begin with the loss's backward, which may
+    hold more, and which frees the loss's saved tensors before the layers' backward (and,
+    in a recomputed piece, before the piece's forward runs again: before what B brings back).
+    W: two neighbouring layers' weight gradients (weight_pass_bytes)."""
+    import numpy as np
+
     freed = b.top_output_bytes * b.output_saved * (1 - b.output_sent)
+    loss = b.loss_backward_bytes - _saved_split(b)[2]  # relative to the ledger after B's start
     match kind:
         case Kind.F:
             return b.top_output_bytes
         case Kind.B:
-            return b.backward_bytes
+            return np.maximum(b.backward_bytes - b.loss_bytes, loss)
         case Kind.I:
-            return b.top_input_bytes + b.top_output_bytes - freed
+            return np.maximum(b.top_input_bytes + b.top_output_bytes - freed - b.loss_bytes, loss)
         case Kind.W:
             return b.scratch_bytes
         case Kind.SEND | Kind.RECV | Kind.ALLREDUCE:

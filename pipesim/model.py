@@ -226,6 +226,17 @@ class ModelSpec:
         return 0 if last.saves_output else last.output_bytes_per_sample
 
     @property
+    def loss_backward_bytes_per_sample(self) -> int:
+        """What the loss's backward holds for a moment (the ledger's B and I of the last piece,
+        beside the layers' walk): cross-entropy makes NLL's gradient and then log-softmax's,
+        each one float per logit, while its saved result is still held (measured with
+        benchmarks/memory_grid.py: gpt2-mini on one rank, 16 MiB at micro-batch 8). Mean
+        squared error's gradient is the output's, which the walk counts already."""
+        if self.loss == "cross_entropy":
+            return 2 * math.prod(self.layers[-1].output_shape) * FLOAT32_BYTES
+        return 0
+
+    @property
     def target_bytes_per_sample(self) -> int:
         """The target a sample's loss compares with (runner/stage.synthetic_batch): one int64
         class label or next-token id per output position for cross-entropy, the output's own

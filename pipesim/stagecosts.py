@@ -210,9 +210,11 @@ class StageCosts:
             input_saved=self._saves_input[firsts][:, None], output_saved=self._saves_output[lasts],
             input_received=received, output_sent=sent, first=int(stage == 0),
             backward_bytes=self.memory.backward_walk(firsts, lasts, mbs, sent, dtype),
-            scratch_bytes=self.memory.scratch(firsts, lasts, mbs, dtype),
+            scratch_bytes=self.memory.weight_pass(firsts, lasts, mbs, dtype),
             top_input_bytes=self._input_array.astype(dtype)[lasts] * mbs, top_output_bytes=outputs * mbs,
             loss_bytes=np.where(lasts == self.n - 1, model.loss_saved_bytes_per_sample, 0).astype(dtype) * mbs,
+            loss_backward_bytes=np.where(lasts == self.n - 1, model.loss_backward_bytes_per_sample,
+                                         0).astype(dtype) * mbs,
             recomputed=int(stage in self.recompute),
             param_bytes=_spans(self._params, dtype, firsts, lasts) * FLOAT32_BYTES)
         batch = mbs * schedule.num_microbatches
@@ -299,9 +301,14 @@ class PieceMemory:
     def _scratch(self, mbs: int, dtype) -> np.ndarray:
         return np.maximum(self.scratch_fixed, self.scratch_per_sample * mbs).astype(dtype)
 
-    def scratch(self, firsts: np.ndarray, lasts: np.ndarray, mbs: int, dtype) -> np.ndarray:
-        """The largest backward scratch of each row's first..each of its lasts."""
-        return _running_max(self._scratch(mbs, dtype), firsts, lasts)
+    def weight_pass(self, firsts: np.ndarray, lasts: np.ndarray, mbs: int, dtype) -> np.ndarray:
+        """ledger.weight_pass_bytes of each row's first..each of its lasts: the largest scratch
+        of two neighbours l, l + 1 within it, or the one layer's."""
+        scratch = self._scratch(mbs, dtype)
+        pairs = np.concatenate((scratch[:-1] + scratch[1:], scratch[-1:]))  # the last has no neighbour
+        one = lasts == firsts[:, None]
+        paired = _running_max(pairs, firsts, np.where(one, firsts[:, None], lasts - 1))
+        return np.where(one, scratch[firsts][:, None], paired)
 
     def backward_walk(self, firsts: np.ndarray, lasts: np.ndarray, mbs: int, sent: int, dtype) -> np.ndarray:
         """ledger.backward_walk_bytes of each row's first..each of its lasts."""

@@ -77,13 +77,7 @@ class CaseResult:
                 for p, m in zip(predicted, measured)]
 
     def predicted_step_bytes(self) -> tuple[int, ...]:
-        """Per global rank: the step ledger's peak (ledger.py) of its stage in one replica
-        (replicas hold the same), static bytes not included."""
-        plan = self.prediction.plan
-        local = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute),
-                                plan.microbatch_size, plan.batch_size // plan.data_parallel, plan.data_parallel > 1)
-        layout = plan.layout()
-        return tuple(local[layout.stage_of(rank)] for rank in range(plan.world_size))
+        return predicted_step_bytes(self.prediction.plan)
 
     def memory_errors(self) -> list[tuple[int, int, float]]:
         """Per rank: (predicted, measured, error) of the bytes one step adds: the step ledger's
@@ -100,6 +94,15 @@ class CaseResult:
         return [(p, m.profiler_peak_bytes, p / m.profiler_peak_bytes - 1)
                 for p, m in zip(self.predicted_step_bytes(), self.memory)
                 if m is not None and m.profiler_peak_bytes]
+
+
+def predicted_step_bytes(plan) -> tuple[int, ...]:
+    """Per global rank: the step ledger's peak (ledger.py) of its stage in one replica
+    (replicas hold the same), static bytes not included."""
+    local = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute),
+                            plan.microbatch_size, plan.batch_size // plan.data_parallel, plan.data_parallel > 1)
+    layout = plan.layout()
+    return tuple(local[layout.stage_of(rank)] for rank in range(plan.world_size))
 
 
 def saved_peak_bytes(plan) -> tuple[int, ...]:

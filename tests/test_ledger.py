@@ -92,3 +92,14 @@ def test_the_backward_walk_peaks_at_a_large_layer_below_the_top():
     assert backward_walk_bytes(layers, 2, output_sent=0) == 4416
     # a send holding the top's output keeps it: nothing of it is freed along the walk
     assert backward_walk_bytes(layers, 2, output_sent=1) == 4416 + 2 * 32
+
+
+def test_the_weight_pass_holds_two_neighbours_weight_gradients():
+    """torch's stage_backward_weight still holds the previous layer's weight gradients while
+    it computes the next layer's: the most of two neighbours' 4 (in x out + out) bytes."""
+    from pipesim.ledger import weight_pass_bytes
+    from pipesim.model import fc_layer
+
+    layers = (fc_layer(8, 32), fc_layer(32, 32), fc_layer(32, 8))  # 1152, 4224, 1056 bytes
+    assert weight_pass_bytes(layers, 2) == 1152 + 4224
+    assert weight_pass_bytes(layers[2:], 2) == 1056

@@ -28,17 +28,21 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
-@pytest.mark.parametrize(("model", "batch", "microbatches", "schedule", "partition"), [
-    ("fc16x512", 384, 6, "1f1b", "balanced"),
+@pytest.mark.parametrize(("model", "batch", "microbatches", "schedule", "partition", "recompute"), [
+    ("fc16x512", 384, 6, "1f1b", "balanced", "none"),
     # its 4 MiB layers sit low on rank 0: their weight gradients set the backward's peak
-    ("uneven.toml", 512, 8, "1f1b", "balanced"),
+    ("uneven.toml", 512, 8, "1f1b", "balanced", "none"),
     # 3x3 convolutions' backward holds two weight-sized buffers; the last rank's peak is one
-    ("vgg16-mini.toml", 32, 4, "gpipe", "14,8"),
-    # a transformer block's backward: the softmax's attention-sized temporaries
-    ("gpt2-mini.toml", 8, 4, "1f1b", "3,3"),
+    ("vgg16-mini.toml", 32, 4, "gpipe", "14,8", "none"),
+    # a transformer block's backward: the softmax's attention-sized temporaries; the loss's
+    # backward (two logits-sized gradients) before the layers', and before a recomputed piece runs again
+    ("gpt2-mini.toml", 8, 4, "1f1b", "3,3", "none"),
+    ("gpt2-mini.toml", 8, 4, "1f1b", "3,3", "all"),
+    # split backward: W holds two neighbouring layers' weight gradients
+    ("fc8x512", 64, 2, "zb-h1", "balanced", "none"),
 ])
 def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(model, batch, microbatches, schedule,
-                                                                                  partition):
+                                                                                  partition, recompute):
     pytest.importorskip("torch", reason="the runner extra is not installed")
     from pipesim.engine import stage_shapes
     from pipesim.ledger import step_peak_bytes
@@ -46,10 +50,15 @@ def test_the_step_ledger_matches_what_torch_allocates_and_what_becomes_resident(
     from pipesim.plan import make_plan
     from pipesim.runner.results import measure_memory
 
-    spec = fc(16, 512) if model == "fc16x512" else load_model(MODELS / model)
-    plan = make_plan(spec, 2, microbatches, batch, schedule, partition)
+    if model.startswith("fc"):
+        layers, width = map(int, model[2:].split("x"))
+        spec = fc(layers, width)
+    else:
+        spec = load_model(MODELS / model)
+    plan = make_plan(spec, 2, microbatches, batch, schedule, partition, recompute=recompute)
     measured = measure_memory(plan, lambda _: None, warmup=2, profile_memory=True)
-    predicted = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition), plan.microbatch_size,
+    predicted = step_peak_bytes(plan.schedule, stage_shapes(plan.model, plan.partition, plan.recompute),
+                                plan.microbatch_size,
                                 plan.batch_size)
     for rank, m in enumerate(measured):
         assert m is not None and m.mmap_threshold_bytes == MMAP_THRESHOLD_BYTES

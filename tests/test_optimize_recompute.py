@@ -29,7 +29,7 @@ from pipesim.recomputation import optimize_recompute
 from pipesim.schedule import Kind
 
 GPT2 = ["--model", "models/gpt2-mini.toml", "--stages", "2", "--batch-size", "8", "--microbatches", "4"]
-GPT2_CAP = "44MiB"  # the best partition needs 45.97 MiB without recomputation, 40.60 MiB with (3,3)
+GPT2_CAP = "44MiB"  # the best partition needs 45.97 MiB without recomputation, 38.60 MiB with all recomputed (3,3)
 
 
 def _json(capsys, args: list[str]) -> dict:
@@ -130,9 +130,9 @@ def test_auto_without_a_cap_chooses_no_recomputation(capsys, model):
 
 
 def test_auto_under_a_cap_nothing_meets_names_the_smallest_cap(capsys):
-    assert main(["optimize", *GPT2, "--memory-cap", "40MiB", "--recompute", "auto"]) == 2
+    assert main(["optimize", *GPT2, "--memory-cap", "38MiB", "--recompute", "auto"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "with or without recomputation" in err and "40.60 MiB" in err
+    assert err.count("\n") == 1 and "with or without recomputation" in err and "38.60 MiB" in err
 
 
 def test_explicit_recompute_list_is_honoured(capsys):
