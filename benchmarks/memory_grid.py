@@ -64,11 +64,11 @@ def error(row: dict, against: str) -> float | None:
 def write_markdown(rows: list[dict], path: Path, command: str) -> None:
     lines = [f"# The step ledger against memory measured independently ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              "", f"Command: `python {command}`", "",
-             "Per rank, static bytes (parameters, gradients, optimizer state) aside: the ledger's peak "
-             "(pipesim/ledger.py) against the RSS high-water over one step less the resident size before "
-             "it, and against the peak of torch's profiler's allocation events (runner/memory_probe.py).",
-             "", "## Summary", "", "| grid | rank-cases | vs RSS: mean / max abs error | same, ranks >= 1 MiB "
-             "| vs torch's allocations: mean / max abs error |", "|---|---:|---:|---:|---:|"]
+             ("Per rank, static bytes (parameters, gradients, optimizer state) aside: the ledger's peak "
+              "(pipesim/ledger.py) against the RSS high-water over one step less the resident size before "
+              "it, and against the peak of torch's profiler's allocation events (runner/memory_probe.py)."),
+             "", "## Summary", "", ("| grid | rank-cases | vs RSS: mean / max abs error | same, ranks >= 1 MiB "
+                                    "| vs torch's allocations: mean / max abs error |"), "|---|---:|---:|---:|---:|"]
     for grid in dict.fromkeys(r["grid"] for r in rows):
         mine = [r for r in rows if r["grid"] == grid]
         rss = [abs(e) for r in mine if (e := error(r, "rss_increase_bytes")) is not None]

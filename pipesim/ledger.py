@@ -34,6 +34,7 @@ action order alone: no times are needed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, assert_never
@@ -99,7 +100,7 @@ def weight_pass_bytes(layers: Sequence, microbatch_size: int) -> int:
     weight gradients, adds them into .grad and goes on to the next layer while still holding
     the previous layer's (its loop variable), so two neighbours' scratch at once."""
     scratch = [x.scratch_bytes(microbatch_size) for x in layers]
-    return max(map(sum, zip(scratch, scratch[1:], strict=False)), default=scratch[0])
+    return max((a + b for a, b in itertools.pairwise(scratch)), default=scratch[0])
 
 
 def piece_buffers(schedule: Schedule, shapes: Sequence, microbatch_size: int) -> list[PieceBuffers]:
