@@ -42,14 +42,14 @@ def inner(out: str, rounds: int, repeats: int) -> None:
     comm = MPI.COMM_WORLD
     times: dict[int, list[list[float]]] = {n: [] for n in ALLREDUCE_SIZES}
     for n in ALLREDUCE_SIZES:  # warm every size once
-        time_allreduce(comm, n, 1)
+        time_allreduce(comm, n, 1, blocking=True)
     start = time.perf_counter()
     for n in ALLREDUCE_SIZES:  # one calibration pass, as calibrate runs it (pingpong_repeats = 20)
-        time_allreduce(comm, n, repeats_for(n, 20))
+        time_allreduce(comm, n, repeats_for(n, 20), blocking=True)
     calibration_s = time.perf_counter() - start
     for _ in range(rounds):
         for n in ALLREDUCE_SIZES:
-            times[n].append(time_allreduce(comm, n, repeats_for(n, repeats), warmup=1))
+            times[n].append(time_allreduce(comm, n, repeats_for(n, repeats), warmup=1, blocking=True))
     if comm.Get_rank() == 0:
         Path(out).write_text(json.dumps({"ranks": comm.Get_size(), "calibration_pass_s": calibration_s,
                                          "times": {str(n): t for n, t in times.items()},

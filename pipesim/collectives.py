@@ -103,6 +103,7 @@ def calibrated_collectives(samples, link_class: str, p2p: dict) -> tuple[dict, d
     point = Link(p2p.get("latency_s", 0.0), float("inf") if bandwidth is None else bandwidth)
     record = {
         "group_size": group, "link_class": link_class,
+        "call": "MPI_Iallreduce + MPI_Wait, in place (runner/collbench.py; profiles before 2026-12-08: MPI_Allreduce)",
         "fit": {"latency_s": fitted.latency_s, "bandwidth_Bps": fitted.bandwidth_Bps},
         "point_to_point": {"latency_s": point.latency_s, "bandwidth_Bps": bandwidth},
         "sizes": [{"bytes": n, "median_s": t, "error_fit": e1, "error_point_to_point": e2}
