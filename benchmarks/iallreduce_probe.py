@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipesim.runner.collbench import time_allreduce
 
 MIB = 2**20
 SIZES = (1 * MIB, 4 * MIB, 13.6 * MIB, 32 * MIB, 64 * MIB)
-
-
-def timed(comm, buffer, blocking: bool) -> float:
-    comm.Barrier()
-    start = time.perf_counter()
-    if blocking:
-        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-    else:
-        comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM).Wait()
-    mine = time.perf_counter() - start
-    buffer.fill(1.0)
-    return comm.allreduce(mine, op=MPI.MAX)
 
 
 def main() -> None:
@@ -35,12 +27,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
-    buffers = {n: np.ones(int(n) // 4, dtype=np.float32) for n in SIZES}
-    times = {(n, b): [] for n in SIZES for b in (True, False)}
+    times: dict[tuple[float, bool], list[float]] = {(n, b): [] for n in SIZES for b in (True, False)}
     for round_ in range(2 + args.repeats):
         for n in SIZES:
             for blocking in (True, False):
-                t = timed(comm, buffers[n], blocking)
+                t = time_allreduce(comm, int(n), 1, warmup=0, blocking=blocking)[0]
                 if round_ >= 2:
                     times[(n, blocking)].append(t)
     if comm.Get_rank() == 0:
