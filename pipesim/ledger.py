@@ -78,7 +78,8 @@ def backward_walk_bytes(layers: Sequence, microbatch_size: int, output_sent: int
     started: walking its layers from the last, at each layer its scratch and the gradients
     at its input and output (one micro-batch), less what autograd has freed by then: the
     saved tensors of the layers after it, and its own tail (e.g. its ReLU's result), except
-    an output a send still holds. The loss's saved tensors are not counted as freed."""
+    an output a send still holds. The loss's saved tensors, which the loss's backward frees
+    before any layer's, are taken off in transient_bytes."""
     top = layers[-1]
     kept = top.output_bytes_per_sample if output_sent and top.saves_output else 0
     freed, values = 0, []
