@@ -247,11 +247,33 @@ class ProfileCostModel:
         return self.profile.reduce_s_per_byte
 
     def allreduce_s(self, ranks: Sequence[int], nbytes: int) -> float:
-        """A ring all-reduce of `nbytes` over global `ranks`, in ring order (collectives.py)."""
-        from .collectives import ring_allreduce_s, ring_link
+        """A ring all-reduce of `nbytes` over global `ranks`, in ring order (collectives.py): the
+        profile's measured sizes where they apply (_measured_sizes), else the ring law."""
+        from .collectives import measured_allreduce_s, ring_allreduce_s, ring_link
 
+        measured = self._measured_sizes(ranks)
+        if measured is not None:
+            return measured_allreduce_s(nbytes, *measured)
         return ring_allreduce_s(nbytes, len(ranks), ring_link(ranks, self.collective_link),
                                 self.profile.reduce_s_per_byte)
+
+    def _measured_sizes(self, ranks: Sequence[int]) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """Calibration's all-reduce medians, when the ring is what it timed: as many ranks, every
+        edge of its link class, and no what-if on any edge's all-reduce link."""
+        from .collectives import ring_edges
+
+        edges = ring_edges(ranks)
+        classes = {"intra_node" if self.same_node(a, b) else "inter_node" for a, b in edges}
+        if len(classes) != 1:
+            return None
+        name = classes.pop()
+        entry = self.profile.allreduce_sizes.get(name)
+        link = self.profile.collectives.get(name)
+        if entry is None or entry[0] != len(ranks) or link is None:
+            return None
+        if any(self.collective_link(a, b) != link for a, b in edges):
+            return None  # a what-if changed an edge: the law prices it
+        return entry[1], entry[2]
 
     def transfer_s(self, src: int, dst: int, nbytes: int) -> float:
         return self._link(src, dst).time_s(nbytes)

@@ -187,9 +187,12 @@ class Profile:
     inter_node: Link = Link()
     collectives: dict[str, Link] = field(default_factory=dict)  # all-reduce's link per class (version 3)
     reduce_s_per_byte: float = 0.0  # the all-reduce's additions (collectives.py)
+    # link class -> (group size, bytes, median seconds) of the all-reduces calibration timed
+    # (samples.allreduce, version 3): the cost between them (collectives.measured_allreduce_s)
+    allreduce_sizes: dict[str, tuple[int, tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
     description: str = ""
     ranges: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried, not used
+    extra: dict = field(default_factory=dict)  # metadata, samples, noise: carried (samples.allreduce also parsed)
     kinds: dict = field(default_factory=dict)  # kind -> kindcosts.KindCosts (version 3)
     transports: dict[str, Transport] = field(default_factory=dict)  # besides MPI (the fields above)
     cold_start: ColdStart | None = None  # an action right after a wait (version 5)
@@ -371,6 +374,7 @@ def parse_profile(data: dict) -> Profile:
         inter_node=inter,
         collectives=collectives,
         reduce_s_per_byte=reduce_s_per_byte,
+        allreduce_sizes=_allreduce_sizes(data),
         description=data.get("description", ""),
         ranges=_ranges(data),
         extra={k: data[k] for k in ("metadata", "samples", "noise") if k in data},
@@ -390,6 +394,25 @@ def _collectives(data: dict) -> tuple[dict[str, Link], float]:
     links = {name: _link(_table(table, name, "collectives"), f"collectives.{name}")
              for name in ("intra_node", "inter_node") if name in table}
     return links, _number(table, "reduce_s_per_byte", "collectives", 0.0)
+
+
+def _allreduce_sizes(data: dict) -> dict[str, tuple[int, tuple[int, ...], tuple[float, ...]]]:
+    """The all-reduces calibration timed (samples.allreduce: its group size, link class and
+    median seconds per size), which the cost model interpolates between; none without them."""
+    record = (data.get("samples") or {}).get("allreduce") if isinstance(data.get("samples"), dict) else None
+    if not record:
+        return {}
+    try:
+        group, link_class = int(record["group_size"]), str(record["link_class"])
+        points = sorted((int(s["bytes"]), float(s["median_s"])) for s in record["sizes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"profile field samples.allreduce is malformed ({exc!r}): it needs group_size, "
+                           "link_class and sizes of bytes and median_s") from None
+    if group < 2 or len(points) < 2 or any(n <= 0 or not 0 < t < math.inf for n, t in points) \
+            or len({n for n, _ in points}) < len(points):
+        raise ProfileError("profile field samples.allreduce needs a group of >= 2 ranks and >= 2 distinct "
+                           "sizes with positive bytes and seconds")
+    return {link_class: (group, tuple(n for n, _ in points), tuple(t for _, t in points))}
 
 
 def _cold_start(data: dict) -> ColdStart:

@@ -18,7 +18,9 @@ messages and the all-reduces' messages share what they really share:
   profile's ``reduce_s_per_byte``) and its neighbour has joined the all-reduce
   (it has posted its receives). With equal edges, members that join together and
   nothing else on the network this is exactly the ring law
-  ``2(D-1)(alpha + S/(D beta)) + (D-1) S/D gamma`` (collectives.py);
+  ``2(D-1)(alpha + S/(D beta)) + (D-1) S/D gamma`` (collectives.py). The default
+  path prices a ring that calibration timed by the measured sizes instead
+  (collectives.measured_allreduce_s); the steps keep the law;
 - the network: a message holds its link (cost model's ``link_id``: one per
   direction between two ranks) and, between two nodes (``--ranks-per-node``),
   its sender's node's outgoing interface and its receiver's node's incoming one,

@@ -92,3 +92,42 @@ def test_calibration_writes_the_fitted_all_reduce_and_compares_it_with_point_to_
     assert record["group_size"] == 2 and len(record["sizes"]) == len(SIZES)
     assert all(abs(s["error_fit"]) < 1e-6 for s in record["sizes"])
     assert record["point_to_point"]["latency_s"] == pytest.approx(profile.intra_node.latency_s)
+
+
+def with_sizes(group: int = 2, link_class: str = "intra_node", sizes=((2**20, 1e-4), (2**24, 4e-3))) -> dict:
+    data = profile_v3(intra_node={"latency_s": 4e-6, "bandwidth_Bps": 2e9})
+    data["samples"] = {"allreduce": {"group_size": group, "link_class": link_class,
+                                     "sizes": [{"bytes": n, "median_s": t} for n, t in sizes]}}
+    return data
+
+
+def test_a_ring_that_calibration_timed_is_priced_by_its_measured_sizes():
+    """Between two measured sizes linearly, below them the smallest's time, past them the last slope;
+    the law (here 16 MiB in 8.4 ms) no longer sets it."""
+    costs = ProfileCostModel(parse_profile(with_sizes()))
+    mid = (2**20 + 2**24) // 2
+    assert costs.allreduce_s((0, 1), mid) == pytest.approx((1e-4 + 4e-3) / 2)
+    assert costs.allreduce_s((0, 1), 1000) == pytest.approx(1e-4)
+    slope = (4e-3 - 1e-4) / (2**24 - 2**20)
+    assert costs.allreduce_s((0, 1), 2**25) == pytest.approx(4e-3 + slope * 2**24)
+    assert costs.allreduce_s((0, 1), 0) == 0.0
+
+
+def test_the_law_prices_what_calibration_did_not_time():
+    law = 2 * 4e-6 + 2**22 / 2e9
+    # another group size
+    assert ProfileCostModel(parse_profile(with_sizes(group=4))).allreduce_s((0, 1), 2**22) == pytest.approx(law)
+    # another link class
+    assert ProfileCostModel(parse_profile(with_sizes(link_class="inter_node"))).allreduce_s(
+        (0, 1), 2**22) == pytest.approx(law)
+    # a what-if on an edge's link
+    from pipesim.costs import LinkOverride
+
+    costs = ProfileCostModel(parse_profile(with_sizes()), link_overrides=(((0, 1), LinkOverride(bandwidth_Bps=1e9)),))
+    assert costs.allreduce_s((0, 1), 2**22) == pytest.approx(2 * 4e-6 + 2**22 / 1e9)
+
+
+@pytest.mark.parametrize("sizes", [((2**20, 1e-4),), ((2**20, 1e-4), (2**20, 2e-4)), ((2**20, -1.0), (2**24, 1e-3))])
+def test_bad_measured_sizes_are_refused(sizes):
+    with pytest.raises(ProfileError, match="samples.allreduce"):
+        parse_profile(with_sizes(sizes=sizes))
