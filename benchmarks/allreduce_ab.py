@@ -1,18 +1,18 @@
-"""Re-predict a validated grid with the profile's all-reduce law swapped for one fitted on
-other measured all-reduces (e.g. blocking MPI_Allreduce from benchmarks/allreduce_law.py --raw),
-against the same measured runs (the validation's CSV): what the all-reduce's calibration alone
-changes.
+"""Re-predict a validated grid's measured runs (its CSV) with the all-reduce priced three ways,
+all else equal: by the profile's measured sizes (what the cost model does where they apply),
+by the profile's ring law alone, and, given other measured all-reduces (e.g. blocking
+MPI_Allreduce from benchmarks/allreduce_law.py --raw), by the law fitted on those.
 
-Usage: python benchmarks/allreduce_ab.py GRID PROFILE VALIDATION_CSV RAW_JSON
+Usage: python benchmarks/allreduce_ab.py GRID PROFILE VALIDATION_CSV [RAW_JSON]
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,28 +24,27 @@ from pipesim.predict import predict
 from pipesim.profile import load_profile
 
 
-def main(grid_file: str, profile_file: str, csv_file: str, raw_file: str) -> None:
-    raw = json.loads(Path(raw_file).read_text())
-    sizes = sorted(int(n) for n in raw["times"])
-    medians = [statistics.median([t for r in raw["times"][str(n)] for t in r]) for n in sizes]
-    other = fit_allreduce(sizes, medians, raw["ranks"])
-    data = json.loads(Path(profile_file).read_text())
-    print(f"profile's all-reduce law: {data['collectives']['intra_node']}; other: {other}")
-    data["collectives"]["intra_node"] = {"latency_s": other.latency_s, "bandwidth_Bps": other.bandwidth_Bps}
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(data, f)
-        f.flush()
-        profiles = (load_profile(profile_file), load_profile(f.name))
+def main(grid_file: str, profile_file: str, csv_file: str, raw_file: str | None = None) -> None:
+    profile = load_profile(profile_file)
+    variants = {"measured sizes": profile, "law": dataclasses.replace(profile, allreduce_sizes={})}
+    if raw_file:
+        raw = json.loads(Path(raw_file).read_text())
+        sizes = sorted(int(n) for n in raw["times"])
+        medians = [statistics.median([t for r in raw["times"][str(n)] for t in r]) for n in sizes]
+        other = fit_allreduce(sizes, medians, raw["ranks"])
+        print(f"profile's law: {profile.collectives['intra_node']}; other law: {other}")
+        variants["other law"] = dataclasses.replace(profile, allreduce_sizes={},
+                                                    collectives={**profile.collectives, "intra_node": other})
     with Path(csv_file).open() as f:
         measured = {r["case"]: float(r["measured_s"]) for r in csv.DictReader(f)}
     for case in load_grid(grid_file).cases:
         m = measured[case.label]
         cells = []
-        for profile in profiles:
-            costs = ProfileCostModel(profile)
-            t = predict(plan_case(case, costs), costs, profile.name).metrics.iteration_time_s
-            cells.append(f"{t * 1e3:8.2f} ms ({t / m - 1:+.1%})")
-        print(f"{case.label:45s} measured {m * 1e3:8.2f} ms   profile's {cells[0]}   other {cells[1]}")
+        for name, variant in variants.items():
+            costs = ProfileCostModel(variant)
+            t = predict(plan_case(case, costs), costs, variant.name).metrics.iteration_time_s
+            cells.append(f"{name} {t * 1e3:8.2f} ms ({t / m - 1:+.1%})")
+        print(f"{case.label:45s} measured {m * 1e3:8.2f} ms   " + "   ".join(cells))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,13 @@ class ProfileCostModel:
         link = self.profile.intra_node if self.same_node(src, dst) else self.profile.inter_node
         return self._overridden(link, src, dst)
 
+    def _link_class(self, src: int, dst: int) -> str:
+        return "intra_node" if self.same_node(src, dst) else "inter_node"
+
     def collective_link(self, src: int, dst: int) -> Link:
         """One edge of an all-reduce ring: the profile's measured all-reduce link of the edge's
         class (intra_node, inter_node) when it has one, else its point-to-point link; what-ifs on top."""
-        name = "intra_node" if self.same_node(src, dst) else "inter_node"
+        name = self._link_class(src, dst)
         link = self.profile.collectives.get(name)
         if link is None:
             _warn_once(f"profile {self.profile.name!r} has no measured {name} all-reduce (profiles before "
@@ -263,7 +266,7 @@ class ProfileCostModel:
         from .collectives import ring_edges
 
         edges = ring_edges(ranks)
-        classes = {"intra_node" if self.same_node(a, b) else "inter_node" for a, b in edges}
+        classes = {self._link_class(a, b) for a, b in edges}
         if len(classes) != 1:
             return None
         name = classes.pop()

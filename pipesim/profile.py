@@ -399,7 +399,8 @@ def _collectives(data: dict) -> tuple[dict[str, Link], float]:
 def _allreduce_sizes(data: dict) -> dict[str, tuple[int, tuple[int, ...], tuple[float, ...]]]:
     """The all-reduces calibration timed (samples.allreduce: its group size, link class and
     median seconds per size), which the cost model interpolates between; none without them."""
-    record = (data.get("samples") or {}).get("allreduce") if isinstance(data.get("samples"), dict) else None
+    samples = data.get("samples")
+    record = samples.get("allreduce") if isinstance(samples, dict) else None
     if not record:
         return {}
     try:
